@@ -1,0 +1,1 @@
+"""NNX architectures that load Hugging Face Hub checkpoints (see `registry.py`)."""
