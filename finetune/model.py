@@ -78,6 +78,7 @@ class Model:
         self.num_layers = num_layers
         self.recipe = None
         self._infer = None
+        self._trainer = None
 
     def __call__(self, **inputs: Any) -> jax.Array:
         """Runs the model in inference mode (no dropout) on one batch of keyword arrays; returns the logits."""
@@ -91,3 +92,141 @@ class Model:
             self._infer = infer
         state = nnx.state(self.module)
         return self._infer(state, {k: jnp.asarray(np.asarray(v)) for k, v in inputs.items() if v is not None})
+
+    # ------------------------------------------------------------------ Keras-style API
+    def compile(
+        self,
+        preset: str | None = None,
+        *,
+        optimizer: Any = None,
+        learning_rate: float | None = None,
+        rules: Sequence[tuple[str, Any]] | None = None,
+        schedule: Any = None,
+        loss: Any = None,
+        metrics: Sequence[str] | None = None,
+        **overrides: Any,
+    ) -> Model:
+        """Sets the recipe: a preset by name (or the defaults), with any field overridden.
+
+        Args:
+          preset: A recipe name from `finetune.presets.list()`; None starts from `finetune.Recipe` defaults.
+          optimizer: Optimizer name or optax optimizer (see `finetune.Recipe`).
+          learning_rate: Peak learning rate.
+          rules: Ordered ``(regex, group)`` rules; None keeps the model's default rules.
+          schedule: Schedule name, dict or optax schedule.
+          loss: None (the task's loss) or ``(logits, labels) -> per-item losses``.
+          metrics: Metric names, e.g. ``["accuracy", "f1_macro"]``.
+          **overrides: Any other `finetune.Recipe` field (``weight_decay``, ``warmup``, ``clip_norm``, ``groups``,
+            ``accumulate``, ``epochs``, ``batch_size``...).
+
+        Returns:
+          The model itself.
+
+        Example:
+          >>> model.compile(optimizer="adamw", learning_rate=3e-5, weight_decay=0.01, clip_norm=1.0)
+        """
+        from finetune.recipe import Recipe
+
+        base = Recipe()
+        if preset is not None:
+            from finetune import presets
+
+            base = presets.get(preset)
+        given = dict(optimizer=optimizer, learning_rate=learning_rate, rules=rules, schedule=schedule, loss=loss,
+                     metrics=metrics)
+        self.recipe = base.replace(**{k: v for k, v in given.items() if v is not None}, **overrides)
+        self._trainer = None
+        if self.recipe.rules is not None or self.recipe.groups:
+            self.plan()  # rule errors surface at compile time, not after data loading
+        return self
+
+    def plan(self):
+        """The group of every parameter under the current recipe (`finetune.rules.Assignment`)."""
+        from finetune.recipe import Recipe
+        from finetune.training.trainer import plan
+
+        return plan(self, self.recipe or Recipe())
+
+    def fit(
+        self,
+        train: Any,
+        validation_data: Any = None,
+        *,
+        epochs: int | None = None,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        callbacks: Sequence[Any] = (),
+        verbose: int = 1,
+    ):
+        """Trains the model; returns a `finetune.History`.
+
+        Args:
+          train: A dict of numpy arrays (model inputs and ``labels``), an ``(x, y)`` pair, or an iterable of ready
+            batches.
+          validation_data: Evaluated at the end of every epoch (``val_`` metrics).
+          epochs: Passes over ``train`` (default: the recipe's).
+          steps: Optimizer steps instead of epochs.
+          batch_size: Examples per micro-batch (default: the recipe's).
+          callbacks: `finetune.callbacks.Callback` instances.
+          verbose: 0 is silent; 1 prints the group report and a progress bar.
+
+        Example:
+          >>> history = model.fit({"x": x, "labels": y}, epochs=3, batch_size=32)
+          >>> history.history["loss"]
+        """
+        from finetune.recipe import Recipe
+        from finetune.training.trainer import Trainer
+
+        if self.recipe is None:
+            self.recipe = Recipe()
+        trainer = Trainer(self, self.recipe)
+        self._trainer = trainer
+        return trainer.fit(
+            train,
+            validation_data=validation_data,
+            epochs=epochs or self.recipe.epochs,
+            steps=steps if steps is not None else self.recipe.steps,
+            batch_size=batch_size or self.recipe.batch_size,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+
+    def _eval_trainer(self):
+        from finetune.recipe import Recipe
+        from finetune.training.trainer import Trainer
+
+        if self._trainer is None:
+            self._trainer = Trainer(self, self.recipe or Recipe())
+        self._trainer.sync_model()
+        return self._trainer
+
+    def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
+        """Loss and metrics over ``data`` (inference mode, padding ignored)."""
+        trainer = self._eval_trainer()
+        return trainer.evaluate(data, batch_size=batch_size or trainer.recipe.batch_size)
+
+    def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Predictions for every example: ``logits`` and, per task, ``labels`` + ``probabilities``, or
+        ``predictions`` (regression); ``hidden_states`` for feature-extraction."""
+        from finetune.training.tasks import kind, predictions
+
+        trainer = self._eval_trainer()
+        logits = trainer.predict(data, batch_size=batch_size or trainer.recipe.batch_size)
+        if self.task == "feature-extraction":
+            return {"hidden_states": logits}
+        family = kind(self.task, logits.shape, None)
+        return {"logits": logits, **{k: np.asarray(v) for k, v in predictions(family, jnp.asarray(logits)).items()}}
+
+    def summary(self, *, paths: bool = False, recipe: Any = None, trainer: Any = None, printed: bool = True) -> str:
+        """The parameter-group report: per group the parameter count, bytes, LR, weight decay and trainable.
+
+        Args:
+          paths: Also list every parameter path with its group and the rule that caught it.
+          printed: Print the report (it is returned either way).
+        """
+        from finetune.report import group_report
+
+        text = group_report(self, recipe=recipe or self.recipe, trainer=trainer or self._trainer, paths=paths)
+        if printed:
+            print(text)
+        return text

@@ -8,10 +8,27 @@ array(s) and back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import functools
+import itertools
+import json
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
+import flax.serialization
+import jax
 import numpy as np
+import safetensors
+from flax import nnx
+
+from finetune.errors import LoadError
+
+logger = logging.getLogger("finetune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,3 +114,404 @@ class Row:
     @property
     def paths(self) -> tuple[str, ...]:
         return (self.path,) if isinstance(self.path, str) else self.path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding and reading checkpoint files
+# --------------------------------------------------------------------------------------------------------------------
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+FLAX_MSGPACK = "flax_model.msgpack"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """The weight files of one checkpoint directory.
+
+    Attributes:
+      format: ``"safetensors"``, ``"msgpack"`` (Hugging Face Flax) or ``"pickle"`` (PyTorch ``.bin``).
+      files: The files to read, shards in order.
+    """
+
+    format: str
+    files: tuple[pathlib.Path, ...]
+
+
+def pickle_refused(name: str) -> LoadError:
+    """The error for a checkpoint that only has pickled PyTorch weights while ``allow_pickle`` is False."""
+    return LoadError(
+        f"`allow_pickle` is False, and the only weights in {name} are pickled PyTorch files (`{PICKLE}`). Unpickling "
+        "can execute arbitrary code. Pass allow_pickle=True if you trust this checkpoint, or convert it to "
+        "safetensors first (e.g. `transformers` `save_pretrained(..., safe_serialization=True)` or the "
+        "Hugging Face 'convert to safetensors' space)."
+    )
+
+
+def _shards(directory: pathlib.Path, index: str) -> tuple[pathlib.Path, ...]:
+    weight_map = json.loads((directory / index).read_text())["weight_map"]
+    files = tuple(directory / name for name in dict.fromkeys(weight_map.values()))
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise LoadError(
+            f"The index `{index}` in {directory} names shards that are not there: {', '.join(absent)}. "
+            "Download the complete checkpoint (all shards) and try again."
+        )
+    return files
+
+
+def find_checkpoint(directory: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+    """Picks the weight files of a checkpoint directory: safetensors, else Flax msgpack, else (opt-in) pickle.
+
+    Args:
+      directory: A local checkpoint directory (Hugging Face layout).
+      allow_pickle: Whether ``pytorch_model.bin`` may be read (unpickling can execute code).
+
+    Returns:
+      The `Checkpoint` to pass to `load_weights`.
+
+    Example:
+      >>> find_checkpoint("./my-bert").format
+      'safetensors'
+    """
+    directory = pathlib.Path(directory)
+    if (directory / SAFETENSORS).is_file():
+        return Checkpoint("safetensors", (directory / SAFETENSORS,))
+    if (directory / SAFETENSORS_INDEX).is_file():
+        return Checkpoint("safetensors", _shards(directory, SAFETENSORS_INDEX))
+    if (directory / FLAX_MSGPACK).is_file():
+        return Checkpoint("msgpack", (directory / FLAX_MSGPACK,))
+    pickled = (directory / PICKLE).is_file() or (directory / PICKLE_INDEX).is_file()
+    if pickled and not allow_pickle:
+        raise pickle_refused(str(directory))
+    if (directory / PICKLE).is_file():
+        return Checkpoint("pickle", (directory / PICKLE,))
+    if (directory / PICKLE_INDEX).is_file():
+        return Checkpoint("pickle", _shards(directory, PICKLE_INDEX))
+    contents = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    raise LoadError(
+        f"No weights file in {directory}. Expected `{SAFETENSORS}`, `{SAFETENSORS_INDEX}` with its shards, "
+        f"`{FLAX_MSGPACK}` or (with allow_pickle=True) `{PICKLE}`. The directory contains: "
+        f"{', '.join(contents) or 'nothing'}. Point to a complete Hugging Face checkpoint directory."
+    )
+
+
+# Hugging Face Flax leaf names -> PyTorch names, and the layout change for kernels (dense: (in, out) -> (out, in);
+# conv: (h, w, in, out) -> (out, in, h, w)).
+_FLAX_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+_FLAX_KERNEL_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1)}
+
+
+def _flax_to_torch(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flax_to_torch(value, f"{prefix}{name}."))
+            continue
+        value = np.asarray(value)
+        if name == "kernel" and value.ndim in _FLAX_KERNEL_AXES:
+            value = np.transpose(value, _FLAX_KERNEL_AXES[value.ndim])
+        out[prefix + _FLAX_LEAVES.get(name, name)] = value
+    return out
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+@contextlib.contextmanager
+def open_checkpoint(checkpoint: Checkpoint) -> Iterator[dict[str, Callable[[], np.ndarray]]]:
+    """Opens a checkpoint lazily: yields ``{key: read}``, where ``read()`` returns that one tensor as numpy.
+
+    Safetensors are memory-mapped and read one tensor at a time; msgpack files are read whole (the format has no
+    index); pickle files are memory-mapped by ``torch.load(mmap=True, weights_only=True)``.
+    """
+    with contextlib.ExitStack() as stack:
+        readers: dict[str, Callable[[], np.ndarray]] = {}
+        for file in checkpoint.files:
+            if checkpoint.format == "safetensors":
+                f = stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
+                readers.update({key: functools.partial(f.get_tensor, key) for key in f.keys()})  # noqa: SIM118
+            elif checkpoint.format == "msgpack":
+                arrays = _flax_to_torch(flax.serialization.msgpack_restore(file.read_bytes()))
+                readers.update({key: functools.partial(arrays.pop, key) for key in arrays})
+            else:
+                try:
+                    import torch
+                except ImportError as e:
+                    raise LoadError(
+                        f"Reading `{file.name}` needs PyTorch, which is not installed. Run `pip install torch` "
+                        "(the CPU build is enough), or convert the checkpoint to safetensors."
+                    ) from e
+                tensors = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+                readers.update({key: functools.partial(_torch_to_numpy, t) for key, t in tensors.items()})
+        yield readers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading: eval_shape -> fill one tensor at a time -> init only what is new -> merge
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """An NNX path tuple as the "/"-joined string that tables and rules match, e.g. ``encoder/layers/3/...``."""
+    return "/".join(str(part) for part in path)
+
+
+def _listing(title: str, items: Sequence[str], limit: int = 25) -> str:
+    shown = [f"  - {item}" for item in items[:limit]]
+    if len(items) > limit:
+        shown.append(f"  - ... and {len(items) - limit} more")
+    return f"{title} ({len(items)}):\n" + "\n".join(shown)
+
+
+def _match_row(key: str, rows: Sequence[tuple[re.Pattern, Row]]) -> tuple[Row, tuple[str, ...]] | None:
+    for pattern, row in rows:
+        m = pattern.fullmatch(key)
+        if m:
+            return row, tuple(m.expand(template) for template in row.paths)
+    return None
+
+
+def _init_leaves(init_fn: Callable[[], nnx.Module], paths: frozenset[str]) -> dict[str, jax.Array]:
+    """Initialises only ``paths``: the jitted init returns just those leaves, so XLA drops the rest of the model."""
+
+    @jax.jit
+    def init():
+        flat = nnx.to_flat_state(nnx.state(init_fn()))
+        return {path_str(p): v.get_value() for p, v in flat if path_str(p) in paths}
+
+    return init()
+
+
+def load_weights(
+    init_fn: Callable[[], nnx.Module],
+    table: Sequence[Row],
+    checkpoint: Checkpoint,
+    *,
+    ignore: Sequence[str] = (),
+    fresh: str | None = None,
+) -> tuple[nnx.Module, tuple[str, ...]]:
+    """Builds the module from a checkpoint without ever allocating its random initialisation.
+
+    ``init_fn`` is traced abstractly (`nnx.eval_shape`). Each checkpoint tensor is read on its own, matched against
+    the table (``re.fullmatch``, first row wins), transformed, shape-checked against the abstract parameter, cast to
+    its dtype and put in the state. Then coverage is checked both ways and every problem is raised at once.
+
+    Args:
+      init_fn: Builds the module (with its ``rngs``); called abstractly, and under `jax.jit` for what is new.
+      table: The checkpoint key <-> NNX path rows.
+      checkpoint: The files to read, from `find_checkpoint`.
+      ignore: Full-match regexes of checkpoint keys that may go unused (e.g. a pretraining head).
+      fresh: Full-match regex of parameter paths that may be absent from the checkpoint, or stored with another
+        shape (a classifier with a different number of labels). Those are initialised fresh.
+
+    Returns:
+      ``(module, new_paths)``: the module with all its variables set, and the paths initialised fresh.
+
+    Raises:
+      LoadError: Listing every checkpoint key no row used, every shape mismatch and every parameter nothing filled.
+
+    Example:
+      >>> module, new = load_weights(lambda: Bert(cfg, rngs=nnx.Rngs(0)), table, find_checkpoint("./bert"))
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(init_fn))
+    variables = {path_str(p): v for p, v in nnx.to_flat_state(state)}
+    rows = [(re.compile(row.key), row) for row in table]
+    ignored = [re.compile(p) for p in ignore]
+    fresh_re = re.compile(fresh) if fresh else None
+    filled: set[str] = set()
+    unused, mismatched, replaced = [], [], []
+    with open_checkpoint(checkpoint) as readers:
+        for key, read in readers.items():
+            match = _match_row(key, rows)
+            if match is None or any(p not in variables or p in filled for p in match[1]):
+                if not any(p.fullmatch(key) for p in ignored):
+                    unused.append(key if match is None else f"{key} (maps to {', '.join(match[1])})")
+                continue
+            row, paths = match
+            raw = read()
+            arrays = row.transform.forward(raw)
+            for path, array in zip(paths, arrays, strict=True):
+                want = variables[path].get_value()
+                if tuple(array.shape) != tuple(want.shape):
+                    problem = (
+                        f"checkpoint key `{key}` has shape {tuple(raw.shape)} ({tuple(array.shape)} after the "
+                        f"table's transform), but the model's `{path}` has shape {tuple(want.shape)}"
+                    )
+                    (replaced if fresh_re and fresh_re.fullmatch(path) else mismatched).append(problem)
+                    continue
+                variables[path].set_value(jax.device_put(np.asarray(array, dtype=want.dtype)))
+                filled.add(path)
+            del raw, arrays  # one tensor alive at a time
+    params = {p for p, v in variables.items() if isinstance(v, nnx.Param)}
+    new = sorted(p for p in params - filled if fresh_re and fresh_re.fullmatch(p))
+    missing = sorted(params - filled - set(new))
+    problems = [
+        _listing("Checkpoint keys that no table row used", unused) if unused else "",
+        _listing("Shape mismatches", mismatched) if mismatched else "",
+        _listing("Model parameters that nothing in the checkpoint filled", missing) if missing else "",
+    ]
+    if unused or mismatched or missing:
+        raise LoadError(
+            f"The checkpoint {checkpoint.files[0].parent} does not fit the model:\n"
+            + "\n".join(p for p in problems if p)
+            + "\nCheck that the checkpoint's config matches its weights, and pick the task whose head it has (or "
+            "one without a head, e.g. feature-extraction)."
+        )
+    for problem in replaced:
+        logger.warning("Re-initialising a head parameter: %s.", problem)
+    to_init = frozenset(p for p in variables if p not in filled)
+    if to_init:
+        for path, value in _init_leaves(init_fn, to_init).items():
+            variables[path].set_value(value)
+    logger.info("Loaded %d tensors from %s; initialised fresh: %s", len(filled), checkpoint.format, new or "none")
+    return nnx.merge(graphdef, state), tuple(new)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Export: the inverse table
+# --------------------------------------------------------------------------------------------------------------------
+
+_KEY_META = frozenset(".^$*+?{}[]")
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """``encoder/layers/\\1/x`` -> a regex whose named groups ``g1, g2, ...`` capture the back-referenced parts."""
+    parts, seen, out = re.split(r"\\(\d+)", template), set(), []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            out.append(re.escape(part))
+        else:
+            out.append(f"(?P=g{part})" if part in seen else f"(?P<g{part}>[^/]+)")
+            seen.add(part)
+    return re.compile("".join(out))
+
+
+def _fill_template(template: str, groups: Mapping[int, str]) -> str:
+    return re.sub(r"\\(\d+)", lambda m: groups[int(m.group(1))], template)
+
+
+def _skip_group(pattern: str, i: int, numbers: Iterator[int]) -> int:
+    """From just inside a capturing group, returns the index of its closing parenthesis (numbering nested groups)."""
+    depth = 1
+    while True:
+        c = pattern[i]
+        if c == "\\":
+            i += 1
+        elif c == "[":
+            i = pattern.index("]", i + 2 if pattern[i + 1] == "]" else i + 1)
+        elif c == "(":
+            depth += 1
+            if not pattern.startswith("(?", i) or pattern.startswith("(?P<", i):
+                next(numbers)
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+
+
+def render_key(pattern: str, groups: Mapping[int, str]) -> str:
+    """The checkpoint key a table regex stands for, given its capture groups (the inverse of matching).
+
+    Supported: escaped literals, capturing groups (replaced by ``groups``), ``(?:a|b)`` (renders ``a``) and optional
+    groups: greedy ``(?:x)?`` renders ``x``, lazy ``(?:x)??`` renders nothing. Both match the same keys, so a table
+    picks the form it exports with the quantifier, e.g. ``(?:bert\\.)?`` for task models, ``(?:bert\\.)??`` for the
+    bare encoder.
+    """
+    numbers = itertools.count(1)
+
+    def unrenderable() -> LoadError:
+        return LoadError(f"The table key {pattern!r} cannot be turned back into a checkpoint key for export.")
+
+    def alternatives(i: int) -> tuple[str, int]:
+        alts, current = [], []
+        while i < len(pattern) and pattern[i] != ")":
+            c = pattern[i]
+            if c == "\\":
+                if pattern[i + 1].isalnum():
+                    raise unrenderable()
+                current.append(pattern[i + 1])
+                i += 2
+                continue
+            if c == "|":
+                alts.append("".join(current))
+                current = []
+            elif c == "(":
+                if pattern.startswith("(?:", i):
+                    text, i = alternatives(i + 3)
+                else:
+                    number = next(numbers)
+                    i = _skip_group(pattern, i + 1, numbers)
+                    if number not in groups:
+                        raise unrenderable()
+                    text = groups[number]
+                if pattern.startswith("??", i + 1):
+                    text, i = "", i + 2
+                elif pattern.startswith("?", i + 1):
+                    i += 1
+                current.append(text)
+            elif c in _KEY_META:
+                raise unrenderable()
+            else:
+                current.append(c)
+            i += 1
+        alts.append("".join(current))
+        return alts[0], i
+
+    return alternatives(0)[0]
+
+
+def export_weights(module: nnx.Module, table: Sequence[Row]) -> dict[str, np.ndarray]:
+    """The module's parameters as checkpoint tensors: the table run backwards (first row wins for each path).
+
+    A row with several paths (a fused tensor) is exported when all its paths exist, via ``Transform.inverse``.
+    Tied parameters are exported once, under the first row's key.
+
+    Args:
+      module: A module built by an architecture whose table this is.
+      table: The same rows used by `load_weights`.
+
+    Returns:
+      ``{checkpoint key: numpy array}`` (contiguous, in the parameters' dtype), ready for
+      ``safetensors.numpy.save_file``.
+
+    Raises:
+      LoadError: If some parameter is not covered by any row.
+
+    Example:
+      >>> safetensors.numpy.save_file(export_weights(model.module, table), "model.safetensors")
+    """
+    params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    out: dict[str, np.ndarray] = {}
+    done: set[str] = set()
+    for row in table:
+        first = _template_regex(row.paths[0])
+        for path in params:
+            m = first.fullmatch(path)
+            if m is None or path in done:
+                continue
+            groups = {int(name[1:]): value for name, value in m.groupdict().items()}
+            paths = [_fill_template(t, groups) for t in row.paths]
+            if any(p not in params or p in done for p in paths):
+                continue
+            key = render_key(row.key, groups)
+            out[key] = np.ascontiguousarray(row.transform.inverse([np.asarray(params[p].get_value()) for p in paths]))
+            done.update(paths)
+    missing = sorted(set(params) - done)
+    if missing:
+        raise LoadError(
+            "These parameters have no row in the checkpoint table, so they cannot be exported:\n"
+            + _listing("Uncovered parameters", missing)
+            + "\nAdd rows for them to the architecture's table."
+        )
+    return out

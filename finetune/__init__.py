@@ -1,0 +1,35 @@
+"""finetune: Keras-style fine-tuning of Hugging Face models in JAX (Flax NNX + Optax + Orbax).
+
+Example:
+  >>> import finetune as ft
+  >>> model = ft.load("sentence-transformers/all-MiniLM-L6-v2", task="text-classification", num_labels=2)
+  >>> model.compile(preset="discriminative", learning_rate=3e-5)
+  >>> history = model.fit(train, validation_data=test, epochs=3, batch_size=32)
+"""
+
+from finetune.errors import ConfigError, DataError, FinetuneError, LoadError, NonFiniteError, RulesError
+from finetune.loading import load
+from finetune.model import Model
+from finetune.recipe import Recipe
+from finetune.rules import DEFAULT_GROUPS, Group, LayerDecay
+from finetune.training import callbacks
+from finetune.training.history import History
+from finetune.api import fit
+
+__all__ = [
+    "DEFAULT_GROUPS",
+    "ConfigError",
+    "DataError",
+    "FinetuneError",
+    "Group",
+    "History",
+    "LayerDecay",
+    "LoadError",
+    "Model",
+    "NonFiniteError",
+    "Recipe",
+    "RulesError",
+    "callbacks",
+    "fit",
+    "load",
+]

@@ -1,0 +1,46 @@
+"""`finetune.fit`: load (or take) a model, compile a recipe and train it, in one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.model import Model
+
+
+def fit(
+    model_or_name: Model | str,
+    train: Any,
+    *,
+    task: str | None = None,
+    preset: str | None = None,
+    validation_data: Any = None,
+    num_labels: int | None = None,
+    callbacks: Any = (),
+    verbose: int = 1,
+    **overrides: Any,
+):
+    """Fine-tunes in one call; returns ``(model, history)``.
+
+    Args:
+      model_or_name: A `finetune.Model`, or a Hub id / local directory to `finetune.load`.
+      train: Training data (see `Model.fit`).
+      task: The task when loading by name.
+      preset: A recipe name; None uses the `finetune.Recipe` defaults.
+      validation_data: Evaluated after every epoch.
+      num_labels: Number of classes when loading by name (None: from the data or the checkpoint).
+      callbacks: Callbacks for `Model.fit`.
+      verbose: 0 is silent.
+      **overrides: Recipe fields (``learning_rate``, ``epochs``, ``batch_size``...).
+
+    Example:
+      >>> model, history = finetune.fit("bert-base-uncased", ds, task="text-classification", preset="full", epochs=3)
+    """
+    if isinstance(model_or_name, Model):
+        model = model_or_name
+    else:
+        from finetune.loading import load
+
+        model = load(model_or_name, task=task or "text-classification", num_labels=num_labels)
+    model.compile(preset, **overrides)
+    history = model.fit(train, validation_data, callbacks=callbacks, verbose=verbose)
+    return model, history

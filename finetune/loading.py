@@ -1,0 +1,187 @@
+"""`finetune.load`: a Hub id or local directory -> a `finetune.Model` with pretrained weights.
+
+Resolve the directory (`finetune.hub`), read its config, look the architecture up in the registry, build the module
+abstractly, fill it from the checkpoint (`finetune.weights`), and attach tokenizer / image processor and labels.
+
+The task head: parameters matching the architecture's ``head`` regex that the checkpoint lacks are initialised fresh
+and form the ``new`` group. A head the checkpoint has with another shape (a classifier trained for 5 labels loaded
+with ``num_labels=2``) is also initialised fresh, with a warning in the ``finetune`` logger, rather than refused:
+replacing the classifier is what fine-tuning for a new label set means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune import hub, weights
+from finetune.errors import ConfigError, LoadError
+from finetune.model import Model
+from finetune.models import registry
+
+logger = logging.getLogger("finetune")
+
+LABELLED_TASKS = ("text-classification", "token-classification", "image-classification")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+PROCESSOR_FILES = ("preprocessor_config.json",)
+
+
+def read_config(directory: pathlib.Path) -> Any:
+    """The checkpoint's `transformers` config; refuses custom-code configs and unsupported model types."""
+    path = directory / "config.json"
+    if not path.is_file():
+        contents = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise LoadError(
+            f"No `config.json` in {directory}, so the architecture is unknown. The directory contains: {contents}. "
+            "Point to a Hugging Face model directory (one written by `save_pretrained`)."
+        )
+    raw = json.loads(path.read_text())
+    if "auto_map" in raw:
+        raise LoadError(
+            f"The config in {directory} asks for custom modelling code (`auto_map`: {raw['auto_map']}), which "
+            "finetune does not run (it never sets trust_remote_code). Pick a checkpoint of a supported architecture: "
+            f"{', '.join(sorted(registry.REGISTRY))}."
+        )
+    registry.get(raw.get("model_type", "<missing>"))  # a clear error listing the supported types
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+
+
+def resolve_labels(
+    task: str, hf_config: Any, num_labels: int | None, id2label: Mapping[int, str] | None
+) -> tuple[int | None, dict[int, str] | None]:
+    """``(num_labels, id2label)``: from the arguments, else from the config (its label names only if sizes match)."""
+    if task not in LABELLED_TASKS:
+        if num_labels is not None or id2label is not None:
+            raise ConfigError(
+                f"`num_labels` and `id2label` apply to {', '.join(LABELLED_TASKS)}; received num_labels={num_labels!r}"
+                f", id2label={id2label!r} with task={task!r}. Drop them, or pick a classification task."
+            )
+        return None, None
+    if id2label is not None:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if num_labels is not None and num_labels != len(id2label):
+            raise ConfigError(
+                f"`num_labels` and `id2label` disagree: received num_labels={num_labels} and {len(id2label)} label "
+                "names. Pass one of them, or make them agree."
+            )
+        return len(id2label), id2label
+    config_labels = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+    if num_labels is None:
+        num_labels = len(config_labels) or 2
+    if num_labels < 1:
+        raise ConfigError(f"`num_labels` must be at least 1; received num_labels={num_labels}.")
+    return num_labels, (config_labels if len(config_labels) == num_labels else None)
+
+
+def _auto(directory: pathlib.Path, names: tuple[str, ...], loader_name: str) -> Any:
+    if not any((directory / name).is_file() for name in names):
+        return None
+    import transformers
+
+    try:
+        return getattr(transformers, loader_name).from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 -- a broken or exotic tokenizer must not block loading the weights
+        logger.warning(
+            "Could not load the %s from %s (%s: %s); continuing without.", loader_name, directory, type(e).__name__, e
+        )
+        return None
+
+
+def default_rules(arch: registry.Architecture, module: nnx.Module, new_paths: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``new`` (exact fresh paths), ``head`` (the architecture's head regex), ``backbone``; rules matching nothing
+    are left out, since a rule that matches nothing is an error."""
+    rules = []
+    if new_paths:
+        rules.append(("(?:" + "|".join(re.escape(p) for p in new_paths) + ")", "new"))
+    paths = [weights.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]
+    if any(re.fullmatch(arch.head, p) and p not in new_paths for p in paths):
+        rules.append((arch.head, "head"))
+    return [*rules, (".*", "backbone")]
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    task: str = "feature-extraction",
+    num_labels: int | None = None,
+    revision: str | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    allow_pickle: bool = False,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    token: str | bool | None = None,
+    seed: int = 0,
+) -> Model:
+    """Loads a pretrained Hugging Face checkpoint as a `finetune.Model`.
+
+    Args:
+      name_or_path: A local directory, a Hub id ``org/name``, or ``hf://org/name``.
+      task: ``feature-extraction`` (hidden states), ``text-classification``, ``token-classification``,
+        ``image-classification`` or ``causal-lm``, as the architecture supports.
+      num_labels: Classifier outputs (1 = regression). Default: the size of ``id2label``, else the config's.
+      revision: Hub branch, tag or commit.
+      dtype: Computation dtype.
+      param_dtype: Storage dtype of the parameters (checkpoint tensors are cast to it).
+      allow_pickle: Read ``pytorch_model.bin`` when a repository has nothing else. Unpickling can execute code.
+      id2label: Label names by class index.
+      token: Hub token; default: huggingface_hub's usual sources.
+      seed: Seed of the fresh head and of dropout.
+
+    Returns:
+      The `finetune.Model`, with default rules ``new`` (fresh head parameters), ``head`` and ``backbone``.
+
+    Raises:
+      LoadError: Unresolvable name, unsupported architecture, or a checkpoint that does not fit.
+      ConfigError: Unsupported task or inconsistent label arguments.
+
+    Example:
+      >>> model = finetune.load("sentence-transformers/all-MiniLM-L6-v2", task="text-classification", num_labels=2)
+      >>> model.new_paths
+      ('classifier/bias', 'classifier/kernel')
+    """
+    directory = hub.resolve(name_or_path, revision=revision, token=token, allow_pickle=allow_pickle)
+    hf_config = read_config(directory)
+    arch = registry.get(hf_config.model_type)
+    if task not in arch.tasks:
+        raise ConfigError(
+            f"`task` must be one of {', '.join(arch.tasks)} for {arch.name} checkpoints; received task={task!r}. "
+            "Pick one of these."
+        )
+    num_labels, id2label = resolve_labels(task, hf_config, num_labels, id2label)
+    cfg = arch.config_from_hf(hf_config)
+
+    def init_fn() -> nnx.Module:
+        kw = {"task": task, "num_labels": num_labels, "dtype": dtype, "param_dtype": param_dtype}
+        return arch.build(cfg, **kw, rngs=nnx.Rngs(seed))
+
+    checkpoint = weights.find_checkpoint(directory, allow_pickle=allow_pickle)
+    module, new_paths = weights.load_weights(
+        init_fn, arch.table(cfg, task), checkpoint, ignore=arch.ignore(cfg, task), fresh=arch.head
+    )
+    if num_labels is not None:  # so that an exported config describes this head
+        hf_config.id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+        hf_config.label2id = {v: k for k, v in hf_config.id2label.items()}
+    return Model(
+        module,
+        task=task,
+        rules=default_rules(arch, module, new_paths),
+        tokenizer=_auto(directory, TOKENIZER_FILES, "AutoTokenizer"),
+        processor=_auto(directory, PROCESSOR_FILES, "AutoImageProcessor"),
+        hf_config=hf_config,
+        architecture=arch,
+        id2label=id2label,
+        source=os.fspath(name_or_path),
+        new_paths=new_paths,
+        layer_pattern=arch.layer,
+        num_layers=arch.num_layers(cfg),
+    )

@@ -1,0 +1,256 @@
+"""Rules + recipe -> one optax transformation, and schedules by name.
+
+The chain, over the trainable parameters only (frozen ones are not in the tree at all)::
+
+    apply_if_finite(                      # a non-finite gradient skips the step, and is counted
+      MultiSteps(                         # gradient accumulation (k = 1: every step)
+        chain(
+          clip_by_global_norm(clip),      # over all trainable gradients together
+          partition({group: inject_hyperparams(base)(learning_rate=schedule * lr_mult,
+                                                     weight_decay=wd * wd_mult, mask=decay mask)}))))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from finetune.errors import ConfigError
+from finetune.rules import Assignment, path_str
+
+# Optimizers with decoupled weight decay built in (``weight_decay=`` and ``mask=``), and the others (decay added
+# before the update, i.e. coupled, as torch's SGD/Adam ``weight_decay``).
+_DECOUPLED = {"adamw": optax.adamw, "lion": optax.lion, "lamb": optax.lamb}
+_PLAIN = {
+    "adam": optax.adam,
+    "sgd": optax.sgd,
+    "rmsprop": optax.rmsprop,
+    "adagrad": optax.adagrad,
+    "adabelief": optax.adabelief,
+    "nadam": optax.nadam,
+}
+OPTIMIZERS = tuple(sorted([*_DECOUPLED, *_PLAIN, "adafactor"]))
+SCHEDULES = ("constant", "cosine", "linear", "exponential", "piecewise", "joined")
+
+# Never trip optax's own "apply anyway after N errors": finetune stops training itself (see trainer).
+_NEVER = 2**30
+
+
+def _unknown(kind: str, value: Any, allowed: tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(str(value), allowed, n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"Unknown {kind} {value!r}.{hint} Allowed: {', '.join(allowed)}.")
+
+
+def _steps(value: float | int | None, total: int | None, what: str) -> int:
+    """A step count given in steps (int >= 1, or 0) or as a fraction of training (float in [0, 1))."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and 0 <= value < 1:
+        if total is None:
+            raise ConfigError(
+                f"`{what}` is a fraction ({value}) of the training length, which is unknown here. Give it in steps, "
+                "or pass `total_steps`."
+            )
+        return int(round(value * total))
+    if isinstance(value, int | float) and value >= 0 and float(value).is_integer():
+        return int(value)
+    raise ConfigError(
+        f"`{what}` must be a number of steps (int >= 0) or a fraction of training in [0, 1); received {what}={value!r}."
+    )
+
+
+def make_schedule(
+    spec: Any = "constant", *, learning_rate: float, total_steps: int | None = None, warmup: float | int = 0
+) -> optax.Schedule:
+    """Builds a learning-rate schedule peaking at ``learning_rate``.
+
+    Args:
+      spec: A name (``constant``, ``cosine``, ``linear``, ``exponential``, ``piecewise``, ``joined``), a dict
+        ``{"name": ..., **arguments}``, a number (constant), or any optax schedule (used as is). Arguments:
+        ``warmup`` (steps, or a fraction of ``total_steps``); ``end_factor`` (final LR / peak, default 0 for cosine
+        and linear); ``decay_rate`` and ``transition_steps`` (exponential); ``boundaries`` (steps or fractions) and
+        ``scales`` (piecewise, multiplying the LR at each boundary); ``schedules`` and ``boundaries`` (joined).
+      learning_rate: The peak learning rate.
+      total_steps: Training length in optimizer steps; needed by fractions and by decaying schedules.
+      warmup: Linear warmup from 0, in steps or as a fraction of ``total_steps``.
+
+    Returns:
+      An optax schedule ``step -> learning rate``.
+
+    Example:
+      >>> sched = make_schedule("cosine", learning_rate=1e-3, total_steps=1000, warmup=0.06)
+      >>> float(sched(60))
+      0.001
+    """
+    if callable(spec):
+        return spec
+    if isinstance(spec, int | float) and not isinstance(spec, bool):
+        return optax.constant_schedule(float(spec))
+    args = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+    name = args.pop("name", "constant")
+    warmup_steps = _steps(args.pop("warmup", warmup), total_steps, "warmup")
+    if name not in SCHEDULES:
+        raise _unknown("schedule", name, SCHEDULES)
+    if total_steps is not None and warmup_steps > total_steps:
+        raise ConfigError(
+            f"`warmup` is {warmup_steps} steps, longer than training ({total_steps} steps). Shorten the warmup (e.g. "
+            "warmup=0.06 for 6% of training) or train longer."
+        )
+    decay = (total_steps or 0) - warmup_steps
+    end = learning_rate * args.pop("end_factor", 0.0)
+    if name in ("cosine", "linear") and total_steps is None:
+        raise ConfigError(f"The {name!r} schedule decays over training, so `total_steps` must be known.")
+    if name == "constant":
+        main = optax.constant_schedule(learning_rate)
+    elif name == "cosine":
+        main = optax.cosine_decay_schedule(learning_rate, max(decay, 1), alpha=end / learning_rate)
+    elif name == "linear":
+        main = optax.linear_schedule(learning_rate, end, max(decay, 1))
+    elif name == "exponential":
+        main = optax.exponential_decay(
+            learning_rate, args.pop("transition_steps", 1), args.pop("decay_rate", 0.99), end_value=end or None
+        )
+    elif name == "piecewise":
+        bounds = [_steps(b, total_steps, "boundaries") for b in args.pop("boundaries", ())]
+        main = optax.piecewise_constant_schedule(learning_rate, dict(zip(bounds, args.pop("scales", ()), strict=True)))
+    else:
+        parts = [make_schedule(s, learning_rate=learning_rate, total_steps=total_steps) for s in args.pop("schedules")]
+        bounds = [_steps(b, total_steps, "boundaries") for b in args.pop("boundaries")]
+        main = optax.join_schedules(parts, bounds)
+    if args:
+        raise ConfigError(f"Unknown argument(s) {sorted(args)} for the {name!r} schedule. See make_schedule's docs.")
+    if warmup_steps == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), main], [warmup_steps])
+
+
+def _base_factory(optimizer: Any, options: Mapping[str, Any]) -> Callable[..., optax.GradientTransformation]:
+    """``(learning_rate, weight_decay, mask) -> GradientTransformation`` for a named or user-given optimizer."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        # A transformation without a learning rate (e.g. optax.scale_by_adam()): finetune adds decoupled decay and
+        # the (scheduled, per-group) learning rate, the way optax.adamw is built.
+        return lambda learning_rate, weight_decay, mask: optax.chain(
+            optimizer, optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(learning_rate)
+        )
+    if callable(optimizer):
+        return lambda learning_rate, weight_decay, mask: optax.chain(
+            optax.add_decayed_weights(weight_decay, mask), optimizer(learning_rate, **options)
+        )
+    if optimizer in _DECOUPLED:
+        return lambda learning_rate, weight_decay, mask: _DECOUPLED[optimizer](
+            learning_rate, weight_decay=weight_decay, mask=mask, **options
+        )
+    if optimizer == "adafactor":
+        return lambda learning_rate, weight_decay, mask: optax.adafactor(
+            learning_rate, weight_decay_rate=weight_decay, weight_decay_mask=mask, **options
+        )
+    if optimizer in _PLAIN:
+        return lambda learning_rate, weight_decay, mask: optax.chain(
+            optax.add_decayed_weights(weight_decay, mask), _PLAIN[optimizer](learning_rate, **options)
+        )
+    raise _unknown("optimizer", optimizer, OPTIMIZERS)
+
+
+def _labeller(mapping: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """A callable that labels whatever tree it is given by path (the form optax.partition handles for NNX states)."""
+    return lambda tree: jax.tree_util.tree_map_with_path(lambda kp, _: mapping[path_str(kp)], tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything `build` needs besides the rules."""
+
+    optimizer: Any = "adamw"
+    learning_rate: float = 1e-3
+    schedule: Any = "constant"
+    warmup: float | int = 0
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    accumulate: int = 1
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def build(
+    assignment: Assignment, decay: Mapping[str, bool], spec: OptimizerSpec, *, total_steps: int | None
+) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
+    """The optimizer over the trainable parameters, and the LR schedule of every trainable group.
+
+    Args:
+      assignment: The group of every parameter (`finetune.rules.assign`).
+      decay: ``{path: bool}``, the weight-decay mask (`finetune.rules.decay_mask`).
+      spec: Optimizer, peak learning rate, schedule, weight decay, clipping, accumulation.
+      total_steps: Optimizer steps in training (for fractions and decays); None when unknown.
+
+    Returns:
+      ``(transformation, {group: schedule})``; the transformation expects the pure dict of trainable parameters.
+    """
+    if not isinstance(spec.learning_rate, int | float) or spec.learning_rate <= 0:
+        raise ConfigError(f"`learning_rate` must be a number > 0; received learning_rate={spec.learning_rate!r}.")
+    if not isinstance(spec.weight_decay, int | float) or spec.weight_decay < 0:
+        raise ConfigError(
+            f"`weight_decay` must be a number >= 0; received weight_decay={spec.weight_decay!r}. Use 0 for none."
+        )
+    if not isinstance(spec.accumulate, int) or spec.accumulate < 1:
+        raise ConfigError(f"`accumulate` must be an int >= 1 (micro-batches per step); received {spec.accumulate!r}.")
+    if spec.clip_norm is not None and not spec.clip_norm > 0:
+        raise ConfigError(f"`clip_norm` must be > 0 or None (no clipping); received clip_norm={spec.clip_norm!r}.")
+    factory = _base_factory(spec.optimizer, spec.options)
+    mask = _labeller(decay)
+    inject = optax.inject_hyperparams(lambda learning_rate, weight_decay: factory(learning_rate, weight_decay, mask))
+    transforms, schedules = {}, {}
+    for name, group in assignment.groups.items():
+        if not group.trainable:
+            continue
+        base = make_schedule(
+            group.schedule if group.schedule is not None else spec.schedule,
+            learning_rate=spec.learning_rate,
+            total_steps=total_steps,
+            warmup=spec.warmup,
+        )
+        schedules[name] = _scaled(base, group.lr_mult)
+        transforms[name] = inject(learning_rate=schedules[name], weight_decay=spec.weight_decay * group.wd_mult)
+    trainable = {p: g for p, g in assignment.group_of.items() if assignment.groups[g].trainable}
+    chain = [optax.partition(transforms, _labeller(trainable))]
+    if spec.clip_norm is not None:
+        chain.insert(0, optax.clip_by_global_norm(spec.clip_norm))
+    tx = optax.chain(*chain)
+    if spec.accumulate > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=spec.accumulate).gradient_transformation()
+    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedules
+
+
+def _scaled(schedule: optax.Schedule, mult: float) -> optax.Schedule:
+    return schedule if mult == 1.0 else (lambda step: schedule(step) * mult)
+
+
+def nonfinite_counts(opt_state: Any) -> tuple[jax.Array, jax.Array]:
+    """``(consecutive, total)`` non-finite steps skipped so far, from the optimizer state."""
+    return opt_state.notfinite_count, opt_state.total_notfinite
+
+
+def current_lrs(opt_state: Any) -> dict[str, jax.Array]:
+    """``{group: learning rate}`` of the last applied step, read from the inject_hyperparams states."""
+    out = {}
+    for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate"):
+        if not hasattr(value, "dtype"):  # the schedule's own state, not the value
+            continue
+        group = next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey) and k.key != "learning_rate"), None)
+        out[str(group)] = value
+    return out
+
+
+def state_bytes(opt_state: Any, assignment: Assignment) -> dict[str, int]:
+    """Optimizer-state bytes per group (from the partition's per-group states)."""
+    out = {}
+    for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "inner_states"):
+        del path
+        for group, state in value.items():
+            out[group] = sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    return out

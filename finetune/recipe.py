@@ -1,0 +1,112 @@
+"""`Recipe`: every hyperparameter of a fine-tuning run, as one frozen dataclass.
+
+A recipe comes from `Model.compile` (a preset by name plus overrides) and is saved with checkpoints and exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from finetune.errors import ConfigError
+from finetune.optim import OptimizerSpec
+from finetune.rules import Group
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Every hyperparameter of a run.
+
+    Attributes:
+      name: The preset it came from, if any.
+      description: What it is for.
+      optimizer: A name (``adamw``, ``adam``, ``sgd``, ``lion``, ``lamb``, ``adafactor``, ...), an optax factory
+        ``(learning_rate, **options) -> GradientTransformation``, or a transformation without learning rate.
+      learning_rate: Peak learning rate (groups multiply it by their ``lr_mult``).
+      schedule: A schedule name (``constant``, ``cosine``, ``linear``, ``exponential``, ``piecewise``, ``joined``), a
+        dict of schedule arguments, or an optax schedule (see `finetune.optim.make_schedule`).
+      warmup: Linear warmup, in optimizer steps or as a fraction of training.
+      weight_decay: Decoupled weight decay (groups multiply it by their ``wd_mult``).
+      clip_norm: Global-norm gradient clipping over all trainable gradients; None turns it off.
+      accumulate: Micro-batches accumulated into one optimizer step.
+      rules: Ordered ``(regex, group)`` rules; None takes the model's defaults (backbone / head / new).
+      groups: ``{name: Group}`` overriding or adding to the default groups.
+      decay_rules: ``(regex, bool)`` rules (or a callable) overriding the weight-decay mask (default: ``ndim >= 2``).
+      optimizer_options: Extra keyword arguments of the optimizer (e.g. ``{"b2": 0.98}``, ``{"momentum": 0.9}``).
+      loss: None for the task's loss, or ``(logits, labels) -> per-item losses``.
+      metrics: Metric names (see `finetune.training.metrics.METRICS`); empty takes the task's defaults.
+      epochs: Passes over the training data (unless ``steps`` is set).
+      steps: Optimizer steps to train for; overrides ``epochs``.
+      batch_size: Examples per micro-batch.
+      max_length: Longest token sequence (longer texts are truncated).
+      precision: ``float32`` or ``bfloat16`` compute (parameters stay float32).
+      max_nonfinite: Consecutive non-finite steps (skipped) after which training stops with an error.
+      seed: Data order and dropout seed.
+      log_every: Steps between host reads of the metrics (progress bar, callbacks, step history).
+    """
+
+    name: str | None = None
+    description: str = ""
+    optimizer: Any = "adamw"
+    learning_rate: float = 5e-5
+    schedule: Any = "constant"
+    warmup: float | int = 0
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    accumulate: int = 1
+    rules: tuple | None = None
+    groups: Mapping[str, Group] | None = None
+    decay_rules: Any = None
+    optimizer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    loss: Any = None
+    metrics: tuple = ()
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 32
+    max_length: int | None = None
+    precision: str = "float32"
+    max_nonfinite: int = 10
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "max_nonfinite", "log_every", "accumulate"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"`{name}` must be an int >= 1; received {name}={value!r}.")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}.")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ConfigError(f"`precision` must be 'float32' or 'bfloat16'; received precision={self.precision!r}.")
+
+    def replace(self, **overrides: Any) -> Recipe:
+        """A copy with fields replaced; unknown field names get an error with the closest names."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = [k for k in overrides if k not in fields]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, fields, n=2)
+                hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+            raise ConfigError(
+                f"Unknown recipe field(s): {', '.join(hints)}. Recipe fields: {', '.join(fields)}."
+            )
+        if "rules" in overrides and overrides["rules"] is not None:
+            overrides["rules"] = tuple(tuple(r) for r in overrides["rules"])
+        if "metrics" in overrides and overrides["metrics"] is not None:
+            overrides["metrics"] = tuple(overrides["metrics"])
+        return dataclasses.replace(self, **overrides)
+
+    def optimizer_spec(self) -> OptimizerSpec:
+        return OptimizerSpec(
+            optimizer=self.optimizer,
+            learning_rate=self.learning_rate,
+            schedule=self.schedule,
+            warmup=self.warmup,
+            weight_decay=self.weight_decay,
+            clip_norm=self.clip_norm,
+            accumulate=self.accumulate,
+            options=dict(self.optimizer_options),
+        )

@@ -1,0 +1,95 @@
+"""The train and eval steps: free functions compiled once over pure state.
+
+The model is split once into a static graphdef and pure dicts: ``params`` (trainable), ``frozen`` (parameters of
+frozen groups: no gradient is computed for them) and ``rest`` (RNG state and other variables). One step is a
+`jax.jit` of a pure function of that state and a batch, with the state donated, so no NNX graph traversal happens per
+step and the buffers are updated in place. Metrics are sums in the state; the host reads them only at log intervals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from finetune.rules import path_str
+from finetune.training import metrics as metrics_lib
+from finetune.training.tasks import model_inputs
+
+State = dict[str, Any]
+
+
+def split(module: nnx.Module, trainable: set[str]) -> tuple[Any, Any, dict, dict, dict]:
+    """``(train graphdef, eval graphdef, params, frozen, rest)``: the module as static structure plus pure dicts."""
+    is_trainable = lambda path, x: isinstance(x, nnx.Param) and path_str(path) in trainable  # noqa: E731
+    graphdef, params, frozen, rest = nnx.split(module, is_trainable, nnx.Param, ...)
+    eval_view = nnx.view(module, deterministic=True, raise_if_not_found=False)
+    eval_graphdef = nnx.split(eval_view, is_trainable, nnx.Param, ...)[0]
+    return graphdef, eval_graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen), nnx.to_pure_dict(rest)
+
+
+@dataclasses.dataclass
+class Program:
+    """The compiled steps of one (model structure, optimizer, loss, metrics) combination."""
+
+    graphdef: Any
+    eval_graphdef: Any
+    tx: optax.GradientTransformation | None
+    loss: Callable
+    metrics: Sequence[metrics_lib.Metric]
+    num_classes: int
+
+    def __post_init__(self):
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step, donate_argnums=1)
+        self.predict_step = jax.jit(self._predict_step)
+
+    def init_state(self, params: dict, frozen: dict, rest: dict) -> State:
+        return {
+            "params": params,
+            "frozen": frozen,
+            "rest": rest,
+            "opt": self.tx.init(params) if self.tx is not None else None,
+            "step": jnp.zeros((), jnp.int32),
+            "acc": self.zero_metrics(),
+        }
+
+    def zero_metrics(self) -> dict:
+        return metrics_lib.init(self.metrics, self.num_classes)
+
+    def _forward(self, graphdef, params, frozen, rest, batch):
+        model = nnx.merge(graphdef, params, frozen, rest)
+        logits = model(**model_inputs(batch))
+        return logits, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+
+    def _train_step(self, state: State, batch: dict) -> State:
+        def objective(params):
+            logits, rest = self._forward(self.graphdef, params, state["frozen"], state["rest"], batch)
+            loss, scored = self.loss(logits, batch)
+            return loss, (metrics_lib.update(self.metrics, state["acc"], scored), rest)
+
+        (loss, (acc, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A skipped (non-finite) step leaves the parameters alone (apply_if_finite) and the metric sums too.
+        finite = jnp.isfinite(loss)
+        acc = jax.tree.map(lambda new, old: jnp.where(finite, new, old), acc, state["acc"])
+        return {**state, "params": params, "opt": opt, "rest": rest, "acc": acc, "step": state["step"] + 1}
+
+    def _eval_step(self, state: State, acc: dict, batch: dict) -> dict:
+        logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
+        _, scored = self.loss(logits, batch)
+        return metrics_lib.update(self.metrics, acc, scored)
+
+    def _predict_step(self, state: State, batch: dict) -> jax.Array:
+        logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
+        return logits
+
+    def compilations(self) -> int:
+        """How many shapes the train step has been compiled for."""
+        return self.train_step._cache_size()
