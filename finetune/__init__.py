@@ -7,14 +7,14 @@ Example:
   >>> history = model.fit(train, validation_data=test, epochs=3, batch_size=32)
 """
 
+from finetune import callbacks
+from finetune.api import fit
 from finetune.errors import ConfigError, DataError, FinetuneError, LoadError, NonFiniteError, RulesError
 from finetune.loading import load
 from finetune.model import Model
 from finetune.recipe import Recipe
 from finetune.rules import DEFAULT_GROUPS, Group, LayerDecay
-from finetune.training import callbacks
 from finetune.training.history import History
-from finetune.api import fit
 
 __all__ = [
     "DEFAULT_GROUPS",

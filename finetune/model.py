@@ -132,8 +132,9 @@ class Model:
             from finetune import presets
 
             base = presets.get(preset)
-        given = dict(optimizer=optimizer, learning_rate=learning_rate, rules=rules, schedule=schedule, loss=loss,
-                     metrics=metrics)
+        given = dict(
+            optimizer=optimizer, learning_rate=learning_rate, rules=rules, schedule=schedule, loss=loss, metrics=metrics
+        )
         self.recipe = base.replace(**{k: v for k, v in given.items() if v is not None}, **overrides)
         self._trainer = None
         if self.recipe.rules is not None or self.recipe.groups:

@@ -241,7 +241,9 @@ def current_lrs(opt_state: Any) -> dict[str, jax.Array]:
     for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate"):
         if not hasattr(value, "dtype"):  # the schedule's own state, not the value
             continue
-        group = next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey) and k.key != "learning_rate"), None)
+        group = next(
+            (k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey) and k.key != "learning_rate"), None
+        )
         out[str(group)] = value
     return out
 

@@ -77,7 +77,9 @@ class Recipe:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"`{name}` must be an int >= 1; received {name}={value!r}.")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ConfigError(f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}.")
+            raise ConfigError(
+                f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}."
+            )
         if self.precision not in ("float32", "bfloat16"):
             raise ConfigError(f"`precision` must be 'float32' or 'bfloat16'; received precision={self.precision!r}.")
 
@@ -90,9 +92,7 @@ class Recipe:
             for key in unknown:
                 close = difflib.get_close_matches(key, fields, n=2)
                 hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
-            raise ConfigError(
-                f"Unknown recipe field(s): {', '.join(hints)}. Recipe fields: {', '.join(fields)}."
-            )
+            raise ConfigError(f"Unknown recipe field(s): {', '.join(hints)}. Recipe fields: {', '.join(fields)}.")
         if "rules" in overrides and overrides["rules"] is not None:
             overrides["rules"] = tuple(tuple(r) for r in overrides["rules"])
         if "metrics" in overrides and overrides["metrics"] is not None:

@@ -21,7 +21,12 @@ def _bytes(n: int) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(row):
+        return "  ".join(
+            str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths, strict=True))
+        )
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -53,6 +58,8 @@ def group_report(model: Any, *, recipe: Any = None, trainer: Any = None, paths: 
     header = ["group", "params", "bytes", "lr", "weight decay", "trainable", "optimizer state"]
     text = _table(header, rows)
     if paths:
-        detail = [[p, assignment.group_of[p], f"rules[{assignment.rule_of[p]}]", str(tuple(flat[p].shape))] for p in flat]
+        detail = [
+            [p, assignment.group_of[p], f"rules[{assignment.rule_of[p]}]", str(tuple(flat[p].shape))] for p in flat
+        ]
         text += "\n\n" + _table(["path", "group", "rule", "shape"], detail)
     return text

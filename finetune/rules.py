@@ -66,7 +66,8 @@ class LayerDecay:
     ``layer=-1`` for embeddings, which then get ``decay ** (num_layers + 1)``, as in BEiT / timm).
 
     Example:
-      >>> rules = [(r"encoder/layers/(\\d+)/.*", LayerDecay(0.75, 6)), (r"embeddings/.*", LayerDecay(0.75, 6, layer=-1))]
+      >>> rules = [(r"encoder/layers/(\\d+)/.*", LayerDecay(0.75, 6)),
+      ...          (r"embeddings/.*", LayerDecay(0.75, 6, layer=-1))]
     """
 
     decay: float
@@ -143,7 +144,8 @@ def _compile(rules: Sequence[Rule], groups: Mapping[str, Group]) -> list[tuple[r
     for i, rule in enumerate(rules):
         if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
             raise RulesError(
-                f"Each rule must be a (regex, group) pair; received rules[{i}]={rule!r}. Write e.g. (r'.*', 'backbone')."
+                f"Each rule must be a (regex, group) pair; received rules[{i}]={rule!r}. "
+                "Write e.g. (r'.*', 'backbone')."
             )
         pattern, target = rule
         try:
@@ -211,7 +213,9 @@ def assign(paths: Sequence[str], rules: Sequence[Rule], groups: Mapping[str, Gro
         )
     if problems:
         raise RulesError("The parameter-group rules do not fit this model:\n- " + "\n- ".join(problems))
-    return Assignment(group_of=group_of, rule_of=rule_of, groups={g: groups[g] for g in dict.fromkeys(group_of.values())})
+    return Assignment(
+        group_of=group_of, rule_of=rule_of, groups={g: groups[g] for g in dict.fromkeys(group_of.values())}
+    )
 
 
 def decay_mask(flat: Mapping[str, Any], rules: Sequence[tuple[str, bool]] | Callable | None = None) -> dict[str, bool]:

@@ -37,8 +37,15 @@ class EarlyStopping(Callback):
       restore_best_weights: At the end, put back the parameters of the best epoch.
     """
 
-    def __init__(self, monitor: str = "val_loss", *, patience: int = 0, mode: str = "auto", min_delta: float = 0.0,
-                 restore_best_weights: bool = False):
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        *,
+        patience: int = 0,
+        mode: str = "auto",
+        min_delta: float = 0.0,
+        restore_best_weights: bool = False,
+    ):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; received mode={mode!r}.")
         if mode == "auto":
@@ -56,7 +63,9 @@ class EarlyStopping(Callback):
         value = (logs or {}).get(self.monitor)
         if value is None:
             available = ", ".join(sorted(logs or {}))
-            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which the epoch logs lack. Available: {available}.")
+            raise KeyError(
+                f"EarlyStopping monitors {self.monitor!r}, which the epoch logs lack. Available: {available}."
+            )
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:

@@ -7,7 +7,7 @@ from typing import Any
 
 
 class History:
-    """Per-epoch logs (``.history``: ``{"loss": [...], "val_accuracy": [...]}``) and per-interval step logs (``.steps``)."""
+    """Per-epoch logs (``.history``: ``{"loss": [...], "val_accuracy": [...]}``) and step logs (``.steps``)."""
 
     def __init__(self):
         self.history: dict[str, list[float]] = {}

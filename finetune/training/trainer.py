@@ -61,8 +61,12 @@ class Trainer:
         family = kind(self.model.task, logits.shape, sample.get("labels"))
         names = self.recipe.metrics or metrics_lib.DEFAULT_METRICS[family]
         self.program = Program(
-            graphdef, eval_graphdef, tx, loss_fn(self.model.task, self.recipe.loss),
-            metrics_lib.resolve(names), int(logits.shape[-1]),
+            graphdef,
+            eval_graphdef,
+            tx,
+            loss_fn(self.model.task, self.recipe.loss),
+            metrics_lib.resolve(names),
+            int(logits.shape[-1]),
         )
         self.state = self.program.init_state(params, frozen, rest)
 

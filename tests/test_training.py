@@ -1,0 +1,125 @@
+"""fit / evaluate / predict: learning, compile-once, masking of the ragged last batch, callbacks, one-call fit."""
+
+import json
+
+import numpy as np
+import pytest
+import sklearn.metrics
+
+import finetune as ft
+from finetune.callbacks import Callback, EarlyStopping, JSONLLogger, LearningRateLogger
+from tests.tiny import TinyClassifier, blobs, params_of
+
+
+def _model(classes=3, **compile_kwargs):
+    model = ft.Model(TinyClassifier(classes=classes, dropout=0.1), task="text-classification")
+    return model.compile(**{"optimizer": "adamw", "learning_rate": 1e-2, **compile_kwargs})
+
+
+def test_overfits_one_batch_to_near_zero_loss():
+    x, y = blobs(16)
+    model = _model(learning_rate=3e-2)
+    history = model.fit((x, y), epochs=150, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < 0.01
+    assert model.evaluate((x, y))["accuracy"] == 1.0
+
+
+def test_compiles_once_across_epochs_with_a_ragged_last_batch():
+    x, y = blobs(100)  # 100 = 6 * 16 + 4: the last batch is padded, not dropped or recompiled
+    model = _model()
+    history = model.fit((x, y), epochs=2, batch_size=16, verbose=0)
+    assert model._trainer.program.compilations() == 1
+    assert history.compiled_shapes == [1]
+    assert history.steps[-1]["step"] == 14
+
+
+def test_padding_rows_never_count_in_evaluation():
+    x, y = blobs(100)
+    model = _model()
+    model.fit((x, y), epochs=1, batch_size=16, verbose=0)
+    ragged = model.evaluate((x, y), batch_size=16)  # 4 real rows in the last batch, 12 padding
+    exact = model.evaluate((x, y), batch_size=20)
+    assert ragged["loss"] == pytest.approx(exact["loss"], rel=1e-5)
+    assert ragged["accuracy"] == exact["accuracy"]
+
+
+def test_metrics_equal_scikit_learn_on_the_same_predictions():
+    x, y = blobs(90, classes=4, seed=3)
+    model = _model(classes=4, metrics=["accuracy", "f1_macro", "f1_micro", "precision", "recall"])
+    model.fit((x[:40], y[:40]), epochs=1, batch_size=16, verbose=0)  # partly trained: imperfect predictions
+    got = model.evaluate((x, y), batch_size=16)
+    pred = model.predict((x, y), batch_size=16)["labels"]
+    assert got["accuracy"] == pytest.approx(sklearn.metrics.accuracy_score(y, pred))
+    assert got["f1_macro"] == pytest.approx(sklearn.metrics.f1_score(y, pred, average="macro"))
+    assert got["f1_micro"] == pytest.approx(sklearn.metrics.f1_score(y, pred, average="micro"))
+    assert got["precision"] == pytest.approx(sklearn.metrics.precision_score(y, pred, average="macro", zero_division=0))
+    assert got["recall"] == pytest.approx(sklearn.metrics.recall_score(y, pred, average="macro", zero_division=0))
+
+
+def test_predict_returns_one_row_per_example_with_probabilities():
+    x, y = blobs(37)
+    out = _model().predict((x, y), batch_size=16)
+    assert out["logits"].shape == (37, 3) and out["labels"].shape == (37,)
+    np.testing.assert_allclose(out["probabilities"].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_model_call_is_inference_mode():
+    x, _ = blobs(4)
+    model = ft.Model(TinyClassifier(dropout=0.5), task="text-classification")
+    np.testing.assert_array_equal(np.asarray(model(x=x)), np.asarray(model(x=x)))
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    x, y = blobs(64)
+    stopper = EarlyStopping("val_loss", patience=1, restore_best_weights=True)
+    model = _model(learning_rate=1.0, optimizer="sgd")  # diverging: val_loss stops improving fast
+    history = model.fit((x, y), (x, y), epochs=30, batch_size=16, callbacks=[stopper], verbose=0)
+    assert stopper.stopped_epoch is not None and len(history.epochs) < 30
+    best = min(history.history["val_loss"])
+    assert model.evaluate((x, y), batch_size=16)["loss"] == pytest.approx(best, rel=1e-5)
+
+
+def test_a_callback_can_stop_training_and_loggers_write(tmp_path):
+    class StopAt(Callback):
+        def on_step_end(self, step, logs=None):
+            if step >= 4:
+                self.trainer.stop_training = True
+
+    x, y = blobs(160)
+    lrs = LearningRateLogger()
+    model = _model(log_every=2, groups={"backbone": ft.Group(lr_mult=0.1)})
+    history = model.fit(
+        (x, y), epochs=5, batch_size=16, verbose=0, callbacks=[StopAt(), JSONLLogger(tmp_path / "log.jsonl"), lrs]
+    )
+    assert history.steps[-1]["step"] == 4
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in lines] == ["step", "step", "epoch"]
+    assert lrs.records[0]["backbone"] == pytest.approx(1e-3) and lrs.records[0]["new"] == pytest.approx(1e-2)
+
+
+def test_verbose_zero_is_silent_and_verbose_prints_the_group_report(capsys):
+    x, y = blobs(32)
+    _model().fit((x, y), epochs=1, batch_size=16, verbose=0)
+    assert capsys.readouterr().out == ""
+    _model().fit((x, y), epochs=1, batch_size=16, verbose=1)
+    out = capsys.readouterr().out
+    assert "backbone" in out and "optimizer state" in out
+
+
+def test_one_call_fit_returns_model_and_history():
+    x, y = blobs(64)
+    model, history = ft.fit(
+        ft.Model(TinyClassifier(), task="text-classification"),
+        (x, y),
+        epochs=3,
+        batch_size=16,
+        learning_rate=1e-2,
+        verbose=0,
+    )
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert params_of(model)
+
+
+def test_unknown_recipe_field_suggests_the_closest():
+    with pytest.raises(ft.ConfigError, match="did you mean 'weight_decay'"):
+        _model(weight_decai=0.1)
