@@ -45,10 +45,15 @@ class Recipe:
       max_nonfinite: Consecutive non-finite steps (skipped) after which training stops with an error.
       seed: Data order and dropout seed.
       log_every: Steps between host reads of the metrics (progress bar, callbacks, step history).
+      layer_decay: When set, layer-wise LR decay: layer i of L gets ``layer_decay ** (L - i)`` (needs a model that
+        declares its layers, as every loaded architecture does).
+      phases: Phases run before the main one inside one `fit` (e.g. fastai's head-only first epoch): each a dict of
+        recipe overrides with its own ``epochs``. Each phase gets a fresh optimizer and schedule.
     """
 
     name: str | None = None
     description: str = ""
+    provenance: str = ""
     optimizer: Any = "adamw"
     learning_rate: float = 5e-5
     schedule: Any = "constant"
@@ -70,6 +75,8 @@ class Recipe:
     max_nonfinite: int = 10
     seed: int = 0
     log_every: int = 10
+    layer_decay: float | None = None
+    phases: tuple = ()
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_nonfinite", "log_every", "accumulate"):
@@ -80,6 +87,8 @@ class Recipe:
             raise ConfigError(
                 f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}."
             )
+        if self.layer_decay is not None and not (isinstance(self.layer_decay, int | float) and 0 < self.layer_decay <= 1):
+            raise ConfigError(f"`layer_decay` must be in (0, 1] or None; received layer_decay={self.layer_decay!r}.")
         if self.precision not in ("float32", "bfloat16"):
             raise ConfigError(f"`precision` must be 'float32' or 'bfloat16'; received precision={self.precision!r}.")
 
@@ -97,7 +106,15 @@ class Recipe:
             overrides["rules"] = tuple(tuple(r) for r in overrides["rules"])
         if "metrics" in overrides and overrides["metrics"] is not None:
             overrides["metrics"] = tuple(overrides["metrics"])
+        if overrides.get("groups") is not None:
+            overrides["groups"] = {k: _group(k, v) for k, v in overrides["groups"].items()}
+        if overrides.get("phases") is not None:
+            overrides["phases"] = tuple(_phase(i, p) for i, p in enumerate(overrides["phases"]))
         return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of every field (callables and optax objects as their repr), for checkpoints and cards."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def optimizer_spec(self) -> OptimizerSpec:
         return OptimizerSpec(
@@ -110,3 +127,38 @@ class Recipe:
             accumulate=self.accumulate,
             options=dict(self.optimizer_options),
         )
+
+
+def _group(name: str, value: Any) -> Group:
+    if isinstance(value, Group):
+        return value
+    if isinstance(value, Mapping):
+        allowed = {f.name for f in dataclasses.fields(Group)}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"Group {name!r} has unknown field(s) {unknown}; a group takes {', '.join(sorted(allowed))}."
+            )
+        return Group(**value)
+    raise ConfigError(f"`groups[{name!r}]` must be a finetune.Group or a dict of its fields; received {value!r}.")
+
+
+def _phase(index: int, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping) or not isinstance(value.get("epochs"), int) or value["epochs"] < 1:
+        raise ConfigError(
+            f"`phases[{index}]` must be a dict of recipe overrides with `epochs` (an int >= 1); received {value!r}."
+        )
+    Recipe().replace(**{k: v for k, v in value.items() if k != "phases"})  # validates the field names early
+    return dict(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return repr(value)

@@ -29,7 +29,7 @@ def test_compiles_once_across_epochs_with_a_ragged_last_batch():
     model = _model()
     history = model.fit((x, y), epochs=2, batch_size=16, verbose=0)
     assert model._trainer.program.compilations() == 1
-    assert history.compiled_shapes == [1]
+    assert history.compilations == [1]
     assert history.steps[-1]["step"] == 14
 
 
@@ -123,3 +123,34 @@ def test_one_call_fit_returns_model_and_history():
 def test_unknown_recipe_field_suggests_the_closest():
     with pytest.raises(ft.ConfigError, match="did you mean 'weight_decay'"):
         _model(weight_decai=0.1)
+
+
+def test_phases_run_in_one_fit_with_one_compilation_each():
+    x, y = blobs(64)
+    model = _model(
+        groups={"backbone": ft.Group(lr_mult=0.1)},
+        phases=[{"epochs": 1, "learning_rate": 1e-2, "groups": {"backbone": {"trainable": False}}}],
+    )
+    before = params_of(model)
+    seen = []
+
+    class Watch(ft.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((epoch, dict(self.trainer.assignment.groups)))
+
+    history = model.fit((x, y), epochs=2, batch_size=16, verbose=0, callbacks=[Watch()])
+    assert history.epochs == [0, 1, 2] and history.compilations == [1, 1]
+    assert seen[0][1]["backbone"].trainable is False and seen[1][1]["backbone"].trainable is True
+    after = params_of(model)
+    assert not np.array_equal(before["encoder/0/kernel"], after["encoder/0/kernel"])  # unfrozen in phase 2
+
+
+def test_layer_decay_needs_declared_layers_and_uses_them():
+    model = _model(layer_decay=0.5)
+    with pytest.raises(ft.ConfigError, match="declares none"):
+        model.plan()
+    model = ft.Model(TinyClassifier(), task="text-classification", layer_pattern=r"encoder/(\d+)/.*", num_layers=2)
+    a = model.compile(layer_decay=0.5).plan()
+    mult = {p: a.groups[g].lr_mult for p, g in a.group_of.items()}
+    assert mult["encoder/0/kernel"] == 0.25 and mult["encoder/1/kernel"] == 0.5
+    assert mult["norm/scale"] == 0.125 and mult["classifier/kernel"] == 1.0

@@ -13,7 +13,8 @@ class History:
         self.history: dict[str, list[float]] = {}
         self.epochs: list[int] = []
         self.steps: list[dict[str, Any]] = []
-        self.compiled_shapes: list[tuple] = []
+        self.compiled_shapes: list[tuple] = []  # batch shapes the train step was compiled for
+        self.compilations: list[int] = []  # compilations of the train step, one entry per phase
 
     def add_step(self, step: int, logs: dict[str, Any]) -> None:
         self.steps.append({"step": step, **logs})

