@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -158,6 +159,12 @@ class Model:
         batch_size: int | None = None,
         callbacks: Sequence[Any] = (),
         verbose: int = 1,
+        checkpoint_dir: str | os.PathLike | None = None,
+        save_every: int | None = None,
+        save_each_epoch: bool = True,
+        keep: int = 3,
+        monitor: str | None = None,
+        resume: bool | str | os.PathLike = False,
     ):
         """Trains the model; returns a `finetune.History`.
 
@@ -170,6 +177,14 @@ class Model:
           batch_size: Examples per micro-batch (default: the recipe's).
           callbacks: `finetune.callbacks.Callback` instances.
           verbose: 0 is silent; 1 prints the group report and a progress bar.
+          checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps).
+          save_every: Also checkpoint every this many steps (micro-batches).
+          save_each_epoch: Checkpoint at the end of every epoch (when ``checkpoint_dir`` is set).
+          keep: Keep the last ``keep`` checkpoints...
+          monitor: ...and the best by this epoch metric (e.g. ``"val_accuracy"``).
+          resume: True continues from the latest checkpoint in ``checkpoint_dir`` when there is one; a path
+            continues from the checkpoints there. The resumed run ends with the same parameters as an uninterrupted
+            one.
 
         Example:
           >>> history = model.fit({"x": x, "labels": y}, epochs=3, batch_size=32)
@@ -190,6 +205,12 @@ class Model:
             batch_size=batch_size or self.recipe.batch_size,
             callbacks=callbacks,
             verbose=verbose,
+            checkpoint_dir=checkpoint_dir,
+            save_every=save_every,
+            save_each_epoch=save_each_epoch,
+            keep=keep,
+            monitor=monitor,
+            resume=resume,
         )
 
     def _eval_trainer(self):

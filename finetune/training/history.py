@@ -27,6 +27,13 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         return {"history": self.history, "epochs": self.epochs, "steps": self.steps}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        history = cls()
+        history.history = {k: list(v) for k, v in data.get("history", {}).items()}
+        history.epochs, history.steps = list(data.get("epochs", [])), list(data.get("steps", []))
+        return history
+
     def plot(self, path: str | os.PathLike | None = None, *, keys: list[str] | None = None):
         """Training curves: the step losses, and every epoch metric with its ``val_`` twin. Saves to ``path``.
 

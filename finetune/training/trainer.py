@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +16,8 @@ from tqdm.auto import tqdm
 
 from finetune import data as data_lib
 from finetune import optim
-from finetune.errors import ConfigError, NonFiniteError
+from finetune.checkpoint import Checkpointer, fingerprint, read_meta
+from finetune.errors import ConfigError, LoadError, NonFiniteError
 from finetune.recipe import Recipe
 from finetune.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.training import metrics as metrics_lib
@@ -110,45 +113,44 @@ class Trainer:
         self.state = {**self.state, "params": jax.device_put(params)}
 
     # ---------------------------------------------------------------- loops
-    def fit(
-        self,
-        train: Any,
-        *,
-        validation_data: Any = None,
-        epochs: int,
-        steps: int | None,
-        batch_size: int,
-        callbacks: Sequence[Callback] = (),
-        verbose: int = 1,
-    ) -> History:
-        source = data_lib.as_source(train, task=self.model.task)
-        history = History()
-        for cb in callbacks:
+    def fit(self, train: Any, *, epochs: int, steps: int | None, batch_size: int, **options: Any) -> History:
+        """Trains; see `finetune.Model.fit` for the options."""
+        run = self._run = _Run(source=self._source(train, stage="fit"), batch_size=batch_size, **options)
+        if run.resume not in (True, False, None) and run.checkpoint_dir is None:
+            run.checkpoint_dir = run.resume  # resume from a path, and keep writing there
+        if run.checkpoint_dir is not None:
+            run.checkpointer = Checkpointer(run.checkpoint_dir, keep=run.keep, monitor=run.monitor)
+            run.resume_meta = _resume_meta(run)
+        if run.resume_meta is not None:
+            run.history = History.from_dict(run.resume_meta["history"])
+        for cb in run.callbacks:
             cb.trainer = self
-        for cb in callbacks:
+        for cb in run.callbacks:
             cb.on_train_begin()
-        base, epoch0 = self.recipe, 0
+        base = self.recipe
         phases = [(p["epochs"], _phase_recipe(base, p)) for p in base.phases] + [(epochs, base)]
         try:
             for i, (phase_epochs, recipe) in enumerate(phases):
+                if run.resume_meta is not None and i < run.resume_meta["phase"]:
+                    run.epoch += phase_epochs  # finished before the checkpoint
+                    continue
                 self.recipe, self.assignment = recipe, plan(self.model, recipe)
                 main = i == len(phases) - 1
-                epoch0 = self._phase(
-                    source, validation_data, history, callbacks, epochs=phase_epochs, steps=steps if main else None,
-                    batch_size=batch_size, verbose=verbose, epoch0=epoch0,
-                )
+                self._phase(run, i, epochs=phase_epochs, steps=steps if main else None)
                 self.sync_model()
                 if self.stop_training:
                     break
-            for cb in callbacks:
-                cb.on_train_end(history.history)
+            for cb in run.callbacks:
+                cb.on_train_end(run.history.history)
         finally:
             self.sync_model()
-        return history
+            if run.checkpointer is not None:
+                run.checkpointer.close()
+        return run.history
 
-    def _phase(self, source, validation_data, history, callbacks, *, epochs, steps, batch_size, verbose, epoch0):
-        """One phase of training (the whole run unless the recipe has phases); returns the next epoch number."""
-        per_epoch = source.steps(batch_size)
+    def _phase(self, run: _Run, phase: int, *, epochs: int, steps: int | None) -> None:
+        """One phase of training (the whole run unless the recipe has phases)."""
+        per_epoch = run.source.steps(run.batch_size)
         accumulate = self.recipe.accumulate
         micro_total = steps * accumulate if steps else (epochs * per_epoch if per_epoch else None)
         if micro_total is None:
@@ -156,42 +158,89 @@ class Trainer:
         if per_epoch and not steps and epochs * per_epoch < accumulate:
             raise ConfigError(f"Training is {epochs * per_epoch} micro-batches, fewer than `accumulate`={accumulate}.")
         epochs = epochs if not steps else (-(-micro_total // per_epoch) if per_epoch else 1 << 30)
-        sample = next(source.batches(batch_size, seed=self.recipe.seed))
-        self.build(sample, total_steps=micro_total // accumulate)
-        if verbose:
+        self.build(
+            next(run.source.batches(run.batch_size, seed=self.recipe.seed)), total_steps=micro_total // accumulate
+        )
+        first_epoch, start, done = run.epoch, 0, 0
+        if run.resume_meta is not None:
+            first_epoch, start, done = self._restore(run)
+        if run.verbose:
             print(self.model.summary(recipe=self.recipe, trainer=self, printed=False))
-        bar = tqdm(total=micro_total, disable=verbose == 0, unit="step", dynamic_ncols=True)
-        done, last = 0, (0, time.perf_counter())
-        step0 = history.steps[-1]["step"] if history.steps else 0
+        bar = tqdm(total=micro_total, initial=done, disable=run.verbose == 0, unit="step", dynamic_ncols=True)
+        run.last = (done, time.perf_counter())
         try:
-            for epoch in range(epoch0, epoch0 + epochs):
-                for cb in callbacks:
+            for epoch in range(first_epoch, run.epoch + epochs):
+                for cb in run.callbacks:
                     cb.on_epoch_begin(epoch)
                 epoch_acc = self.program.zero_metrics()
-                batches = source.batches(batch_size, seed=self.recipe.seed, epoch=epoch)
-                for batch in data_lib.prefetch(batches):
+                batches = run.source.batches(run.batch_size, seed=self.recipe.seed, epoch=epoch, start=start)
+                for index, batch in enumerate(data_lib.prefetch(batches), start=start):
                     self.state = self.program.train_step(self.state, batch)
                     done += 1
+                    run.step += 1
                     if done % self.recipe.log_every == 0 or done == micro_total:
-                        epoch_acc, last = self._log(done, step0, batch_size, epoch_acc, last, history, bar, callbacks)
+                        epoch_acc = self._log(run, done, epoch_acc, bar)
+                    if (
+                        run.save_every
+                        and run.step % run.save_every == 0
+                        and not (run.save_each_epoch and index + 1 == per_epoch)
+                    ):
+                        self._save(run, phase, epoch, index + 1, done)
                     if done >= micro_total or self.stop_training:
                         break
-                if done > last[0]:
-                    epoch_acc, last = self._log(done, step0, batch_size, epoch_acc, last, history, bar, callbacks)
+                start = 0
+                if done > run.last[0]:
+                    epoch_acc = self._log(run, done, epoch_acc, bar)
                 logs = metrics_lib.results(self.program.metrics, epoch_acc)
-                if validation_data is not None:
-                    logs.update(self.evaluate(validation_data, batch_size=batch_size, prefix="val_"))
-                history.add_epoch(epoch, logs)
-                for cb in callbacks:
+                if run.validation_data is not None:
+                    logs.update(self.evaluate(run.validation_data, batch_size=run.batch_size, prefix="val_"))
+                run.history.add_epoch(epoch, logs)
+                for cb in run.callbacks:
                     cb.on_epoch_end(epoch, logs)
-                if done >= micro_total or self.stop_training:
+                finished = done >= micro_total or self.stop_training
+                if run.checkpointer is not None and (run.save_each_epoch or finished):
+                    self._save(run, phase, epoch + 1, 0, done, logs)
+                if finished:
                     break
         finally:
             bar.close()
-        history.compilations.append(self.program.compilations())
-        return epoch + 1
+        run.epoch += epochs
+        run.history.compilations.append(self.program.compilations())
+        run.history.compiled_shapes = sorted(getattr(run.source, "shapes", ()))  # one per length bucket used
 
-    def _log(self, step, step0, batch_size, epoch_acc, last, history, bar, callbacks):
+    def _save(self, run: _Run, phase: int, epoch: int, batch: int, done: int, metrics: dict | None = None) -> None:
+        meta = {
+            "phase": phase,
+            "epoch": epoch,
+            "batch": batch,
+            "done": done,
+            "step": run.step,
+            "recipe": self.recipe.to_dict(),
+            "history": run.history.to_dict(),
+            "fingerprint": fingerprint(self.state),
+        }
+        run.checkpointer.save(run.step, self.state, meta, metrics)
+
+    def _restore(self, run: _Run) -> tuple[int, int, int]:
+        """Loads the checkpoint into the freshly built state; returns ``(epoch, batch, micro-steps done)``."""
+        meta = run.resume_meta
+        if meta["fingerprint"] != fingerprint(self.state):
+            raise ConfigError(
+                f"Cannot resume from {str(run.checkpointer.directory)!r}: it holds a checkpoint of a different model "
+                "(other parameter names, shapes or frozen groups). Resume with the same model and recipe, or use a "
+                "new checkpoint_dir."
+            )
+        changed = _recipe_changes(meta["recipe"], self.recipe.to_dict())
+        if changed:
+            raise ConfigError(
+                f"Cannot resume from {str(run.checkpointer.directory)!r}: the recipe differs in {', '.join(changed)}. "
+                "Resume with the recipe of the checkpointed run, or start a new checkpoint_dir."
+            )
+        self.state, _ = run.checkpointer.restore(meta["step"], self.state)
+        run.step, run.resume_meta = meta["step"], None
+        return meta["epoch"], meta["batch"], meta["done"]
+
+    def _log(self, run: _Run, step: int, epoch_acc: dict, bar: Any) -> dict:
         """One host read: interval metrics, learning rates, skipped steps; progress bar and callbacks."""
         acc, opt = jax.device_get((self.state["acc"], self.state["opt"]))
         self.state = {**self.state, "acc": self.program.zero_metrics()}
@@ -207,17 +256,23 @@ class Trainer:
         logs = metrics_lib.results(self.program.metrics, acc)
         logs.update({f"lr/{g}": float(v) for g, v in optim.current_lrs(opt).items()})
         now = time.perf_counter()
-        logs["examples_per_s"] = (step - last[0]) * batch_size / max(now - last[1], 1e-9)
+        logs["examples_per_s"] = (step - run.last[0]) * run.batch_size / max(now - run.last[1], 1e-9)
         logs["skipped"] = int(total)
-        history.add_step(step0 + step, logs)
+        run.history.add_step(run.step, logs)
         bar.update(step - bar.n)
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "accuracy", "examples_per_s")})
-        for cb in callbacks:
-            cb.on_step_end(step0 + step, logs)
-        return epoch_acc, (step, now)
+        for cb in run.callbacks:
+            cb.on_step_end(run.step, logs)
+        run.last = (step, now)
+        return epoch_acc
+
+    def _source(self, data: Any, **options: Any) -> Any:
+        return data_lib.as_source(
+            data, task=self.model.task, model=self.model, max_length=self.recipe.max_length, **options
+        )
 
     def evaluate(self, data: Any, *, batch_size: int, prefix: str = "") -> dict[str, float]:
-        source = data_lib.as_source(data, task=self.model.task)
+        source = self._source(data, stage="evaluate")
         if self.program is None:
             self.build(next(source.batches(batch_size, seed=None)), total_steps=None, train=False)
         acc = self.program.zero_metrics()
@@ -227,7 +282,8 @@ class Trainer:
 
     def predict(self, data: Any, *, batch_size: int) -> np.ndarray:
         """Logits of every real example (padding rows dropped), concatenated on the host."""
-        source = data_lib.as_source(data, task=self.model.task)
+        token_level = self.model.task in ("token-classification", "causal-lm", "feature-extraction")
+        source = self._source(data, stage="predict", padding="longest" if token_level else "buckets")
         first = next(source.batches(batch_size, seed=None))
         if self.program is None:
             self.build(first, total_steps=None, train=False)
@@ -236,6 +292,55 @@ class Trainer:
             logits = self.program.predict_step(self.state, batch)
             outs.append((logits, batch["example_mask"]))
         return np.concatenate([np.asarray(lg)[np.asarray(m) > 0] for lg, m in outs])
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of one `fit` call that outlives a phase: data, callbacks, progress, checkpointing."""
+
+    source: Any
+    batch_size: int
+    validation_data: Any = None
+    callbacks: Sequence[Callback] = ()
+    verbose: int = 1
+    checkpoint_dir: Any = None
+    save_every: int | None = None
+    save_each_epoch: bool = True
+    keep: int = 3
+    monitor: str | None = None
+    resume: Any = False
+    checkpointer: Checkpointer | None = None
+    resume_meta: dict | None = None
+    history: History = dataclasses.field(default_factory=History)
+    epoch: int = 0
+    step: int = 0
+    last: tuple = (0, 0.0)
+
+
+# Fields that may change between a run and its resumption without changing what the next step computes.
+_RESUMABLE_CHANGES = {"epochs", "steps", "log_every", "description", "provenance", "name"}
+
+
+def _recipe_changes(saved: dict, current: dict) -> list[str]:
+    return sorted(
+        k for k in set(saved) | set(current) if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+    )
+
+
+def _resume_meta(run: _Run) -> dict | None:
+    """The metadata of the checkpoint to resume from, or None to start fresh."""
+    if not run.resume:
+        return None
+    if run.resume is not True:
+        if os.path.abspath(run.resume) != os.path.abspath(run.checkpoint_dir):
+            run.checkpointer = Checkpointer(run.resume, keep=run.keep, monitor=run.monitor)
+        if run.checkpointer.latest() is None:
+            raise LoadError(
+                f"`resume`={str(run.resume)!r} holds no complete checkpoint to resume from. Pass the checkpoint_dir "
+                "of an earlier run, or resume=True to continue only when a checkpoint exists."
+            )
+    step = run.checkpointer.latest()
+    return None if step is None else read_meta(run.checkpointer.directory, step)
 
 
 def _inputs(batch: dict) -> dict:

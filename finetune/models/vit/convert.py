@@ -49,7 +49,11 @@ def table(config: Config, task: str) -> Sequence[Row]:
     rows = [
         Row(rf"{p}embeddings\.cls_token", "embeddings/cls_token"),
         Row(rf"{p}embeddings\.position_embeddings", "embeddings/position_embeddings"),
-        Row(rf"{p}embeddings\.patch_embeddings\.projection\.weight", "embeddings/patch_embeddings/projection/kernel", CONV),
+        Row(
+            rf"{p}embeddings\.patch_embeddings\.projection\.weight",
+            "embeddings/patch_embeddings/projection/kernel",
+            CONV,
+        ),
         Row(rf"{p}embeddings\.patch_embeddings\.projection\.bias", "embeddings/patch_embeddings/projection/bias"),
     ]
     if config.num_prefix_tokens == 2:
@@ -60,7 +64,10 @@ def table(config: Config, task: str) -> Sequence[Row]:
         Row(rf"{p}layernorm\.bias", "layernorm/bias"),
     ]
     if task == "image-classification":
-        rows += [Row(r"classifier\.weight", "classifier/kernel", TRANSPOSE), Row(r"classifier\.bias", "classifier/bias")]
+        rows += [
+            Row(r"classifier\.weight", "classifier/kernel", TRANSPOSE),
+            Row(r"classifier\.bias", "classifier/bias"),
+        ]
     return rows
 
 

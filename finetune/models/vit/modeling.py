@@ -236,11 +236,13 @@ class ViT(nnx.Module):
         Returns:
           ``[B, num_labels]`` logits with a classifier, else the ``[B, tokens, embed]`` last hidden state.
         """
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+        channels, (height, width) = self.config.num_channels, self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, height, width):
             raise ConfigError(
-                f"`pixel_values` must be [batch, {self.config.num_channels}, height, width] (channels first, as "
-                f"Hugging Face image processors return); received shape {tuple(pixel_values.shape)}. "
-                "Transpose NHWC images with x.transpose(0, 3, 1, 2)."
+                f"`pixel_values` must have shape [batch, {channels}, {height}, {width}] (channels first, at the "
+                f"checkpoint's image size, as its image processor returns); received shape "
+                f"{tuple(pixel_values.shape)}. Run the images through `model.processor`, or transpose channels-last "
+                "images with x.transpose(0, 3, 1, 2)."
             )
         x = self.embeddings(jnp.transpose(pixel_values, (0, 2, 3, 1)))
         x = self.layernorm(self.encoder(x))

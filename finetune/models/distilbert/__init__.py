@@ -1,0 +1,32 @@
+"""DistilBERT (``model_type`` ``distilbert``): feature extraction, sequence and token classification."""
+
+from finetune.models.distilbert import convert
+from finetune.models.distilbert.modeling import Config, DistilBert
+from finetune.models.registry import Architecture
+
+_HF_CLASSES = {
+    "feature-extraction": "DistilBertModel",
+    "text-classification": "DistilBertForSequenceClassification",
+    "token-classification": "DistilBertForTokenClassification",
+}
+
+
+def build(config: Config, *, task: str, num_labels: int | None, dtype, param_dtype, rngs) -> DistilBert:
+    """Builds the DistilBERT module for ``task`` (see `DistilBert`)."""
+    return DistilBert(config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+ARCHITECTURE = Architecture(
+    name="distilbert",
+    tasks=tuple(_HF_CLASSES),
+    config_from_hf=Config.from_hf,
+    build=build,
+    table=convert.table,
+    ignore=convert.ignore,
+    head=r"(?:pre_classifier|classifier)/.*",
+    layer=r"encoder/layers/(\d+)/.*",
+    num_layers=lambda config: config.num_layers,
+    hf_architecture=lambda config, task: _HF_CLASSES[task],
+)
+
+__all__ = ["ARCHITECTURE", "Config", "DistilBert"]

@@ -1,0 +1,127 @@
+"""Checkpoints: exact resume after a crash or SIGKILL (also mid-write), keep-last-K and best, clear resume errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import finetune as ft
+from finetune.checkpoint import Checkpointer
+from tests.tiny import TinyClassifier, blobs, params_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(tmp_path, name, ckpt, *extra):
+    out = tmp_path / f"{name}.npz"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.resume_job", str(out), str(ckpt), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc, out
+
+
+def _assert_bitwise_equal(a_path, b_path):
+    a, b = np.load(a_path), np.load(b_path)
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_sigkill_mid_training_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
+    proc, reference = _job(tmp_path, "reference", tmp_path / "ref_ckpt")
+    assert proc.returncode == 0, proc.stderr
+    proc, _ = _job(tmp_path, "killed", tmp_path / "ckpt", "--kill-at", "10")
+    assert proc.returncode == -9  # SIGKILL
+    assert Checkpointer(tmp_path / "ckpt").latest() in (7, 8)  # epoch end at 7; 8 unless its write was cut
+    proc, resumed = _job(tmp_path, "resumed", tmp_path / "ckpt")
+    assert proc.returncode == 0, proc.stderr
+    _assert_bitwise_equal(reference, resumed)
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_restorable(tmp_path):
+    proc, reference = _job(tmp_path, "reference", tmp_path / "ref_ckpt")
+    proc, _ = _job(tmp_path, "killed", tmp_path / "ckpt", "--kill-at", "13", "--kill-in-save")
+    assert proc.returncode == -9
+    assert Checkpointer(tmp_path / "ckpt").latest() in (8, 12, 13)  # 13 only if the write won the race
+    proc, resumed = _job(tmp_path, "resumed", tmp_path / "ckpt")
+    assert proc.returncode == 0, proc.stderr
+    _assert_bitwise_equal(reference, resumed)
+
+
+def _model(**kw):
+    return ft.Model(TinyClassifier(), task="text-classification").compile(learning_rate=1e-2, **kw)
+
+
+def test_keeps_the_last_k_and_the_best_checkpoint(tmp_path):
+    x, y = blobs(64)
+    model = _model(optimizer="sgd")
+    model.fit(
+        (x, y),
+        (x[:8], y[:8]),
+        epochs=6,
+        batch_size=16,
+        verbose=0,
+        checkpoint_dir=tmp_path / "c",
+        keep=2,
+        monitor="val_accuracy",
+    )
+    ckpt = Checkpointer(tmp_path / "c", monitor="val_accuracy")
+    steps = ckpt.steps()
+    assert steps[-2:] == [20, 24]
+    assert len(steps) <= 3 and ckpt.best() in steps
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path):
+    x, y = blobs(64)
+    _model().fit((x, y), epochs=1, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c")
+    other = ft.Model(TinyClassifier(hidden=32), task="text-classification").compile(learning_rate=1e-2)
+    with pytest.raises(ft.ConfigError, match="different model"):
+        other.fit((x, y), epochs=2, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c", resume=True)
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path):
+    x, y = blobs(64)
+    _model().fit((x, y), epochs=1, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c")
+    with pytest.raises(ft.ConfigError, match="learning_rate"):
+        ft.Model(TinyClassifier(), task="text-classification").compile(learning_rate=5e-2).fit(
+            (x, y), epochs=2, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c", resume=True
+        )
+
+
+def test_resume_from_an_empty_path_and_a_file_as_checkpoint_dir_are_errors(tmp_path):
+    x, y = blobs(32)
+    with pytest.raises(ft.LoadError, match="no complete checkpoint"):
+        _model().fit((x, y), epochs=1, batch_size=16, verbose=0, resume=tmp_path / "nothing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ft.ConfigError, match="is a file"):
+        _model().fit((x, y), epochs=1, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "file")
+
+
+def test_in_process_crash_then_resume_matches(tmp_path):
+    x, y = blobs(80)
+
+    class Crash(ft.callbacks.Callback):
+        def on_step_end(self, step, logs=None):
+            if step == 7:
+                raise KeyboardInterrupt
+
+    def run(**kw):
+        model = ft.Model(TinyClassifier(dropout=0.3), task="text-classification")
+        model.compile(learning_rate=1e-2, log_every=1)
+        model.fit((x, y), epochs=2, batch_size=16, verbose=0, **kw)
+        return params_of(model)
+
+    reference = run()
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint_dir=tmp_path / "c", save_every=3, callbacks=[Crash()])
+    resumed = run(checkpoint_dir=tmp_path / "c", save_every=3, resume=True)
+    assert all(np.array_equal(reference[k], resumed[k]) for k in reference)
