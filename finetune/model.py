@@ -80,6 +80,7 @@ class Model:
         self.recipe = None
         self._infer = None
         self._trainer = None
+        self.last_metrics: dict[str, float] | None = None
 
     def __call__(self, **inputs: Any) -> jax.Array:
         """Runs the model in inference mode (no dropout) on one batch of keyword arrays; returns the logits."""
@@ -225,7 +226,8 @@ class Model:
     def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
         """Loss and metrics over ``data`` (inference mode, padding ignored)."""
         trainer = self._eval_trainer()
-        return trainer.evaluate(data, batch_size=batch_size or trainer.recipe.batch_size)
+        self.last_metrics = trainer.evaluate(data, batch_size=batch_size or trainer.recipe.batch_size)
+        return self.last_metrics
 
     def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Predictions for every example: ``logits`` and, per task, ``labels`` + ``probabilities``, or
@@ -252,3 +254,23 @@ class Model:
         if printed:
             print(text)
         return text
+
+    def save_pretrained(self, directory: str | os.PathLike, **card: Any):
+        """Writes Hugging Face format (safetensors, config.json, tokenizer/processor, model card) atomically.
+
+        Args:
+          directory: Target directory; an earlier export there is replaced only once the new one is complete.
+          **card: ``datasets=[...]``, ``license=...``, ``metrics={...}`` for the model card.
+
+        Returns:
+          The directory, as a `pathlib.Path`.
+
+        Example:
+          >>> model.save_pretrained("out/minilm-reviews")
+          >>> transformers.AutoModelForSequenceClassification.from_pretrained("out/minilm-reviews")
+        """
+        from finetune.export import write
+
+        if self._trainer is not None:
+            self._trainer.sync_model()
+        return write(self, directory, **card)

@@ -1,0 +1,146 @@
+"""Export in Hugging Face format: weights (the loading table inverted), config, tokenizer/processor, model card.
+
+The export is written to a temporary sibling directory and renamed into place when complete, so a crash never leaves
+a half-written export that looks finished.
+
+Example:
+  >>> model.save_pretrained("out/minilm-reviews")   # then: AutoModelForSequenceClassification.from_pretrained(...)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.numpy
+
+from finetune.errors import ConfigError
+from finetune.weights import export_weights
+
+LIBRARY = "finetune"
+TASK_TAGS = {
+    "text-classification": "text-classification",
+    "token-classification": "token-classification",
+    "image-classification": "image-classification",
+    "causal-lm": "text-generation",
+    "feature-extraction": "feature-extraction",
+}
+
+
+def _hf_config(model: Any) -> Any:
+    arch = model.architecture
+    config = copy.deepcopy(model.hf_config)
+    config.architectures = [arch.hf_architecture(arch.config_from_hf(model.hf_config), model.task)]
+    if model.id2label:
+        config.id2label = {int(k): str(v) for k, v in model.id2label.items()}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    return config
+
+
+def write(model: Any, directory: str | os.PathLike, *, datasets: list[str] | None = None, license: str | None = None,
+          metrics: dict[str, float] | None = None) -> Path:
+    """Writes ``model`` to ``directory`` in Hugging Face format (atomically); returns the directory.
+
+    Args:
+      model: A `finetune.Model` loaded from a Hub-format checkpoint (it knows its architecture and config).
+      directory: The export directory; an existing export there is replaced.
+      datasets: Data set names for the model card.
+      license: License for the model card (default: the base model's when known).
+      metrics: Evaluation results for the model card (default: the model's last `evaluate`).
+    """
+    if model.architecture is None or model.hf_config is None:
+        raise ConfigError(
+            "save_pretrained needs a model loaded with finetune.load (it knows its Hugging Face architecture); this "
+            "model wraps a custom NNX module. Save it with a checkpoint instead (fit(checkpoint_dir=...))."
+        )
+    target = Path(directory).absolute()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"`directory` {str(target)!r} is a file; pass a directory path for the export.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        _write_files(model, staging, datasets=datasets, license=license, metrics=metrics)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_files(model: Any, out: Path, **card: Any) -> None:
+    arch = model.architecture
+    cfg = arch.config_from_hf(model.hf_config)
+    tensors = export_weights(model.module, arch.table(cfg, model.task))
+    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = _hf_config(model)
+    config.save_pretrained(out)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out)
+    if model.processor is not None:
+        model.processor.save_pretrained(out)
+    if model.task == "causal-lm":
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+    recipe = model.recipe.to_dict() if model.recipe is not None else None
+    (out / "finetune.json").write_text(json.dumps({"task": model.task, "recipe": recipe}, indent=1, default=str))
+    (out / "README.md").write_text(model_card(model, **card))
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Renames the finished export into place; an older export there is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(model: Any, *, datasets: list[str] | None = None, license: str | None = None,
+               metrics: dict[str, float] | None = None) -> str:
+    """The ``README.md`` of an export: Hub metadata, then the recipe, hyperparameters and evaluation results."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    metrics = metrics if metrics is not None else getattr(model, "last_metrics", None) or {}
+    base = model.source if model.source and not os.path.isabs(model.source) else None
+    data = ModelCardData(
+        base_model=base, library_name=LIBRARY, license=license, datasets=datasets or None,
+        metrics=sorted({k.removeprefix("val_") for k in metrics if k != "loss"}) or None,
+        tags=[LIBRARY, "jax", "flax", TASK_TAGS[model.task]], pipeline_tag=TASK_TAGS[model.task],
+    )
+    recipe = model.recipe.to_dict() if model.recipe is not None else {}
+    lines = [
+        f"# {model.architecture.name} fine-tuned with finetune",
+        "",
+        f"Task: `{model.task}`. Base model: `{base or 'a local checkpoint'}`.",
+        "",
+        "## Recipe",
+        "",
+        f"Preset: `{recipe.get('name')}`. {recipe.get('description', '')}".rstrip(),
+        "",
+        "| hyperparameter | value |",
+        "| --- | --- |",
+        *[f"| {k} | `{v}` |" for k, v in recipe.items() if k not in ("name", "description", "provenance")],
+        "",
+        "## Evaluation",
+        "",
+        *(["| metric | value |", "| --- | --- |", *[f"| {k} | {v:.4f} |" for k, v in metrics.items()]]
+          if metrics else ["No evaluation results were recorded."]),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import finetune",
+        f'model = finetune.load("<this repo>", task="{model.task}")',
+        "```",
+        "",
+    ]
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
+    return str(card)
