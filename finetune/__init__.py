@@ -7,7 +7,7 @@ Example:
   >>> history = model.fit(train, validation_data=test, epochs=3, batch_size=32)
 """
 
-from finetune import callbacks
+from finetune import callbacks, presets
 from finetune.api import fit
 from finetune.errors import ConfigError, DataError, FinetuneError, LoadError, NonFiniteError, RulesError
 from finetune.loading import load
@@ -30,6 +30,7 @@ __all__ = [
     "Recipe",
     "RulesError",
     "callbacks",
+    "presets",
     "fit",
     "load",
 ]
