@@ -44,3 +44,45 @@ def assert_close(actual, expected, *, atol: float, mask=None) -> None:
     if mask is not None:
         diff = diff[np.asarray(mask).astype(bool)]
     assert diff.max() <= atol, f"max abs difference {diff.max():.3g} > {atol}"
+
+
+def tiny_bert_config(**overrides):
+    """The tiny `transformers.BertConfig` of the BERT-family tests (2 layers, width 64, vocab 256)."""
+    import transformers
+
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    return transformers.BertConfig(**{**sizes, "vocab_size": 256, **overrides})
+
+
+def tiny_bert(path, cls_name: str = "BertModel", *, seed: int = 0, **overrides):
+    """A seeded random tiny transformers BERT (``cls_name``) saved as safetensors in ``path``: ``(model, dir)``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(tiny_bert_config(**overrides))
+    return model, save_torch_model(model, path)
+
+
+def tiny_model(path, cls_name: str, config, *, seed: int = 0, std: float | None = None, jitter: float | None = None):
+    """A seeded random transformers model (``cls_name`` built from ``config``) saved in ``path``: ``(model, dir)``.
+
+    ``std`` re-draws every parameter from N(0, std): transformers' own initialisation leaves fresh classifier heads
+    with near-zero logits, which a parity test at 1e-5 would pass almost regardless of the head's numerics.
+    ``jitter`` instead adds N(0, jitter) noise to every parameter, so that biases (initialised to zero) and norm
+    scales (initialised to one) differ from their defaults while keeping their scale.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config)
+    if std is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0.0, std)
+    if jitter is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * jitter)
+    return model, save_torch_model(model, path)

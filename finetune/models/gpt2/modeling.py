@@ -1,0 +1,289 @@
+"""GPT-2 in Flax NNX: a frozen config, then the modules bottom-up (attention, MLP, block, `GPT2` with its task head).
+
+Checkpoints store the query/key/value projections fused (``attn.c_attn``, a ``Conv1D`` whose weight is already
+``(in, out)``); the table splits them into ``q_proj`` / ``k_proj`` / ``v_proj`` at load time and fuses them again
+at export. Three projections ran faster than one fused kernel and a split in XLA on CPU (about 10-20% on a training
+step of one attention block), and they give every decoder the same ``q_proj`` / ``v_proj`` paths for rules and
+adapters. There is no KV cache: these modules are for training and scoring, not incremental generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.errors import ConfigError, LoadError
+from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
+
+Dtype = Any
+
+TASKS = ("causal-lm", "text-classification", "token-classification", "feature-extraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The GPT-2 hyper-parameters the modules use (from a `transformers.GPT2Config`)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 1024
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+    embedding_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    residual_dropout: float = 0.1
+    classifier_dropout: float = 0.1
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> Config:
+        """Reads a `transformers.GPT2Config`; refuses settings these modules do not implement."""
+        if getattr(hf, "add_cross_attention", False):
+            raise LoadError(
+                "finetune's GPT-2 is a decoder without cross-attention; the config has add_cross_attention=True. "
+                "Pick a plain GPT-2 checkpoint."
+            )
+        if hf.activation_function not in ACTIVATIONS:
+            raise LoadError(
+                f"finetune's GPT-2 does not implement activation_function={hf.activation_function!r}; supported: "
+                f"{', '.join(ACTIVATIONS)}. Pick a checkpoint that uses one of these."
+            )
+        if hf.n_embd % hf.n_head:
+            raise LoadError(
+                f"`n_head` must divide `n_embd`; the config has n_embd={hf.n_embd}, n_head={hf.n_head}. Check the "
+                "checkpoint's config.json."
+            )
+        dropout = [getattr(hf, name, None) for name in ("classifier_dropout", "hidden_dropout")]
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.n_embd,
+            num_layers=hf.n_layer,
+            num_heads=hf.n_head,
+            intermediate_size=hf.n_inner or 4 * hf.n_embd,
+            max_position_embeddings=hf.n_positions,
+            layer_norm_eps=hf.layer_norm_epsilon,
+            activation=hf.activation_function,
+            embedding_dropout=hf.embd_pdrop,
+            attention_dropout=hf.attn_pdrop,
+            residual_dropout=hf.resid_pdrop,
+            classifier_dropout=float(next((d for d in dropout if d is not None), 0.1)),
+            scale_attn_weights=hf.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=hf.scale_attn_by_inverse_layer_idx,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+            pad_token_id=getattr(hf, "pad_token_id", None),
+        )
+
+
+def unbiased(n_in: int, n_out: int, names: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    """An ``nnx.Linear`` without bias whose kernel has the logical axes ``names`` (the LM head, ``score``)."""
+    return nnx.Linear(
+        n_in,
+        n_out,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata=axes(*names),
+        rngs=rngs,
+    )
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float, dropout: nnx.Dropout
+) -> jax.Array:
+    """Causal multi-head attention, ``[B, T, heads, head_dim]`` in and out.
+
+    ``mask`` is the ``[B, 1, 1, T]`` boolean key mask of the padding. Without dropout this is
+    `jax.nn.dot_product_attention`; with attention dropout in training it is spelled out, since that has none.
+    """
+    if dropout.deterministic or dropout.rate == 0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    allowed = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    if mask is not None:
+        allowed = allowed & mask
+    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", dropout(probs).astype(v.dtype), v)
+
+
+class Attention(nnx.Module):
+    """Causal self-attention with separate query/key/value projections (split from ``c_attn`` at load time)."""
+
+    def __init__(self, cfg: Config, index: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        width = cfg.hidden_size
+        self.q_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.o_proj = dense(width, width, ("heads", "embed"), **kw)
+        self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.residual_dropout, rngs=rngs)
+        self.num_heads = cfg.num_heads
+        scale = (width // cfg.num_heads) ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.scale = scale / (index + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        b, t, width = x.shape
+        q, k, v = (proj(x).reshape(b, t, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = causal_attention(q, k, v, mask, scale=self.scale, dropout=self.attention_dropout)
+        return self.dropout(self.o_proj(out.reshape(b, t, width)))
+
+
+class MLP(nnx.Module):
+    """``dropout(c_proj(act(c_fc(x))))``."""
+
+    def __init__(self, cfg: Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.c_fc = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.c_proj = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+        self.activation = ACTIVATIONS[cfg.activation]
+        self.dropout = nnx.Dropout(cfg.residual_dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: ``x + attention(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, cfg: Config, index: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.ln_1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.attention = Attention(cfg, index, **kw)
+        self.ln_2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        x = x + self.attention(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
+    """The hidden state of each row's last token, ``[B, T, H] -> [B, H]``, found as transformers does.
+
+    With a ``pad_token_id``: the rightmost token that is not padding (``argmax(index * (ids != pad))``), exactly
+    transformers' rule. Without one, transformers only accepts batches of one and takes the last position; here the
+    last position the attention mask keeps is taken instead, which agrees with it and also handles padded batches.
+    """
+    if pad_token_id is not None:
+        keep = input_ids != pad_token_id
+    elif attention_mask is not None:
+        keep = attention_mask.astype(bool)
+    else:
+        return hidden[:, -1]
+    index = jnp.argmax(jnp.arange(input_ids.shape[1]) * keep, axis=-1)
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+
+
+class GPT2(nnx.Module):
+    """GPT-2 with the head of its task.
+
+    ``causal-lm`` returns next-token logits ``[B, T, vocab]`` (through ``wte`` when ``tie_word_embeddings``, else
+    ``lm_head``); ``text-classification`` scores the last non-padding token, ``[B, num_labels]``;
+    ``token-classification`` returns ``[B, T, num_labels]``; ``feature-extraction`` the final hidden states
+    (after ``ln_f``), ``[B, T, hidden]``.
+
+    Args:
+      cfg: The model's `Config`.
+      task: One of `TASKS`.
+      num_labels: Outputs of the classification head (classification tasks only).
+      dtype: Computation dtype.
+      param_dtype: Storage dtype of the parameters.
+      rngs: Initialisation and dropout randomness.
+
+    Example:
+      >>> model = GPT2(Config(256, 64, 2, 4, 256), task="causal-lm", rngs=nnx.Rngs(0))
+      >>> model(input_ids=jnp.ones((2, 5), jnp.int32)).shape
+      (2, 5, 256)
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        task: str = "causal-lm",
+        num_labels: int | None = None,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_task(task, num_labels)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task, self.pad_token_id, self.max_positions = task, cfg.pad_token_id, cfg.max_position_embeddings
+        self.wte = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
+        self.wpe = embed(cfg.max_position_embeddings, cfg.hidden_size, None, **kw)
+        self.dropout = nnx.Dropout(cfg.embedding_dropout, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.ln_f = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        untied_lm = task == "causal-lm" and not cfg.tie_word_embeddings
+        sequence, tokens = task == "text-classification", task == "token-classification"
+        self.lm_head = unbiased(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), **kw) if untied_lm else None
+        # transformers: the sequence classifier ``score`` has no bias; the token ``classifier`` has one.
+        self.score = unbiased(cfg.hidden_size, num_labels, ("embed", "classes"), **kw) if sequence else None
+        self.classifier = dense(cfg.hidden_size, num_labels, ("embed", "classes"), **kw) if tokens else None
+        self.head_dropout = nnx.Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final hidden states ``[B, T, hidden]`` (after ``ln_f``).
+
+        ``token_type_ids``, as in transformers, are embedded with the token table ``wte`` and added.
+        """
+        if input_ids.shape[1] > self.max_positions:
+            raise ConfigError(
+                f"GPT-2 has {self.max_positions} positions; received input_ids of length {input_ids.shape[1]}. "
+                f"Truncate the inputs to at most {self.max_positions} tokens."
+            )
+        if position_ids is None:
+            position_ids = jnp.arange(input_ids.shape[1])[None, :]
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.ln_f(x)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits of the task head (hidden states for ``feature-extraction``); arguments as in transformers."""
+        x = self.hidden_states(input_ids, attention_mask, position_ids, token_type_ids)
+        if self.task == "causal-lm":
+            return self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
+        if self.task == "text-classification":
+            return self.score(last_token(x, input_ids, attention_mask, self.pad_token_id))
+        if self.task == "token-classification":
+            return self.classifier(self.head_dropout(x))
+        return x
+
+
+def check_task(task: str, num_labels: int | None) -> None:
+    """Refuses a task GPT-2 has no head for, or a classification head without ``num_labels``."""
+    if task not in TASKS:
+        raise ConfigError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}. Pick one of these.")
+    if task in ("text-classification", "token-classification") and not num_labels:
+        raise ConfigError(
+            f"`num_labels` must be a positive integer for task={task!r}; received num_labels={num_labels!r}. "
+            "Pass the number of classes (1 for regression)."
+        )

@@ -1,0 +1,39 @@
+"""Llama-family decoders (``model_type`` llama, mistral, qwen2, qwen3): causal LM, classification, features."""
+
+from finetune.models.llama import convert
+from finetune.models.llama.modeling import FAMILIES, TASKS, Config, Llama
+from finetune.models.registry import Architecture
+
+# task -> suffix of the transformers class name, after the family prefix (``Qwen2`` + ``ForCausalLM``).
+_HF_SUFFIXES = {
+    "causal-lm": "ForCausalLM",
+    "text-classification": "ForSequenceClassification",
+    "token-classification": "ForTokenClassification",
+    "feature-extraction": "Model",
+}
+
+
+def build(config: Config, *, task: str, num_labels: int | None, dtype, param_dtype, rngs) -> Llama:
+    """The `Llama` module for ``task`` (see `finetune.models.registry.Architecture.build`)."""
+    return Llama(config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def hf_architecture(config: Config, task: str) -> str:
+    """The transformers class name of this family and task, e.g. ``Qwen2ForSequenceClassification``."""
+    return FAMILIES[config.model_type]["hf_prefix"] + _HF_SUFFIXES[task]
+
+
+ARCHITECTURE = Architecture(
+    name="llama",
+    tasks=TASKS,
+    config_from_hf=Config.from_hf,
+    build=build,
+    table=convert.table,
+    ignore=convert.ignore,
+    head=r"(?:lm_head|score)/.*",
+    layer=r"layers/(\d+)/.*",
+    num_layers=lambda config: config.num_layers,
+    hf_architecture=hf_architecture,
+)
+
+__all__ = ["ARCHITECTURE", "Config", "Llama"]

@@ -1,0 +1,356 @@
+"""Llama-family decoders in Flax NNX (``model_type`` llama, mistral, qwen2, qwen3).
+
+The four families share one set of modules; they differ only in configuration:
+
+- **qwen2** has biases on the query/key/value projections (not on the output projection);
+- **qwen3** normalises queries and keys per head (RMSNorm over ``head_dim``) before the rotary embedding;
+- **mistral** (and qwen2/qwen3 layers typed ``sliding_attention``) attends within a sliding window, applied exactly
+  (a token sees itself and the ``sliding_window - 1`` tokens before it, as transformers does);
+- every family may use grouped-query attention (``num_key_value_heads < num_attention_heads``), an explicit
+  ``head_dim``, tied input/output embeddings, and a scaled rotary embedding (``rope_parameters``).
+
+The modules are written bottom-up: attention, MLP, decoder layer, then `Llama` with its task head; the rotary
+embedding lives in `finetune.models.llama.rope`. There is no KV cache: these modules are for training and scoring,
+not incremental generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.errors import ConfigError, LoadError
+from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
+from finetune.models.llama.rope import Rope, apply_rope, rope_tables
+
+Dtype = Any
+
+TASKS = ("causal-lm", "text-classification", "token-classification", "feature-extraction")
+
+# model_type -> the transformers class-name prefix and the architectural choices its config does not spell out.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"hf_prefix": "Llama"},
+    "mistral": {"hf_prefix": "Mistral"},
+    "qwen2": {"hf_prefix": "Qwen2", "qkv_bias": True, "o_bias": False},
+    "qwen3": {"hf_prefix": "Qwen3", "qk_norm": True},
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The hyper-parameters the modules use (from a transformers Llama/Mistral/Qwen2/Qwen3 config).
+
+    ``sliding_windows`` holds one entry per layer: the window size, or None for full causal attention.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope: Rope = Rope()
+    max_position_embeddings: int = 2048
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: tuple[int | None, ...] = ()
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    attention_dropout: float = 0.0
+    classifier_dropout: float = 0.1
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> Config:
+        """Reads a transformers config of model_type llama, mistral, qwen2 or qwen3."""
+        if hf.model_type not in FAMILIES:
+            raise LoadError(
+                f"The Llama-family modules read model_type {', '.join(FAMILIES)}; received model_type="
+                f"{hf.model_type!r}. Load it through `finetune.load`, which picks the right architecture."
+            )
+        if hf.hidden_act not in ACTIVATIONS:
+            raise LoadError(
+                f"finetune's Llama-family modules do not implement hidden_act={hf.hidden_act!r}; supported: "
+                f"{', '.join(ACTIVATIONS)}. Pick a checkpoint that uses one of these."
+            )
+        num_heads = hf.num_attention_heads
+        num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
+        if num_heads % num_kv_heads:
+            raise LoadError(
+                f"`num_attention_heads` must be a multiple of `num_key_value_heads`; the config has {num_heads} and "
+                f"{num_kv_heads}. Check the checkpoint's config.json."
+            )
+        bias = bool(getattr(hf, "attention_bias", False))
+        family = {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
+        family.update({k: v for k, v in FAMILIES[hf.model_type].items() if k != "hf_prefix"})
+        dropout = [getattr(hf, name, None) for name in ("classifier_dropout", "hidden_dropout")]
+        return cls(
+            model_type=hf.model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+            hidden_act=hf.hidden_act,
+            rms_norm_eps=hf.rms_norm_eps,
+            rope=Rope.from_hf(hf),
+            max_position_embeddings=hf.max_position_embeddings,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            sliding_windows=sliding_windows(hf),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            pad_token_id=getattr(hf, "pad_token_id", None),
+            attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+            classifier_dropout=float(next((d for d in dropout if d is not None), 0.1)),
+            **family,
+        )
+
+
+def sliding_windows(hf: Any) -> tuple[int | None, ...]:
+    """Per layer, the attention window transformers applies: ``layer_types`` (qwen2/qwen3), else every layer."""
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is None:
+        return (window,) * hf.num_hidden_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def linear(
+    n_in: int, n_out: int, names: tuple[str, str], *, use_bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+) -> nnx.Linear:
+    """An ``nnx.Linear`` whose kernel has the logical axes ``names`` and whose bias (if any) has the output axis."""
+    return nnx.Linear(
+        n_in,
+        n_out,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata=axes(*names),
+        bias_metadata=axes(names[1]),
+        rngs=rngs,
+    )
+
+
+def rms_norm(features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    """An ``nnx.RMSNorm`` over the last axis (statistics in float32), scale on the ``norm`` axis."""
+    return nnx.RMSNorm(
+        features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, scale_metadata=axes("norm"), rngs=rngs
+    )
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, window: int | None, dropout: nnx.Dropout
+) -> jax.Array:
+    """Causal (optionally sliding-window) grouped-query attention, ``[B, T, heads, head_dim]`` in and out.
+
+    ``mask`` is the ``[B, 1, 1, T]`` boolean key mask of the padding. Without dropout this is
+    `jax.nn.dot_product_attention`; with attention dropout in training it is spelled out, since that has none.
+    """
+    if dropout.deterministic or dropout.rate == 0:
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local)
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    query, key = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= key > query - window
+    if mask is not None:
+        allowed = allowed & mask
+    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", dropout(probs).astype(v.dtype), v)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions and, for qwen3, per-head RMSNorm of queries and keys."""
+
+    def __init__(self, cfg: Config, window: int | None, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = linear(cfg.hidden_size, q_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = linear(cfg.hidden_size, kv_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = linear(cfg.hidden_size, kv_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = linear(q_width, cfg.hidden_size, ("heads", "embed"), use_bias=cfg.o_bias, **kw)
+        self.q_norm = rms_norm(cfg.head_dim, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
+        self.k_norm = rms_norm(cfg.head_dim, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
+        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
+        self.head_dim = cfg.head_dim
+        self.window = window
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, -1, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = causal_attention(q, k, v, mask, window=self.window, dropout=self.dropout)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class MLP(nnx.Module):
+    """The gated feed-forward block: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "use_bias": cfg.mlp_bias}
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+        self.activation = ACTIVATIONS[cfg.hidden_act]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: Config, index: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        window = cfg.sliding_windows[index] if cfg.sliding_windows else None
+        self.input_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attention = Attention(cfg, window, **kw)
+        self.post_attention_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
+    """The hidden state of each row's last token, ``[B, T, H] -> [B, H]``, found as transformers does.
+
+    With a ``pad_token_id``: the rightmost token that is not padding (``argmax(index * (ids != pad))``), exactly
+    transformers' rule. Without one, transformers only accepts batches of one and takes the last position; here the
+    last position the attention mask keeps is taken instead, which agrees with it and also handles padded batches.
+    """
+    t = input_ids.shape[1]
+    if pad_token_id is not None:
+        keep = input_ids != pad_token_id
+    elif attention_mask is not None:
+        keep = attention_mask.astype(bool)
+    else:
+        return hidden[:, -1]
+    index = jnp.argmax(jnp.arange(t) * keep, axis=-1)
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+
+
+class Llama(nnx.Module):
+    """A Llama-family decoder with the head of its task.
+
+    ``causal-lm`` returns next-token logits ``[B, T, vocab]`` (through the token embedding when
+    ``tie_word_embeddings``, else ``lm_head``); ``text-classification`` scores the last non-padding token,
+    ``[B, num_labels]``; ``token-classification`` returns ``[B, T, num_labels]``; ``feature-extraction`` the final
+    normalised hidden states ``[B, T, hidden]``.
+
+    Args:
+      cfg: The model's `Config`.
+      task: One of `TASKS`.
+      num_labels: Outputs of the classification head (classification tasks only).
+      dtype: Computation dtype.
+      param_dtype: Storage dtype of the parameters.
+      rngs: Initialisation and dropout randomness.
+
+    Example:
+      >>> cfg = Config("llama", 256, 64, 128, 2, 4, 2, 16)
+      >>> model = Llama(cfg, task="causal-lm", rngs=nnx.Rngs(0))
+      >>> model(input_ids=jnp.ones((2, 5), jnp.int32)).shape
+      (2, 5, 256)
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        task: str = "causal-lm",
+        num_labels: int | None = None,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_task(task, num_labels)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task, self.rope, self.head_dim, self.pad_token_id = task, cfg.rope, cfg.head_dim, cfg.pad_token_id
+        self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        untied_lm = task == "causal-lm" and not cfg.tie_word_embeddings
+        classify = task in ("text-classification", "token-classification")
+        tokens = task == "token-classification"  # transformers: score has a bias only for token classification
+        self.lm_head = (
+            linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw) if untied_lm else None
+        )
+        self.score = (
+            linear(cfg.hidden_size, num_labels, ("embed", "classes"), use_bias=tokens, **kw) if classify else None
+        )
+        self.dropout = nnx.Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
+
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """The final normalised hidden states ``[B, T, hidden]``."""
+        if position_ids is None:
+            position_ids = jnp.arange(input_ids.shape[1])[None, :]
+        cos, sin = rope_tables(self.rope, self.head_dim, position_ids)
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits of the task head (hidden states for ``feature-extraction``); arguments as in transformers.
+
+        ``token_type_ids`` are accepted and ignored: these models have no segment embedding, but tokenizers loaded
+        as a generic ``PreTrainedTokenizerFast`` (many Llama 3 repositories) still return them.
+        """
+        x = self.hidden_states(input_ids, attention_mask, position_ids)
+        if self.task == "causal-lm":
+            return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        if self.task == "text-classification":
+            return self.score(last_token(x, input_ids, attention_mask, self.pad_token_id))
+        if self.task == "token-classification":
+            return self.score(self.dropout(x))
+        return x
+
+
+def check_task(task: str, num_labels: int | None) -> None:
+    """Refuses a task these decoders have no head for, or a classification head without ``num_labels``."""
+    if task not in TASKS:
+        raise ConfigError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}. Pick one of these.")
+    if task in ("text-classification", "token-classification") and not num_labels:
+        raise ConfigError(
+            f"`num_labels` must be a positive integer for task={task!r}; received num_labels={num_labels!r}. "
+            "Pass the number of classes (1 for regression)."
+        )
