@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import pathlib
 
 from finetune.errors import LoadError
 from finetune.weights import FLAX_MSGPACK, pickle_refused
+
+logger = logging.getLogger("finetune")
 
 HF_SCHEME = "hf://"
 # Config, tokenizer and image-processor files. Weights are added by format, see `_weight_patterns`.
@@ -27,6 +30,20 @@ def _weight_patterns(files: list[str] | None, *, allow_pickle: bool) -> list[str
     if any(fnmatch.filter(files, p) for p in PICKLE_PATTERNS) and not allow_pickle:
         raise pickle_refused(f"the Hub repository (files: {', '.join(sorted(files))})")
     return list(PICKLE_PATTERNS)
+
+
+def _list_files(repo_id: str, *, revision: str | None, token: str | bool | None) -> list[str] | None:
+    """The repository's files, or None when the Hub cannot be reached (snapshot_download then uses the cache)."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    try:
+        return huggingface_hub.list_repo_files(repo_id, revision=revision, token=token)
+    except errors.HfHubHTTPError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- network errors come from the HTTP client; fall back to the cache
+        logger.warning("Could not reach the Hub to list %r (%s); trying the local cache.", repo_id, type(e).__name__)
+        return None
 
 
 def _repo_id(name_or_path: str) -> str:
@@ -81,7 +98,7 @@ def resolve(
     offline = huggingface_hub.is_offline_mode()
     at = f" at revision={revision!r}" if revision else ""
     try:
-        files = None if offline else huggingface_hub.list_repo_files(repo_id, revision=revision, token=token)
+        files = None if offline else _list_files(repo_id, revision=revision, token=token)
         patterns = [*METADATA_PATTERNS, *_weight_patterns(files, allow_pickle=allow_pickle)]
         return pathlib.Path(
             huggingface_hub.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns)

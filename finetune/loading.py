@@ -162,7 +162,7 @@ def load(
 
     def init_fn() -> nnx.Module:
         kw = {"task": task, "num_labels": num_labels, "dtype": dtype, "param_dtype": param_dtype}
-        return arch.build(cfg, **kw, rngs=nnx.Rngs(seed))
+        return arch.build(cfg, **kw, rngs=weights.build_rngs(seed))
 
     checkpoint = weights.find_checkpoint(directory, allow_pickle=allow_pickle)
     module, new_paths = weights.load_weights(
