@@ -9,7 +9,15 @@ Example:
 
 from finetune import callbacks, presets
 from finetune.api import fit
-from finetune.errors import ConfigError, DataError, FinetuneError, LoadError, NonFiniteError, RulesError
+from finetune.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FinetuneError,
+    LoadError,
+    NonFiniteError,
+    RulesError,
+)
 from finetune.loading import load
 from finetune.model import Model
 from finetune.recipe import Recipe
@@ -18,6 +26,7 @@ from finetune.training.history import History
 
 __all__ = [
     "DEFAULT_GROUPS",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "FinetuneError",

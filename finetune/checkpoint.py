@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from finetune.errors import ConfigError, LoadError
+from finetune.errors import CheckpointError, ConfigError, LoadError
 
 
 def _is_key(x: Any) -> bool:
@@ -98,11 +98,22 @@ class Checkpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()} if self.monitor else None
         if metrics is not None and self.monitor not in metrics:
             metrics = None
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(to_saveable(state)), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=True,
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(to_saveable(state)), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=True,
+            )
+        except OSError as e:
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step: int | str, error: BaseException) -> CheckpointError:
+        previous = self.latest()
+        kept = f"The previous checkpoint (step {previous}) is intact" if previous is not None else "No checkpoint was lost"
+        return CheckpointError(
+            f"Could not write checkpoint {step} to {str(self.directory)!r}: {error}. {kept}, and the training state in "
+            "memory is unchanged. Free disk space or pass another checkpoint_dir, then fit(..., resume=True)."
         )
 
     def latest(self) -> int | None:
@@ -129,10 +140,13 @@ class Checkpointer:
         return from_saveable(restored["state"], like), restored["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except OSError as e:  # a background write failed
+            raise self._write_error("in progress", e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

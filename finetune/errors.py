@@ -30,3 +30,11 @@ class DataError(FinetuneError, ValueError):
 
 class NonFiniteError(FinetuneError, FloatingPointError):
     """Training stopped after too many consecutive non-finite steps."""
+
+
+class HubError(FinetuneError, RuntimeError):
+    """A Hugging Face Hub operation (a push) that failed: unreachable, refused, or missing credentials."""
+
+
+class CheckpointError(FinetuneError, OSError):
+    """A checkpoint could not be written (disk full, unwritable directory); the previous one is intact."""

@@ -125,3 +125,53 @@ def test_in_process_crash_then_resume_matches(tmp_path):
         run(checkpoint_dir=tmp_path / "c", save_every=3, callbacks=[Crash()])
     resumed = run(checkpoint_dir=tmp_path / "c", save_every=3, resume=True)
     assert all(np.array_equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting_and_the_run_resumes_exactly(tmp_path):
+    proc, reference = _job(tmp_path, "reference", tmp_path / "ref_ckpt")
+    proc, _ = _job(tmp_path, "preempted", tmp_path / "ckpt", "--term-at", "10")
+    assert proc.returncode == 143, proc.stderr  # 128 + SIGTERM, after the checkpoint
+    assert Checkpointer(tmp_path / "ckpt").latest() == 10
+    proc, resumed = _job(tmp_path, "resumed", tmp_path / "ckpt")
+    assert proc.returncode == 0, proc.stderr
+    _assert_bitwise_equal(reference, resumed)
+
+
+def test_ctrl_c_writes_a_checkpoint_then_raises_keyboard_interrupt(tmp_path):
+    import signal
+
+    x, y = blobs(80)
+
+    class CtrlC(ft.callbacks.Callback):
+        def on_step_end(self, step, logs=None):
+            if step == 6:
+                signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="checkpoint was written"):
+        _model(log_every=1).fit((x, y), epochs=2, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c",
+                                callbacks=[CtrlC()])
+    assert Checkpointer(tmp_path / "c").latest() == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_disk_full_during_save_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    x, y = blobs(64)
+    real_save, calls = ocp.CheckpointManager.save, []
+
+    def save(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    model = _model()
+    with pytest.raises(ft.CheckpointError, match=r"No space left.*previous checkpoint \(step 4\) is intact"):
+        model.fit((x, y), epochs=3, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c")
+    assert Checkpointer(tmp_path / "c").latest() == 4
+    assert all(np.isfinite(v).all() for v in params_of(model).values())  # the in-memory state was written back
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    model.fit((x, y), epochs=3, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c", resume=True)
+    assert Checkpointer(tmp_path / "c").latest() == 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -21,6 +22,7 @@ from finetune.errors import ConfigError, LoadError, NonFiniteError
 from finetune.recipe import Recipe
 from finetune.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.training import metrics as metrics_lib
+from finetune.training import signals
 from finetune.training.callbacks import Callback
 from finetune.training.history import History
 from finetune.training.step import Program, split
@@ -129,7 +131,9 @@ class Trainer:
             cb.on_train_begin()
         base = self.recipe
         phases = [(p["epochs"], _phase_recipe(base, p)) for p in base.phases] + [(epochs, base)]
-        try:
+        with contextlib.ExitStack() as stack:
+            run.interrupts = stack.enter_context(signals.deferred(run.checkpointer is not None))
+            stack.callback(self._finish, run)
             for i, (phase_epochs, recipe) in enumerate(phases):
                 if run.resume_meta is not None and i < run.resume_meta["phase"]:
                     run.epoch += phase_epochs  # finished before the checkpoint
@@ -142,11 +146,12 @@ class Trainer:
                     break
             for cb in run.callbacks:
                 cb.on_train_end(run.history.history)
-        finally:
-            self.sync_model()
-            if run.checkpointer is not None:
-                run.checkpointer.close()
         return run.history
+
+    def _finish(self, run: _Run) -> None:
+        self.sync_model()
+        if run.checkpointer is not None:
+            run.checkpointer.close()
 
     def _phase(self, run: _Run, phase: int, *, epochs: int, steps: int | None) -> None:
         """One phase of training (the whole run unless the recipe has phases)."""
@@ -186,6 +191,11 @@ class Trainer:
                         and not (run.save_each_epoch and index + 1 == per_epoch)
                     ):
                         self._save(run, phase, epoch, index + 1, done)
+                    if run.interrupts.signum is not None:
+                        if run.checkpointer is not None:
+                            self._save(run, phase, epoch, index + 1, done)
+                            run.checkpointer.wait()
+                        run.interrupts.raise_now()
                     if done >= micro_total or self.stop_training:
                         break
                 start = 0
@@ -315,6 +325,7 @@ class _Run:
     epoch: int = 0
     step: int = 0
     last: tuple = (0, 0.0)
+    interrupts: signals.Interrupts = dataclasses.field(default_factory=signals.Interrupts)
 
 
 # Fields that may change between a run and its resumption without changing what the next step computes.
