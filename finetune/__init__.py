@@ -7,13 +7,14 @@ Example:
   >>> history = model.fit(train, validation_data=test, epochs=3, batch_size=32)
 """
 
-from finetune import callbacks, presets
+from finetune import _cache, callbacks, presets
 from finetune.api import fit
 from finetune.errors import (
     CheckpointError,
     ConfigError,
     DataError,
     FinetuneError,
+    HubError,
     LoadError,
     NonFiniteError,
     RulesError,
@@ -32,6 +33,7 @@ __all__ = [
     "FinetuneError",
     "Group",
     "History",
+    "HubError",
     "LayerDecay",
     "LoadError",
     "Model",
@@ -43,3 +45,5 @@ __all__ = [
     "fit",
     "load",
 ]
+
+_cache.enable()
