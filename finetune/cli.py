@@ -192,7 +192,7 @@ def _schema_model():
 
 
 def cmd_push(args) -> int:
-    from finetune.hub import push_folder
+    from finetune.push import push_folder
 
     print(push_folder(args.dir, args.repo, private=args.private, revision=args.revision,
                       commit_message=args.message))
