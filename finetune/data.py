@@ -1,66 +1,144 @@
-"""Data in, fixed-shape batches out: arrays or ready batches -> shuffled, padded, masked batches on device.
+"""Data in, batches out: data sets, files, arrays or batches -> shuffled, bucketed, padded, masked batches on device.
 
-Every batch has the same leading size: the last partial batch is padded with zero rows whose ``example_mask`` is 0,
-so it is neither dropped nor recompiled, and padding never counts in the loss or metrics. Batches are prepared on a
-background thread and put on device ahead of the step that needs them.
+What `fit` / `evaluate` / `predict` accept, and what happens to it:
+
+* a `datasets.Dataset` (one split of a ``DatasetDict``), a path to a local ``.csv`` / ``.tsv`` / ``.json`` /
+  ``.jsonl`` / ``.parquet`` file (read with `datasets`), or a dict / ``(x, y)`` pair holding raw text, words or
+  images: columns are found by name (`finetune.preprocess.find_columns`), text is tokenized with the checkpoint's own
+  tokenizer and images processed with its image processor, once per data set (batched ``map``), and labels encoded
+  (`finetune.labels`). The result is cached per model, so validation data is not re-tokenized every epoch.
+* a dict of numeric numpy arrays (model inputs and ``labels``) or an ``(x, y)`` pair of numeric arrays: used as is.
+* an iterable of ready batches (dicts of arrays): re-iterated every epoch.
+
+Token sequences are kept ragged and every batch is padded to the smallest length bucket (powers of two from 16 up to
+``max_length``) that holds its longest sequence, so only a few shapes are ever compiled. Every batch has the same
+number of rows: the last partial batch is padded with rows whose ``example_mask`` is 0, so it is neither dropped nor
+recompiled, and padding (rows and tokens) never counts in the loss or the metrics. Batches are prepared on a
+background thread and put on device ahead of the step that needs them (`prefetch`).
 """
 
 from __future__ import annotations
 
+import collections
+import copy
+import logging
+import os
+import pathlib
 import queue
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from finetune import labels as labels_lib
 from finetune.errors import DataError
 
+logger = logging.getLogger("finetune")
+
 Batch = dict[str, np.ndarray]
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SMALLEST_BUCKET = 16
 
 
-def _x_key(task: str, x: np.ndarray) -> str:
-    if task == "image-classification":
-        return "pixel_values"
-    if np.issubdtype(x.dtype, np.integer) and x.ndim == 2:
-        return "input_ids"
-    return "x"
+def length_buckets(max_length: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
+    """Padded lengths a batch may take: powers of two from ``smallest`` below ``max_length``, then ``max_length``.
+
+    Example:
+      >>> length_buckets(100)
+      (16, 32, 64, 100)
+    """
+    sizes, size = [], smallest
+    while size < max_length:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_length)
 
 
 class ArrayData:
-    """A data set held as equal-length numpy columns (``labels`` included).
+    """A data set held as numpy columns: fixed-shape ``columns`` and ragged token ``sequences``.
 
     Args:
-      columns: ``{name: array}`` with the same first dimension.
+      columns: ``{name: array}`` with the same first dimension (``labels``, ``pixel_values``, dense ``input_ids``...).
+        An array-like with ``__len__`` and integer-array indexing (e.g. a `datasets` column) also works.
+      sequences: ``{name: (values, offsets)}``: example ``i`` is ``values[offsets[i]:offsets[i + 1]]``. Batches pad
+        them to a length bucket and add ``attention_mask`` (1 on real tokens).
+      buckets: The padded lengths a batch may take (see `length_buckets`); the longest is also the truncation limit.
+      pad_values: Padding value of each sequence (default 0).
+
+    Example:
+      >>> data = ArrayData({"x": np.ones((10, 4)), "labels": np.zeros(10, np.int32)})
+      >>> next(data.batches(4, seed=0))["example_mask"]
+      array([1., 1., 1., 1.], dtype=float32)
     """
 
-    def __init__(self, columns: Mapping[str, Any]):
-        self.columns = {k: np.asarray(v) for k, v in columns.items()}
-        sizes = {k: len(v) for k, v in self.columns.items()}
+    def __init__(
+        self,
+        columns: Mapping[str, Any],
+        *,
+        sequences: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        buckets: tuple[int, ...] | None = None,
+        pad_values: Mapping[str, int] | None = None,
+    ):
+        self.columns = {k: v if hasattr(v, "dataset_column") else np.asarray(v) for k, v in columns.items()}
+        self.sequences = {k: (np.asarray(v), np.asarray(o, np.int64)) for k, (v, o) in (sequences or {}).items()}
+        self.pad_values = dict(pad_values or {})
+        self.lengths = None
+        if self.sequences:
+            offsets = next(iter(self.sequences.values()))[1]
+            self.buckets = tuple(buckets or length_buckets(max(int(np.diff(offsets).max(initial=1)), 1)))
+            self.lengths = np.minimum(np.diff(offsets), self.buckets[-1])  # longer ones keep their first tokens
+        sizes = {k: len(v) for k, v in self.columns.items()} | {k: len(o) - 1 for k, (_, o) in self.sequences.items()}
         if len(set(sizes.values())) > 1:
             raise DataError(f"All data columns must have the same length; received lengths {sizes}.")
         self.size = next(iter(sizes.values()), 0)
         if self.size == 0:
             raise DataError("The data set is empty (0 examples). Pass a data set with at least one example.")
+        self.shapes: set[tuple[int, ...]] = set()  # input shapes handed out so far (the compiled shapes)
 
     def __len__(self) -> int:
         return self.size
 
+    def view(self) -> ArrayData:
+        """The same data (arrays shared, not copied) with its own record of the shapes handed out."""
+        other = copy.copy(self)
+        other.shapes = set()
+        return other
+
     def steps(self, batch_size: int) -> int:
+        """Batches per epoch (the last one may be partial, and is padded)."""
         return -(-self.size // batch_size)
 
     def batches(self, batch_size: int, *, seed: int | None = 0, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, from batch ``start`` on, in the order ``(seed, epoch)`` decides.
 
-        ``seed=None`` keeps the data order (evaluation and prediction).
+        ``seed=None`` keeps the data order (evaluation and prediction). The same ``(seed, epoch, start)`` always gives
+        the same batches, so a run resumed at a step sees exactly the data it would have seen.
         """
         order = np.arange(self.size) if seed is None else np.random.default_rng([seed, epoch]).permutation(self.size)
         for first in range(start * batch_size, self.size, batch_size):
             index = order[first : first + batch_size]
-            batch = {k: v[index] for k, v in self.columns.items()}
+            batch = self.take(index)
             batch["example_mask"] = np.ones(len(index), np.float32)
-            yield pad(batch, batch_size)
+            batch = pad(batch, batch_size)
+            self.shapes.add(_shape(batch))
+            yield batch
+
+    def take(self, index: np.ndarray) -> Batch:
+        """The examples at ``index``; sequences padded to the smallest bucket that holds the longest of them."""
+        batch = {k: np.asarray(v[index]) for k, v in self.columns.items()}
+        if self.sequences:
+            longest = int(self.lengths[index].max(initial=1))
+            width = next((b for b in self.buckets if b >= longest), longest)
+            mask = np.arange(width) < self.lengths[index][:, None]
+            for name, (values, offsets) in self.sequences.items():
+                out = np.full((len(index), width), self.pad_values.get(name, 0), values.dtype)
+                out[mask] = values[(offsets[index][:, None] + np.arange(width))[mask]]
+                batch[name] = out
+            batch.setdefault("attention_mask", mask.astype(np.int32))
+        return batch
 
 
 class BatchIterable:
@@ -69,6 +147,7 @@ class BatchIterable:
     def __init__(self, batches: Iterable[Mapping[str, Any]]):
         self.source = batches
         self.size = None
+        self.shapes: set[tuple[int, ...]] = set()
 
     def steps(self, batch_size: int) -> int | None:
         return len(self.source) if hasattr(self.source, "__len__") else None
@@ -80,37 +159,216 @@ class BatchIterable:
             batch = {k: np.asarray(v) for k, v in b.items()}
             n = len(next(iter(batch.values())))
             batch.setdefault("example_mask", np.ones(n, np.float32))
-            yield pad(batch, max(batch_size, n))
+            batch = pad(batch, max(batch_size, n))
+            self.shapes.add(_shape(batch))
+            yield batch
 
 
 def pad(batch: Batch, size: int) -> Batch:
-    """Pads every column to ``size`` rows with zeros (``example_mask`` 0 on the added rows)."""
+    """Pads every column to ``size`` rows (``example_mask`` 0 and label ids -100 on the added rows, else zeros)."""
     n = len(batch["example_mask"])
     if n == size:
         return batch
-    return {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+    def fill(name: str, v: np.ndarray) -> np.ndarray:
+        value = -100 if name == "labels" and v.dtype.kind == "i" else 0
+        return np.concatenate([v, np.full((size - n, *v.shape[1:]), value, v.dtype)])
+
+    return {k: fill(k, v) for k, v in batch.items()}
 
 
-def as_source(data: Any, *, task: str) -> ArrayData | BatchIterable:
-    """Wraps what the user passed: a dict of arrays, ``(x, y)`` arrays, or an iterable of ready batches."""
+def _shape(batch: Batch) -> tuple[int, ...]:
+    from finetune.training.tasks import model_inputs
+
+    inputs = model_inputs(batch)
+    key = "input_ids" if "input_ids" in inputs else next(iter(sorted(inputs)), None)
+    return tuple(batch[key].shape) if key is not None else ()
+
+
+# ---------------------------------------------------------------- what the user passes -> a source
+def as_source(
+    data: Any,
+    *,
+    task: str,
+    model: Any = None,
+    columns: Mapping[str, str] | None = None,
+    max_length: int | None = None,
+    packing: bool = False,
+    stage: str = "fit",
+    padding: str = "buckets",
+) -> ArrayData | BatchIterable:
+    """Wraps what the user passed into a source of batches (``.batches(...)``, ``.steps(...)``).
+
+    Args:
+      data: A `datasets.Dataset`, a path to a local csv / tsv / json / jsonl / parquet file, a dict of arrays or of
+        raw columns (``{"text": [...], "label": [...]}``), an ``(x, y)`` pair, an iterable of ready batches, or a
+        source made earlier (returned as is).
+      task: The model's task (decides which columns are needed and how they are encoded).
+      model: The `finetune.Model`: its tokenizer / image processor, label names (set from the data when
+        ``stage="fit"``), ``num_labels`` and positions (checked).
+      columns: Explicit column names by role, e.g. ``{"text": "review", "label": "sentiment"}``; roles are
+        ``text``, ``text_pair``, ``label``, ``image``, ``tokens``, ``tags``, ``prompt``, ``completion``, ``messages``.
+      max_length: Longest token sequence (longer ones are truncated and counted in the log). Default:
+        ``min(512, the model's positions)``.
+      packing: Causal LM only: concatenate short examples into rows of up to ``max_length`` tokens.
+      stage: ``fit`` (labels required; label names may be set on the model), ``evaluate`` (labels required) or
+        ``predict`` (labels optional).
+      padding: ``buckets`` (pad each batch to the smallest length bucket) or ``longest`` (pad every batch to the data
+        set's longest sequence: one shape, so per-token outputs of all batches can be concatenated).
+
+    Returns:
+      An `ArrayData` (or a `BatchIterable` for ready batches).
+
+    Raises:
+      DataError: Data of an unsupported type, a missing column, bad labels, an empty data set, or no tokenizer.
+
+    Example:
+      >>> source = as_source({"text": ["good", "bad"], "label": ["pos", "neg"]}, task="text-classification",
+      ...                    model=model)
+      >>> batch = next(source.batches(32, seed=0))
+    """
     if isinstance(data, ArrayData | BatchIterable):
         return data
-    if isinstance(data, Mapping):
-        return ArrayData(data)
+    options = dict(task=task, model=model, columns=columns, max_length=max_length, packing=packing, stage=stage)
+    if isinstance(data, str | os.PathLike):
+        data = load_file(data)
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        raise DataError(
+            f"Received a DatasetDict with splits {list(data)}; pass one split of it, e.g. "
+            f"data[{next(iter(data), 'train')!r}]."
+        )
     if isinstance(data, tuple) and len(data) == 2:
-        x, y = data
-        columns = dict(x) if isinstance(x, Mapping) else {_x_key(task, np.asarray(x)): x}
-        return ArrayData({**columns, "labels": y})
+        data = _pair_to_columns(data, task=task, model=model)
+    if isinstance(data, Mapping) and _numeric(data):
+        cols = dict(data)
+        if "labels" in cols and task != "causal-lm":
+            cols["labels"] = labels_lib.encode(cols["labels"], model=model, column="labels", stage=stage)
+        return ArrayData(cols)
+    if isinstance(data, Mapping):
+        data = datasets.Dataset.from_dict({k: list(v) for k, v in data.items()})
+    if isinstance(data, datasets.Dataset):
+        return _cached(data, padding=padding, **options)
+    if isinstance(data, datasets.IterableDataset):
+        raise DataError(
+            "Streaming data sets (datasets.IterableDataset) are not supported. Load the data set without "
+            "`streaming=True`, or pass an iterable of ready batches (dicts of arrays)."
+        )
     if isinstance(data, Iterable) and not isinstance(data, str | bytes | np.ndarray):
         return BatchIterable(data)
     raise DataError(
-        f"Cannot make batches from data of type {type(data).__name__}. Pass a dict of numpy arrays (with a "
-        "`labels` column), an (x, y) pair of arrays, or an iterable of ready batches (dicts of arrays)."
+        f"Cannot make batches from data of type {type(data).__name__}. Pass a datasets.Dataset, a path to a csv / "
+        "json / parquet file, a dict of numpy arrays (with a `labels` column), an (x, y) pair of arrays, or an "
+        "iterable of ready batches (dicts of arrays)."
     )
 
 
+def load_file(path: str | os.PathLike) -> Any:
+    """A local csv / tsv / json / jsonl / parquet file as a `datasets.Dataset` (cached by `datasets`)."""
+    path = pathlib.Path(path)
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"Cannot read data from {str(path)!r}: the suffix {path.suffix!r} is not one of "
+            f"{', '.join(FILE_FORMATS)}. Pass a file of one of these formats, or a datasets.Dataset."
+        )
+    if not path.is_file():
+        raise DataError(f"The data file {str(path)!r} does not exist. Pass the path of an existing file.")
+    import datasets
+
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+
+
+def _numeric(data: Mapping[str, Any]) -> bool:
+    """Whether every input column is a numeric array (used as is), rather than raw text, words or images."""
+    from finetune.preprocess import RAW_COLUMNS
+
+    if RAW_COLUMNS & set(data):
+        return False
+    try:
+        return all(np.asarray(v).dtype.kind in "biuf" for k, v in data.items() if k != "labels")
+    except ValueError:  # ragged lists
+        return False
+
+
+def _pair_to_columns(data: tuple, *, task: str, model: Any) -> Mapping[str, Any]:
+    """``(x, y)`` -> columns: numeric ``x`` becomes a model input, raw text / images a ``text`` / ``image`` column."""
+    x, y = data
+    if isinstance(x, Mapping):
+        return {**x, "labels": y}
+    first = x[0] if len(x) else None
+    if isinstance(first, str) or (isinstance(x, np.ndarray) and x.dtype.kind in "US"):
+        return {"text": list(x), "label": list(y)}
+    x = np.asarray(x)
+    if task == "image-classification":
+        config = getattr(model, "hf_config", None)
+        channels = getattr(config, "num_channels", 3)
+        if not (x.ndim == 4 and x.dtype.kind == "f" and x.shape[1] == channels):
+            return {"image": list(x), "label": list(y)}  # raw images: the model's image processor prepares them
+        return {"pixel_values": x, "labels": y}
+    key = "input_ids" if np.issubdtype(x.dtype, np.integer) and x.ndim == 2 else "x"
+    return {key: x, "labels": y}
+
+
+# Prepared sources per model, keyed by what decides the result; validation data is then tokenized once, not per epoch.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_SIZE = 8
+
+
+def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData:
+    from finetune import preprocess
+
+    columns = options.pop("columns")
+
+    def key() -> tuple:
+        return (
+            data._fingerprint,
+            tuple(sorted((columns or {}).items())),
+            tuple(sorted((k, v) for k, v in options.items() if k != "stage")),
+            options["stage"] == "predict",
+            padding,
+            tuple(labels_lib.names_of(model) or ()),
+            id(getattr(model, "tokenizer", None)),
+            id(getattr(model, "processor", None)),
+        )
+
+    per_model = _CACHE.setdefault(model, collections.OrderedDict()) if model is not None else {}
+    before = key()
+    if before in per_model:
+        return per_model[before].view()
+    prepared = preprocess.prepare(data, model=model, columns=columns, **options)
+    buckets = None
+    if prepared.sequences:
+        limit = prepared.max_length
+        if padding == "longest":
+            limit = min(limit, int(np.diff(next(iter(prepared.sequences.values()))[1]).max()))
+        buckets = length_buckets(limit) if padding == "buckets" else (limit,)
+    source = ArrayData(prepared.columns, sequences=prepared.sequences, buckets=buckets, pad_values=prepared.pad_values)
+    if model is not None:
+        per_model[before] = per_model[key()] = source  # the label names may have just been set from this data
+        while len(per_model) > _CACHE_SIZE:
+            per_model.popitem(last=False)
+    return source.view()
+
+
+# ---------------------------------------------------------------- to device, ahead of the step
 def prefetch(batches: Iterator[Batch], *, size: int = 2, sharding: Any = None) -> Iterator[dict[str, jax.Array]]:
-    """Moves batches to device on a background thread, ``size`` ahead of the consumer."""
+    """Prepares batches and moves them to device on a background thread, ``size`` ahead of the consumer.
+
+    Args:
+      batches: Host batches (the iterator is advanced on the background thread, so padding happens there too).
+      size: How many device batches may wait.
+      sharding: Where to put them (default: the default device).
+
+    Returns:
+      An iterator of device batches; errors of the producer are raised in the consumer.
+
+    Example:
+      >>> for batch in prefetch(source.batches(32, seed=0)):
+      ...     state = train_step(state, batch)
+    """
     q: queue.Queue = queue.Queue(maxsize=size)
     done = object()
     stop = threading.Event()

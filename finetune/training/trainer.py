@@ -16,7 +16,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from finetune import data as data_lib
-from finetune import optim
+from finetune import lora, optim
+from finetune import sharding as sharding_lib
 from finetune.checkpoint import Checkpointer, fingerprint, read_meta
 from finetune.errors import ConfigError, LoadError, NonFiniteError
 from finetune.recipe import Recipe
@@ -30,12 +31,19 @@ from finetune.training.tasks import kind, loss_fn
 
 
 def plan(model: Any, recipe: Recipe) -> Assignment:
-    """The group of every parameter of ``model`` under ``recipe`` (its rules, else the model's defaults)."""
+    """The group of every parameter of ``model`` under ``recipe`` (its rules, else the model's defaults).
+
+    A recipe with ``lora`` first adds the adapters to the model (once); adapters then go to group ``lora`` and the
+    pretrained weights default to frozen groups (`finetune.lora.plan_defaults`).
+    """
+    if recipe.lora is not None:
+        lora.apply(model, recipe.lora, seed=recipe.seed)
     paths = list(flatten(nnx.to_pure_dict(nnx.state(model.module, nnx.Param))))
-    groups = {**DEFAULT_GROUPS, **(recipe.groups or {})}
     rules = recipe.rules if recipe.rules is not None else model.rules
     if recipe.layer_decay is not None:
         rules = _layer_decay_rules(model, recipe)
+    rules, lora_groups = lora.plan_defaults(model.module, rules)
+    groups = {**DEFAULT_GROUPS, **lora_groups, **(recipe.groups or {})}
     return assign(paths, rules, groups)
 
 
@@ -67,8 +75,9 @@ def _phase_recipe(base: Recipe, phase: dict) -> Recipe:
 class Trainer:
     """Runs one model under one recipe: builds the optimizer and the compiled steps, then loops."""
 
-    def __init__(self, model: Any, recipe: Recipe):
+    def __init__(self, model: Any, recipe: Recipe, *, layout: Any = None):
         self.model, self.recipe = model, recipe
+        self.layout = layout  # a finetune.sharding.Layout, or None: one device
         self.assignment = plan(model, recipe)
         self.program: Program | None = None
         self.state: dict | None = None
@@ -101,7 +110,17 @@ class Trainer:
             metrics_lib.resolve(names),
             int(logits.shape[-1]),
         )
-        self.state = self.program.init_state(params, frozen, rest)
+        shardings = None
+        if self.layout is not None:  # sharding: every array placed by its logical axes (finetune/sharding.py)
+            self.layout.check_batch(sample)
+            shardings = self.layout.state_shardings(
+                self.model.module, jax.eval_shape(self.program.init_state, params, frozen, rest)
+            )
+            params, frozen, rest = (
+                sharding_lib.place(t, shardings[k])
+                for t, k in zip((params, frozen, rest), ("params", "frozen", "rest"), strict=True)
+            )
+        self.state = self.program.init_state(params, frozen, rest, shardings)
 
     def sync_model(self) -> None:
         """Writes the trained state back into the NNX module."""
@@ -112,7 +131,9 @@ class Trainer:
         return jax.device_get(self.state["params"])
 
     def set_weights(self, params: dict) -> None:
-        self.state = {**self.state, "params": jax.device_put(params)}
+        shardings = self.program.shardings
+        params = sharding_lib.place(params, shardings["params"]) if shardings else jax.device_put(params)
+        self.state = {**self.state, "params": params}
 
     # ---------------------------------------------------------------- loops
     def fit(self, train: Any, *, epochs: int, steps: int | None, batch_size: int, **options: Any) -> History:
@@ -179,7 +200,7 @@ class Trainer:
                     cb.on_epoch_begin(epoch)
                 epoch_acc = self.program.zero_metrics()
                 batches = run.source.batches(run.batch_size, seed=self.recipe.seed, epoch=epoch, start=start)
-                for index, batch in enumerate(data_lib.prefetch(batches), start=start):
+                for index, batch in enumerate(self._prefetch(batches), start=start):
                     self.state = self.program.train_step(self.state, batch)
                     done += 1
                     run.step += 1
@@ -252,10 +273,12 @@ class Trainer:
 
     def _log(self, run: _Run, step: int, epoch_acc: dict, bar: Any) -> dict:
         """One host read: interval metrics, learning rates, skipped steps; progress bar and callbacks."""
-        acc, opt = jax.device_get((self.state["acc"], self.state["opt"]))
+        opt = self.state["opt"]  # only its scalars come to the host (the moments may span hosts)
+        acc, (consecutive, total), lrs = jax.device_get(
+            (self.state["acc"], optim.nonfinite_counts(opt), optim.current_lrs(opt))
+        )
         self.state = {**self.state, "acc": self.program.zero_metrics()}
         epoch_acc = jax.tree.map(lambda a, b: np.asarray(a) + b, epoch_acc, acc)
-        consecutive, total = optim.nonfinite_counts(opt)
         if int(consecutive) >= self.recipe.max_nonfinite:
             raise NonFiniteError(
                 f"Training stopped at step {step}: {int(consecutive)} consecutive steps had a non-finite loss or "
@@ -264,7 +287,7 @@ class Trainer:
                 "the data for NaN/inf."
             )
         logs = metrics_lib.results(self.program.metrics, acc)
-        logs.update({f"lr/{g}": float(v) for g, v in optim.current_lrs(opt).items()})
+        logs.update({f"lr/{g}": float(v) for g, v in lrs.items()})
         now = time.perf_counter()
         logs["examples_per_s"] = (step - run.last[0]) * run.batch_size / max(now - run.last[1], 1e-9)
         logs["skipped"] = int(total)
@@ -276,6 +299,12 @@ class Trainer:
         run.last = (step, now)
         return epoch_acc
 
+    def _prefetch(self, batches: Any) -> Any:
+        """Device batches; with a mesh, split over its data axis (each process puts only its own rows)."""
+        if self.layout is None:
+            return data_lib.prefetch(batches)
+        return data_lib.prefetch(map(self.layout.put_batch, batches), sharding=self.layout.batch)
+
     def _source(self, data: Any, **options: Any) -> Any:
         return data_lib.as_source(
             data, task=self.model.task, model=self.model, max_length=self.recipe.max_length, **options
@@ -286,7 +315,7 @@ class Trainer:
         if self.program is None:
             self.build(next(source.batches(batch_size, seed=None)), total_steps=None, train=False)
         acc = self.program.zero_metrics()
-        for batch in data_lib.prefetch(source.batches(batch_size, seed=None)):
+        for batch in self._prefetch(source.batches(batch_size, seed=None)):
             acc = self.program.eval_step(self.state, acc, batch)
         return metrics_lib.results(self.program.metrics, jax.device_get(acc), prefix)
 
@@ -298,7 +327,7 @@ class Trainer:
         if self.program is None:
             self.build(first, total_steps=None, train=False)
         outs = []
-        for batch in data_lib.prefetch(source.batches(batch_size, seed=None)):
+        for batch in self._prefetch(source.batches(batch_size, seed=None)):
             logits = self.program.predict_step(self.state, batch)
             outs.append((logits, batch["example_mask"]))
         return np.concatenate([np.asarray(lg)[np.asarray(m) > 0] for lg, m in outs])

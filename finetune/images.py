@@ -1,0 +1,127 @@
+"""Images -> ``pixel_values`` with the checkpoint's own image processor, once per data set.
+
+Images may be PIL images (what a `datasets` ``Image`` feature gives) or numpy arrays (``[H, W, C]``, ``[C, H, W]``,
+or ``[H, W]`` for one channel). PIL images are converted to the model's colour mode (``RGB`` for 3 channels), as the
+usual fine-tuning scripts do; arrays with another number of channels are refused with the shape received. The
+processed tensors are stored by `datasets` (Arrow, memory-mapped when the data set is on disk) and read one batch at
+a time, so a large image set does not have to fit in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from finetune.errors import DataError
+
+
+class DatasetColumn:
+    """One column of a `datasets.Dataset` in numpy format, indexed by arrays of example indices (one batch)."""
+
+    dataset_column = True
+
+    def __init__(self, ds: Any, name: str):
+        self.ds = ds.with_format("numpy", columns=[name])
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.asarray(self.ds[np.asarray(index).tolist()][self.name])
+
+
+def processor_of(model: Any) -> Any:
+    """The model's image processor, or a `DataError` that says how to give it one."""
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        where = getattr(model, "source", None) or "the checkpoint directory"
+        raise DataError(
+            f"The data holds images, but the model has no image processor: no preprocessor_config.json in {where}. "
+            "Save one there (image_processor.save_pretrained(dir)), set `model.processor = transformers."
+            "AutoImageProcessor.from_pretrained('<the base model>')`, or pass processed `pixel_values` "
+            "(float32, [N, channels, height, width])."
+        )
+    return processor
+
+
+def to_image(value: Any, channels: int, index: int, column: str) -> Any:
+    """One image in the form the processor takes, in the model's number of channels (or a `DataError`)."""
+    from PIL import Image
+
+    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):  # an undecoded datasets Image
+        import io
+
+        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    if isinstance(value, Image.Image):
+        mode = {1: "L", 3: "RGB"}.get(channels)
+        return value.convert(mode) if mode and value.mode != mode else value
+    array = np.asarray(value)
+    if array.ndim == 2 and channels == 1:
+        return array[..., None]
+    if array.ndim == 3 and channels in (array.shape[-1], array.shape[0]):
+        return array
+    raise DataError(
+        f"Image {index} in column `{column}` has shape {array.shape}, but the model takes images with {channels} "
+        f"channels ([height, width, {channels}] or [{channels}, height, width]). Convert the images (PIL: "
+        f"image.convert({'RGB' if channels == 3 else 'L'!r})) before passing them."
+    )
+
+
+def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, stage: str) -> Any:
+    """``pixel_values`` (and encoded ``labels``) for an image data set; checks channels and the processed size.
+
+    Args:
+      ds: A `datasets.Dataset` with an image column.
+      cols: ``{"image": column, "label": column}`` (see `finetune.preprocess.find_columns`).
+      model: The `finetune.Model` (its processor and config).
+      stage: ``fit`` / ``evaluate`` / ``predict`` (see `finetune.preprocess.prepare`).
+
+    Returns:
+      A `finetune.preprocess.Prepared` with ``pixel_values`` read lazily from the processed data set.
+
+    Example:
+      >>> prepared = prepare(ds, {"image": "img", "label": "label"}, model=model, stage="fit")
+    """
+    from datasets import Array3D, Features
+
+    from finetune.preprocess import Prepared, encode_label_column, run_map
+
+    processor = processor_of(model)
+    config = getattr(model, "hf_config", None)
+    channels = int(getattr(config, "num_channels", 3))
+    column = cols["image"]
+    first = processor(images=[to_image(ds[0][column], channels, 0, column)], return_tensors="np")["pixel_values"][0]
+    size = getattr(config, "image_size", None)
+    expected = (channels, size, size) if size else first.shape
+    if tuple(first.shape) != tuple(expected):
+        raise DataError(
+            f"The image processor turns image 0 of column `{column}` into shape {tuple(first.shape)}, but the model "
+            f"takes {tuple(expected)} (config num_channels={channels}, image_size={size}). Use the image processor "
+            "saved with the checkpoint, or resize the images to the model's size."
+        )
+
+    def fn(batch, indices):
+        images = [to_image(v, channels, i, column) for v, i in zip(batch[column], indices, strict=True)]
+        try:
+            pixels = processor(images=images, return_tensors="np")["pixel_values"]
+        except ValueError as e:  # differently sized images the processor does not resize cannot be stacked
+            raise DataError(
+                f"The images of column `{column}` (examples {indices[0]}..{indices[-1]}) could not be processed "
+                f"into one batch: {e}. Resize them to one size, or let the image processor resize them."
+            ) from e
+        if tuple(pixels.shape[1:]) != tuple(expected):
+            raise DataError(
+                f"Images of column `{column}` (examples {indices[0]}..{indices[-1]}) were processed into shape "
+                f"{tuple(pixels.shape[1:])}, but the model takes {tuple(expected)}. Resize the images to one size."
+            )
+        return {"pixel_values": pixels.astype(np.float32)}
+
+    parts = (ds._fingerprint, sorted(cols.items()), processor.to_json_string(), expected)
+    out = run_map(ds, fn, parts, features=Features({"pixel_values": Array3D(tuple(expected), "float32")}))
+    fixed = {"pixel_values": DatasetColumn(out, "pixel_values")}
+    if "label" in cols:
+        fixed["labels"] = encode_label_column(ds, cols["label"], model=model, stage=stage)
+    return Prepared(fixed, {}, {}, None)

@@ -1,0 +1,180 @@
+"""Label values -> class ids, checked against the model's head; label names -> ``id2label`` / ``label2id``.
+
+Rules, one per kind of label column:
+
+* ``ClassLabel`` features give the names; their ids are used as they are.
+* Strings get a sorted vocabulary (``["neg", "pos"]`` -> 0, 1), unless the model already has label names that cover
+  them (a second `fit`, or evaluation after training), in which case the model's order is kept.
+* Integers are class ids and must lie in ``[0, num_labels)``.
+* Floats are regression targets when the head has one output.
+* A list per example is multi-label: names or ids become a multi-hot ``[N, num_labels]`` float32 array; lists of
+  floats are taken as multi-hot already.
+
+Names found in the data are written to ``model.id2label`` and to ``model.hf_config`` (``id2label`` / ``label2id``), so
+they end up in exported configs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from finetune.errors import DataError
+
+CLASSIFICATION_TASKS = ("text-classification", "token-classification", "image-classification")
+
+
+def num_labels(model: Any) -> int | None:
+    """The number of outputs of the model's classifier, when the model says (None for plain modules)."""
+    if model is None or getattr(model, "task", None) not in CLASSIFICATION_TASKS:
+        return None
+    config = getattr(model, "hf_config", None)
+    if config is not None and getattr(config, "num_labels", None):
+        return int(config.num_labels)
+    return len(model.id2label) if getattr(model, "id2label", None) else None
+
+
+def names_of(model: Any) -> list[str] | None:
+    """The model's label names in id order, or None when it has none (or only ``LABEL_0``-style defaults)."""
+    id2label = getattr(model, "id2label", None) or getattr(getattr(model, "hf_config", None), "id2label", None)
+    if not id2label:
+        return None
+    names = [str(id2label[i]) for i in sorted(int(k) for k in id2label)]
+    return None if all(re.fullmatch(r"LABEL_\d+", n) for n in names) else names
+
+
+def set_names(model: Any, names: Sequence[str]) -> None:
+    """Writes label names to ``model.id2label`` and, when present, to ``model.hf_config``."""
+    if model is None:
+        return
+    id2label = {i: str(n) for i, n in enumerate(names)}
+    model.id2label = id2label
+    config = getattr(model, "hf_config", None)
+    if config is not None:
+        config.id2label = dict(id2label)
+        config.label2id = {n: i for i, n in id2label.items()}
+
+
+def encode(
+    values: Any, *, model: Any, column: str, stage: str = "fit", names: Sequence[str] | None = None
+) -> np.ndarray:
+    """Class ids (int32 ``[N]``), multi-hot targets (float32 ``[N, C]``) or regression targets (float32 ``[N]``).
+
+    Args:
+      values: One label per example: a scalar, or a list of labels (multi-label).
+      model: The `finetune.Model` being trained (None skips every check against the head).
+      column: The column's name, for error messages.
+      stage: ``fit`` may set the model's label names; ``evaluate`` / ``predict`` must use the ones it has.
+      names: Label names given by the data set (a ``ClassLabel`` feature).
+
+    Returns:
+      The encoded labels.
+
+    Raises:
+      DataError: Labels outside the head's range, or label names that disagree with ``num_labels``.
+
+    Example:
+      >>> encode(["pos", "neg", "pos"], model=None, column="label")
+      array([1, 0, 1], dtype=int32)
+    """
+    values = list(values) if not isinstance(values, np.ndarray) else values
+    if len(values) and isinstance(values[0], list | tuple | np.ndarray):
+        return _multi_hot(values, model=model, column=column, stage=stage, names=names)
+    array = np.asarray(values)
+    size = num_labels(model)
+    if array.dtype.kind in "USO":
+        vocab = vocabulary(np.unique(array.astype(str)), model=model, column=column, stage=stage)
+        return _ids(array.astype(str), vocab)
+    if names is not None:
+        _check_names(names, model, column, stage)
+    if array.dtype.kind == "f" and (size == 1 or not np.all(np.mod(array, 1) == 0)):
+        if size is not None and size != 1:
+            raise DataError(
+                f"Column `{column}` holds non-integer numbers (e.g. {array[np.mod(array, 1) != 0][0]!r}), which are "
+                f"regression targets, but the model has num_labels={size}. Load the model with num_labels=1 for "
+                "regression, or pass integer class ids."
+            )
+        return array.astype(np.float32)
+    if size == 1:
+        return array.astype(np.float32)
+    ids = array.astype(np.int64)
+    check_range(ids, size, column)
+    return ids.astype(np.int32)
+
+
+def vocabulary(found: Sequence[str], *, model: Any, column: str, stage: str) -> list[str]:
+    """The label names to use for the label strings ``found``: the model's when they cover them, else sorted."""
+    found = sorted(map(str, found))
+    existing = names_of(model)
+    if existing is not None and set(found) <= set(existing):
+        return existing
+    if existing is not None and stage != "fit":
+        unknown = sorted(set(found) - set(existing))
+        raise DataError(
+            f"Column `{column}` has labels the model was not trained on: {unknown[:10]}. The model's labels are "
+            f"{existing}. Evaluate on data with the same label names as the training data."
+        )
+    _check_names(found, model, column, stage)
+    return found
+
+
+def check_range(ids: np.ndarray, size: int | None, column: str) -> None:
+    """Raises a `DataError` naming both when class ids fall outside ``[0, size)`` (-100 means "no label")."""
+    real = ids[ids != -100]
+    if not real.size:
+        return
+    low, high = int(real.min()), int(real.max())
+    if low < 0 or (size is not None and high >= size):
+        bad = sorted(set(real[(real < 0) | (real >= (size or np.iinfo(np.int64).max))].tolist()))[:5]
+        raise DataError(
+            f"Column `{column}` has class ids outside [0, num_labels) = [0, {size}): e.g. {bad}"
+            f" (the ids range over [{low}, {high}]). Load the model with num_labels={high + 1} (finetune.load(..., "
+            f"num_labels={high + 1})), or fix the labels."
+        )
+
+
+def _check_names(names: Sequence[str], model: Any, column: str, stage: str) -> None:
+    size = num_labels(model)
+    if size is not None and size != len(names):
+        raise DataError(
+            f"The data has {len(names)} labels in column `{column}` ({list(names)[:10]}), but the model has "
+            f"num_labels={size}. Load the model with num_labels={len(names)} (finetune.load(..., "
+            f"num_labels={len(names)})), or fix the labels."
+        )
+    if stage == "fit" or names_of(model) is None:
+        set_names(model, names)
+
+
+def _ids(array: np.ndarray, vocab: Sequence[str]) -> np.ndarray:
+    lookup = {name: i for i, name in enumerate(vocab)}
+    return np.fromiter((lookup[v] for v in array.reshape(-1)), np.int32, array.size).reshape(array.shape)
+
+
+def _multi_hot(values: Sequence[Any], *, model: Any, column: str, stage: str, names: Sequence[str] | None):
+    flat = np.asarray([v for row in values for v in row])
+    size = num_labels(model)
+    if flat.dtype.kind == "f":
+        out = np.asarray([np.asarray(row, np.float32) for row in values])
+        if out.ndim != 2 or (size is not None and out.shape[1] != size):
+            raise DataError(
+                f"Column `{column}` holds lists of floats, read as multi-hot targets, but they are not all of length "
+                f"num_labels={size} (shape {out.shape}). Pass one 0/1 per label, or lists of label names / ids."
+            )
+        return out
+    if flat.dtype.kind in "USO":
+        vocab = vocabulary(np.unique(flat.astype(str)), model=model, column=column, stage=stage)
+        flat = _ids(flat.astype(str), vocab)
+        size = len(vocab)
+    elif names is not None:
+        _check_names(names, model, column, stage)
+        size = len(names)
+    else:
+        check_range(flat.astype(np.int64), size, column)
+        size = size or int(flat.max()) + 1
+    out = np.zeros((len(values), size), np.float32)
+    rows = np.repeat(np.arange(len(values)), [len(v) for v in values])
+    out[rows, flat.astype(np.int64)] = 1.0
+    return out
