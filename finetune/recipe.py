@@ -41,6 +41,8 @@ class Recipe:
       steps: Optimizer steps to train for; overrides ``epochs``.
       batch_size: Examples per micro-batch.
       max_length: Longest token sequence (longer texts are truncated).
+      columns: ``{role: column}`` naming data columns when detection is not enough, e.g. ``{"text": "review"}``.
+      packing: Causal LM: join short examples into rows of up to ``max_length`` tokens.
       precision: ``float32`` or ``bfloat16`` compute (parameters stay float32).
       max_nonfinite: Consecutive non-finite steps (skipped) after which training stops with an error.
       seed: Data order and dropout seed.
@@ -49,6 +51,8 @@ class Recipe:
         declares its layers, as every loaded architecture does).
       phases: Phases run before the main one inside one `fit` (e.g. fastai's head-only first epoch): each a dict of
         recipe overrides with its own ``epochs``. Each phase gets a fresh optimizer and schedule.
+      lora: When set, LoRA adapters train instead of the pretrained weights: a dict with ``targets`` (regex(es) over
+        module paths), ``rank``, ``alpha`` and ``dropout`` (see `finetune.lora.LoRAConfig`); overrides merge into it.
     """
 
     name: str | None = None
@@ -71,12 +75,15 @@ class Recipe:
     steps: int | None = None
     batch_size: int = 32
     max_length: int | None = None
+    columns: Mapping[str, str] | None = None
+    packing: bool = False
     precision: str = "float32"
     max_nonfinite: int = 10
     seed: int = 0
     log_every: int = 10
     layer_decay: float | None = None
     phases: tuple = ()
+    lora: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_nonfinite", "log_every", "accumulate"):
@@ -91,6 +98,10 @@ class Recipe:
             raise ConfigError(f"`layer_decay` must be in (0, 1] or None; received layer_decay={self.layer_decay!r}.")
         if self.precision not in ("float32", "bfloat16"):
             raise ConfigError(f"`precision` must be 'float32' or 'bfloat16'; received precision={self.precision!r}.")
+        if self.lora is not None:
+            from finetune.lora import LoRAConfig
+
+            LoRAConfig.from_mapping(self.lora)  # a bad `lora` field fails here, not after data loading
 
     def replace(self, **overrides: Any) -> Recipe:
         """A copy with fields replaced; unknown field names get an error with the closest names."""
@@ -108,6 +119,8 @@ class Recipe:
             overrides["metrics"] = tuple(overrides["metrics"])
         if overrides.get("groups") is not None:
             overrides["groups"] = {k: _group(k, v) for k, v in overrides["groups"].items()}
+        if isinstance(overrides.get("lora"), Mapping) and self.lora is not None:  # `--set lora.rank=4` keeps targets
+            overrides["lora"] = {**self.lora, **overrides["lora"]}
         if overrides.get("phases") is not None:
             overrides["phases"] = tuple(_phase(i, p) for i, p in enumerate(overrides["phases"]))
         return dataclasses.replace(self, **overrides)

@@ -144,6 +144,9 @@ def test_multi_label_lists_become_multi_hot_targets_with_names(dirs):
         float(n in raw["label"][0]) for n in ("neg", "pos")]]  # fmt: skip
     history = _compiled(model, max_length=16).fit(source, epochs=1, verbose=0)
     assert "f1_micro" in history.history
+    out = model.predict(source)  # sigmoid per label, not a softmax over labels
+    np.testing.assert_allclose(out["probabilities"], 1 / (1 + np.exp(-out["logits"])), rtol=1e-5)
+    assert out["labels"].shape == (64, 3) and model.hf_config.problem_type == "multi_label_classification"
 
 
 def test_token_classification_labels_only_the_first_word_piece(dirs):

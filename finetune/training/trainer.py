@@ -101,6 +101,8 @@ class Trainer:
             )
         logits = jax.eval_shape(lambda: nnx.merge(eval_graphdef, params, frozen, rest)(**_inputs(sample)))
         family = kind(self.model.task, logits.shape, sample.get("labels"))
+        if sample.get("labels") is not None:
+            _record_problem_type(self.model, family)
         names = self.recipe.metrics or metrics_lib.DEFAULT_METRICS[family]
         self.program = Program(
             graphdef,
@@ -306,8 +308,11 @@ class Trainer:
         return data_lib.prefetch(map(self.layout.put_batch, batches), sharding=self.layout.batch)
 
     def _source(self, data: Any, **options: Any) -> Any:
+        if options.get("stage") == "fit" and self.recipe.packing:
+            options["packing"] = True
         return data_lib.as_source(
-            data, task=self.model.task, model=self.model, max_length=self.recipe.max_length, **options
+            data, task=self.model.task, model=self.model, max_length=self.recipe.max_length,
+            columns=self.recipe.columns, **options,
         )
 
     def evaluate(self, data: Any, *, batch_size: int, prefix: str = "") -> dict[str, float]:
@@ -381,6 +386,14 @@ def _resume_meta(run: _Run) -> dict | None:
             )
     step = run.checkpointer.latest()
     return None if step is None else read_meta(run.checkpointer.directory, step)
+
+
+def _record_problem_type(model: Any, family: str) -> None:
+    """Remembers single- / multi-label / regression for `predict`, and for exported configs (transformers reads it)."""
+    model.family = family
+    types = {"single": "single_label_classification", "multi": "multi_label_classification", "regression": "regression"}
+    if model.hf_config is not None and family in types and model.task != "token-classification":
+        model.hf_config.problem_type = types[family]
 
 
 def _inputs(batch: dict) -> dict:
