@@ -5,6 +5,7 @@ Needs a write token (``HF_TOKEN`` or ``hf auth login``) and network access; set 
   python examples/push_to_hub.py me/minilm-sst2-demo
 """
 
+import os
 import sys
 
 import numpy as np
@@ -13,7 +14,8 @@ import finetune
 from finetune.push import PushToHub
 
 repo_id = sys.argv[1]
-model = finetune.load("sentence-transformers/all-MiniLM-L6-v2", task="text-classification", num_labels=2)
+base = os.environ.get("EXAMPLE_MODEL", "sentence-transformers/all-MiniLM-L6-v2")  # a Hub id or a local directory
+model = finetune.load(base, task="text-classification", num_labels=2)
 texts = ["a delight from start to finish", "dull and far too long", "warm and funny", "I want my evening back"]
 train = {**model.tokenizer(texts, padding=True, return_tensors="np"), "labels": np.array([1, 0, 1, 0])}
 

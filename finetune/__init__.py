@@ -19,7 +19,7 @@ from finetune.errors import (
     NonFiniteError,
     RulesError,
 )
-from finetune.loading import load
+from finetune.loading import from_config, load
 from finetune.model import Model
 from finetune.recipe import Recipe
 from finetune.rules import DEFAULT_GROUPS, Group, LayerDecay
@@ -43,6 +43,7 @@ __all__ = [
     "callbacks",
     "presets",
     "fit",
+    "from_config",
     "load",
 ]
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune import hub, weights
+from finetune import hub, sharding, weights
 from finetune.errors import ConfigError, LoadError
 from finetune.model import Model
 from finetune.models import registry
@@ -121,6 +121,7 @@ def load(
     id2label: Mapping[int, str] | None = None,
     token: str | bool | None = None,
     seed: int = 0,
+    mesh: Any = None,
 ) -> Model:
     """Loads a pretrained Hugging Face checkpoint as a `finetune.Model`.
 
@@ -136,6 +137,9 @@ def load(
       id2label: Label names by class index.
       token: Hub token; default: huggingface_hub's usual sources.
       seed: Seed of the fresh head and of dropout.
+      mesh: Load straight onto several devices: a strategy (``"fsdp"``...), a mesh shape or a `jax.sharding.Mesh`
+        (see `finetune.sharding`). Each weight goes directly into its sharding as it is read, and ``fit`` /
+        ``evaluate`` use the same layout unless told otherwise.
 
     Returns:
       The `finetune.Model`, with default rules ``new`` (fresh head parameters), ``head`` and ``backbone``.
@@ -165,13 +169,14 @@ def load(
         return arch.build(cfg, **kw, rngs=weights.build_rngs(seed))
 
     checkpoint = weights.find_checkpoint(directory, allow_pickle=allow_pickle)
+    layout = sharding.resolve(mesh)
     module, new_paths = weights.load_weights(
-        init_fn, arch.table(cfg, task), checkpoint, ignore=arch.ignore(cfg, task), fresh=arch.head
+        init_fn, arch.table(cfg, task), checkpoint, ignore=arch.ignore(cfg, task), fresh=arch.head, layout=layout
     )
     if num_labels is not None:  # so that an exported config describes this head
         hf_config.id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
         hf_config.label2id = {v: k for k, v in hf_config.id2label.items()}
-    return Model(
+    model = Model(
         module,
         task=task,
         rules=default_rules(arch, module, new_paths),
@@ -183,5 +188,65 @@ def load(
         source=os.fspath(name_or_path),
         new_paths=new_paths,
         layer_pattern=arch.layer,
+        num_layers=arch.num_layers(cfg),
+    )
+    model.layout = layout
+    return model
+
+
+def from_config(
+    config: Any,
+    task: str = "feature-extraction",
+    num_labels: int | None = None,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    tokenizer: Any = None,
+    processor: Any = None,
+    seed: int = 0,
+) -> Model:
+    """A freshly initialised model (no pretrained weights) from a Hugging Face config, to train from scratch.
+
+    Every parameter is new, so the default rules put everything in group ``new``; the model exports and loads like a
+    pretrained one.
+
+    Args:
+      config: A `transformers.PretrainedConfig` (e.g. ``transformers.ViTConfig(...)``) of a supported model type.
+      task: The task head to build.
+      num_labels: Classifier outputs (classification tasks).
+      id2label: Label names by class index.
+      dtype: Computation dtype.
+      param_dtype: Storage dtype of the parameters.
+      tokenizer: A tokenizer to attach (text models).
+      processor: An image processor to attach (vision models).
+      seed: Initialisation and dropout seed.
+
+    Returns:
+      The `finetune.Model`.
+
+    Example:
+      >>> model = finetune.from_config(transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2),
+      ...                              task="image-classification", num_labels=10)
+    """
+    import copy
+
+    hf_config = copy.deepcopy(config)
+    arch = registry.get(hf_config.model_type)
+    if task not in arch.tasks:
+        raise ConfigError(
+            f"`task` must be one of {', '.join(arch.tasks)} for {arch.name} models; received task={task!r}."
+        )
+    num_labels, id2label = resolve_labels(task, hf_config, num_labels, id2label)
+    cfg = arch.config_from_hf(hf_config)
+    kw = {"task": task, "num_labels": num_labels, "dtype": dtype, "param_dtype": param_dtype}
+    module = arch.build(cfg, **kw, rngs=weights.build_rngs(seed))
+    if num_labels is not None:
+        hf_config.id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+        hf_config.label2id = {v: k for k, v in hf_config.id2label.items()}
+    paths = tuple(weights.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    return Model(
+        module, task=task, rules=[(".*", "new")], tokenizer=tokenizer, processor=processor, hf_config=hf_config,
+        architecture=arch, id2label=id2label, source=None, new_paths=paths, layer_pattern=arch.layer,
         num_layers=arch.num_layers(cfg),
     )
