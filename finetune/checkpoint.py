@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
@@ -32,18 +33,45 @@ def _is_key(x: Any) -> bool:
 
 
 def to_saveable(state: Any) -> Any:
-    """Host copies of every array (typed PRNG keys as their raw key data), safe from later buffer donation."""
-    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x)) if _is_key(x) else np.asarray(x), state)
+    """Copies of every array that later buffer donation cannot touch (typed PRNG keys as their raw key data).
+
+    Arrays this process holds entirely become numpy host copies. Arrays spread over several processes stay jax arrays
+    (copied on device): Orbax writes each process's own shards, so every process takes part in the save.
+    """
+
+    def copy(x):
+        x = jax.random.key_data(x) if _is_key(x) else x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jnp.copy(x)
+        return np.asarray(x)
+
+    return jax.tree.map(copy, state)
+
+
+def _target(ref: Any) -> Any:
+    """What Orbax restores a leaf as: an array already in ``ref``'s sharding, or a numpy array."""
+    if not isinstance(ref, jax.Array):
+        return np.zeros(np.shape(ref), np.asarray(ref).dtype)
+    shape, dtype = (jax.random.key_data(ref).shape, np.uint32) if _is_key(ref) else (ref.shape, ref.dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=ref.sharding)
 
 
 def from_saveable(saved: Any, like: Any) -> Any:
-    """Puts restored arrays back in the structure, dtypes and shardings of ``like`` (PRNG keys re-wrapped)."""
+    """Puts restored arrays back in the structure, dtypes and shardings of ``like`` (PRNG keys re-wrapped).
+
+    A checkpoint written on one device restores onto a mesh and the other way round: the arrays take ``like``'s
+    shardings, whatever the run that wrote them used.
+    """
 
     def put(value, ref):
-        if _is_key(ref):
-            return jax.random.wrap_key_data(jax.device_put(value), impl=jax.random.key_impl(ref))
         sharding = getattr(ref, "sharding", None)
-        return jax.device_put(np.asarray(value, dtype=ref.dtype), sharding)
+        if not isinstance(value, jax.Array):
+            value = jax.device_put(np.asarray(value), sharding)
+        elif sharding is not None and value.sharding != sharding:
+            value = jax.device_put(value, sharding)
+        if _is_key(ref):
+            return jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref))
+        return value if value.dtype == ref.dtype else value.astype(ref.dtype)
 
     return jax.tree.map(put, saved, like)
 
@@ -133,7 +161,7 @@ class Checkpointer:
                 f"`resume` was requested, but {str(self.directory)!r} holds no complete checkpoint. Start without "
                 "resume=, or point checkpoint_dir at the run to continue."
             )
-        abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), to_saveable(like))
+        abstract = jax.tree.map(_target, like)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )

@@ -20,6 +20,8 @@ from typing import Any
 import safetensors.numpy
 
 from finetune.errors import ConfigError
+from finetune.lora import merged
+from finetune.sharding import host_local, is_main_process
 from finetune.weights import export_weights
 
 LIBRARY = "finetune"
@@ -55,12 +57,18 @@ def write(model: Any, directory: str | os.PathLike, *, datasets: list[str] | Non
     """
     if model.architecture is None or model.hf_config is None:
         raise ConfigError(
-            "save_pretrained needs a model loaded with finetune.load (it knows its Hugging Face architecture); this "
+            "`save_pretrained` needs a model loaded with finetune.load (it knows its Hugging Face architecture); this "
             "model wraps a custom NNX module. Save it with a checkpoint instead (fit(checkpoint_dir=...))."
         )
     target = Path(directory).absolute()
     if target.exists() and not target.is_dir():
         raise ConfigError(f"`directory` {str(target)!r} is a file; pass a directory path for the export.")
+    local = host_local(model.module)  # several hosts: every process takes part in gathering sharded parameters
+    if not is_main_process():
+        return target  # only process 0 writes
+    if local is not model.module:
+        model = copy.copy(model)
+        model.module = local
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -75,7 +83,7 @@ def write(model: Any, directory: str | os.PathLike, *, datasets: list[str] | Non
 def _write_files(model: Any, out: Path, **card: Any) -> None:
     arch = model.architecture
     cfg = arch.config_from_hf(model.hf_config)
-    tensors = export_weights(model.module, arch.table(cfg, model.task))
+    tensors = export_weights(merged(model.module), arch.table(cfg, model.task))  # LoRA adapters folded in
     safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = _hf_config(model)
     config.save_pretrained(out)

@@ -78,9 +78,11 @@ class Model:
         self.layer_pattern = layer_pattern
         self.num_layers = num_layers
         self.recipe = None
+        self.layout = None  # where arrays live (finetune.sharding.Layout): a runtime option, never part of the recipe
         self._infer = None
         self._trainer = None
         self.last_metrics: dict[str, float] | None = None
+        self.family: str | None = None  # single / multi / regression / token / lm, known once data was seen
 
     def __call__(self, **inputs: Any) -> jax.Array:
         """Runs the model in inference mode (no dropout) on one batch of keyword arrays; returns the logits."""
@@ -106,6 +108,7 @@ class Model:
         schedule: Any = None,
         loss: Any = None,
         metrics: Sequence[str] | None = None,
+        sharding: Any = None,
         **overrides: Any,
     ) -> Model:
         """Sets the recipe: a preset by name (or the defaults), with any field overridden.
@@ -118,6 +121,9 @@ class Model:
           schedule: Schedule name, dict or optax schedule.
           loss: None (the task's loss) or ``(logits, labels) -> per-item losses``.
           metrics: Metric names, e.g. ``["accuracy", "f1_macro"]``.
+          sharding: Spread training over devices: ``"data"``, ``"fsdp"``, ``"tensor"``, ``"fsdp+tensor"`` or a mesh
+            shape like ``{"data": 4, "model": 2}`` (see `finetune.sharding`). A runtime option, not a recipe field,
+            so checkpoints restore on any mesh.
           **overrides: Any other `finetune.Recipe` field (``weight_decay``, ``warmup``, ``clip_norm``, ``groups``,
             ``accumulate``, ``epochs``, ``batch_size``...).
 
@@ -139,6 +145,10 @@ class Model:
         )
         self.recipe = base.replace(**{k: v for k, v in given.items() if v is not None}, **overrides)
         self._trainer = None
+        if sharding is not None:
+            from finetune import sharding as sharding_lib
+
+            self.layout = sharding_lib.resolve(self.layout, sharding)
         if self.recipe.rules is not None or self.recipe.groups:
             self.plan()  # rule errors surface at compile time, not after data loading
         return self
@@ -166,6 +176,8 @@ class Model:
         keep: int = 3,
         monitor: str | None = None,
         resume: bool | str | os.PathLike = False,
+        mesh: Any = None,
+        sharding_rules: Mapping[str, Any] | None = None,
     ):
         """Trains the model; returns a `finetune.History`.
 
@@ -186,6 +198,12 @@ class Model:
           resume: True continues from the latest checkpoint in ``checkpoint_dir`` when there is one; a path
             continues from the checkpoints there. The resumed run ends with the same parameters as an uninterrupted
             one.
+          mesh: Spread training over devices: ``"data"`` (batch split), ``"fsdp"`` (parameters and optimizer state
+            split too), ``"tensor"`` (heads and MLP split over a model axis), ``"fsdp+tensor"``, a mesh shape like
+            ``{"data": 4, "model": 2}``, or a `jax.sharding.Mesh`. Default: ``compile(sharding=...)``'s, else one
+            device. ``batch_size`` is the global batch; it must divide over the data axis. See `finetune.sharding`.
+          sharding_rules: Logical axis -> mesh axis overrides of `finetune.sharding.DEFAULT_RULES`, e.g.
+            ``{"vocab": "model"}``.
 
         Example:
           >>> history = model.fit({"x": x, "labels": y}, epochs=3, batch_size=32)
@@ -196,7 +214,9 @@ class Model:
 
         if self.recipe is None:
             self.recipe = Recipe()
-        trainer = Trainer(self, self.recipe)
+        from finetune import sharding as sharding_lib
+
+        trainer = Trainer(self, self.recipe, layout=sharding_lib.resolve(self.layout, mesh, rules=sharding_rules))
         self._trainer = trainer
         return trainer.fit(
             train,
@@ -219,7 +239,7 @@ class Model:
         from finetune.training.trainer import Trainer
 
         if self._trainer is None:
-            self._trainer = Trainer(self, self.recipe or Recipe())
+            self._trainer = Trainer(self, self.recipe or Recipe(), layout=self.layout)
         self._trainer.sync_model()
         return self._trainer
 
@@ -238,7 +258,7 @@ class Model:
         logits = trainer.predict(data, batch_size=batch_size or trainer.recipe.batch_size)
         if self.task == "feature-extraction":
             return {"hidden_states": logits}
-        family = kind(self.task, logits.shape, None)
+        family = self.family or kind(self.task, logits.shape, None)
         return {"logits": logits, **{k: np.asarray(v) for k, v in predictions(family, jnp.asarray(logits)).items()}}
 
     def summary(self, *, paths: bool = False, recipe: Any = None, trainer: Any = None, printed: bool = True) -> str:
@@ -274,3 +294,60 @@ class Model:
         if self._trainer is not None:
             self._trainer.sync_model()
         return write(self, directory, **card)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        token: str | None = None,
+        **card: Any,
+    ) -> str:
+        """Exports the model (as `save_pretrained`) and uploads it to a Hub repository in one commit.
+
+        Args:
+          repo_id: ``"namespace/name"``; the repository is created when missing.
+          private: Visibility of a newly created repository (an existing one is left as it is).
+          revision: A branch to push to, created from ``main`` when missing (default: ``main``).
+          commit_message: The commit title.
+          token: A write token; default: huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``).
+          **card: ``datasets=[...]``, ``license=...``, ``metrics={...}`` for the model card.
+
+        Returns:
+          The URL of the commit.
+
+        Raises:
+          HubError: No token, or the Hub unreachable or refusing the push (the message never holds the token).
+
+        Example:
+          >>> model.push_to_hub("me/minilm-reviews", private=True)
+          'https://huggingface.co/me/minilm-reviews/commit/...'
+          >>> finetune.load("me/minilm-reviews", task="text-classification")
+        """
+        from finetune.push import push_model
+
+        return push_model(
+            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token, **card
+        )
+
+    def save_adapter(self, directory: str | os.PathLike):
+        """Writes only the LoRA adapters (and a trained new head) in the format of the ``peft`` library.
+
+        Args:
+          directory: Receives ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+        Returns:
+          The directory, as a `pathlib.Path`.
+
+        Example:
+          >>> model.compile("lora").fit(train)
+          >>> model.save_adapter("out/adapter")
+          >>> peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), "out/adapter")
+        """
+        from finetune.lora import save_adapter
+
+        if self._trainer is not None:
+            self._trainer.sync_model()
+        return save_adapter(self, directory)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune.errors import ConfigError
-from finetune.optim import OptimizerSpec
+from finetune.optim import OPTIMIZERS, OptimizerSpec
 from finetune.rules import Group
 
 
@@ -94,6 +94,20 @@ class Recipe:
             raise ConfigError(
                 f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}."
             )
+        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float) or (
+            self.learning_rate <= 0
+        ):
+            raise ConfigError(f"`learning_rate` must be a number > 0; received learning_rate={self.learning_rate!r}.")
+        if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
+            raise ConfigError(
+                f"`weight_decay` must be a number >= 0; received weight_decay={self.weight_decay!r}. Use 0 for none."
+            )
+        if self.clip_norm is not None and (not isinstance(self.clip_norm, int | float) or self.clip_norm <= 0):
+            raise ConfigError(f"`clip_norm` must be > 0 or None (no clipping); received clip_norm={self.clip_norm!r}.")
+        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
+            close = difflib.get_close_matches(self.optimizer, OPTIMIZERS, n=2)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"Unknown optimizer {self.optimizer!r}.{hint} Allowed: {', '.join(OPTIMIZERS)}.")
         if self.layer_decay is not None and not (isinstance(self.layer_decay, int | float) and 0 < self.layer_decay <= 1):
             raise ConfigError(f"`layer_decay` must be in (0, 1] or None; received layer_decay={self.layer_decay!r}.")
         if self.precision not in ("float32", "bfloat16"):

@@ -26,6 +26,7 @@ import numpy as np
 import safetensors
 from flax import nnx
 
+from finetune import sharding as sharding_lib
 from finetune.errors import LoadError
 
 logger = logging.getLogger("finetune")
@@ -296,22 +297,26 @@ def build_rngs(seed: int) -> nnx.Rngs:
     return rngs
 
 
-def _init_leaves(init_fn: Callable[[], nnx.Module], paths: frozenset[str]) -> dict[str, jax.Array]:
-    """Initialises only ``paths``: the jitted init returns just those leaves, so XLA drops the rest of the model."""
+def _init_leaves(
+    init_fn: Callable[[], nnx.Module], paths: frozenset[str], shardings: Mapping[str, Any] | None = None
+) -> dict[str, jax.Array]:
+    """Initialises only ``paths``: the jitted init returns just those leaves, so XLA drops the rest of the model.
+    With ``shardings`` (``{path: sharding}``), each leaf is created directly in its sharding."""
 
-    @jax.jit
     def init():
         flat = nnx.to_flat_state(nnx.state(init_fn()))
         return {path_str(p): v.get_value() for p, v in flat if path_str(p) in paths}
 
-    return init()
+    if shardings:
+        return jax.jit(init, out_shardings={p: shardings[p] for p in paths})()
+    return jax.jit(init)()
 
 
 class _Fill:
     """Puts checkpoint tensors into abstract variables and collects every coverage problem on the way."""
 
-    def __init__(self, variables: dict[str, nnx.Variable], fresh: re.Pattern | None):
-        self.variables, self.fresh = variables, fresh
+    def __init__(self, variables: dict[str, nnx.Variable], fresh: re.Pattern | None, shardings=None):
+        self.variables, self.fresh, self.shardings = variables, fresh, shardings
         self.filled: set[str] = set()
         self.wrong: set[str] = set()  # paths whose tensor had another shape: reported once, as a mismatch
         self.unused: list[str] = []
@@ -341,7 +346,11 @@ class _Fill:
             (self.replaced if self.fresh and self.fresh.fullmatch(path) else self.mismatched).append(problem)
             self.wrong.add(path)
             return
-        self.variables[path].set_value(jax.device_put(np.asarray(array, dtype=want.dtype)))
+        value = np.asarray(array, dtype=want.dtype)
+        if self.shardings:  # straight into its sharding: only this device's shard of it is copied to each device
+            self.variables[path].set_value(sharding_lib.put(value, self.shardings[path]))
+        else:
+            self.variables[path].set_value(jax.device_put(value))
         self.filled.add(path)
 
     def check(self, where: str) -> tuple[str, ...]:
@@ -373,6 +382,7 @@ def load_weights(
     *,
     ignore: Sequence[str] = (),
     fresh: str | None = None,
+    layout: Any = None,
 ) -> tuple[nnx.Module, tuple[str, ...]]:
     """Builds the module from a checkpoint without ever allocating its random initialisation.
 
@@ -387,6 +397,8 @@ def load_weights(
       ignore: Full-match regexes of checkpoint keys that may go unused (e.g. a pretraining head).
       fresh: Full-match regex of parameter paths that may be absent from the checkpoint, or stored with another
         shape (a classifier with a different number of labels). Those are initialised fresh.
+      layout: A `finetune.sharding.Layout`: each tensor goes straight into its sharding as it is read (no full copy
+        on one device first). None: the default device.
 
     Returns:
       ``(module, new_paths)``: the module with all its variables set, and the paths initialised fresh.
@@ -399,13 +411,14 @@ def load_weights(
     """
     graphdef, state = nnx.split(nnx.eval_shape(init_fn))
     variables = {path_str(p): v for p, v in nnx.to_flat_state(state)}
-    fill = _Fill(variables, re.compile(fresh) if fresh else None)
+    shardings = layout.variable_shardings(variables) if layout is not None else None
+    fill = _Fill(variables, re.compile(fresh) if fresh else None, shardings)
     with open_checkpoint(checkpoint) as readers:
         fill.run(readers, [(re.compile(row.key), row) for row in table], [re.compile(p) for p in ignore])
     new = fill.check(str(checkpoint.files[0].parent))
     to_init = frozenset(variables) - fill.filled
     if to_init:
-        for path, value in _init_leaves(init_fn, to_init).items():
+        for path, value in _init_leaves(init_fn, to_init, shardings).items():
             variables[path].set_value(value)
     logger.info("Loaded %d tensors (%s); initialised fresh: %s", len(fill.filled), checkpoint.format, new or "none")
     return nnx.merge(graphdef, state), new

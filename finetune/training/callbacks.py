@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any
 
+from finetune.errors import ConfigError
+
 
 class Callback:
     """Base class: override the hooks you need. ``self.trainer`` is set before ``on_train_begin``."""
@@ -47,7 +49,7 @@ class EarlyStopping(Callback):
         restore_best_weights: bool = False,
     ):
         if mode not in ("auto", "min", "max"):
-            raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; received mode={mode!r}.")
+            raise ConfigError(f"`mode` must be 'auto', 'min' or 'max'; received mode={mode!r}.")
         if mode == "auto":
             mode = "max" if any(k in monitor for k in ("acc", "f1", "precision", "recall")) else "min"
         self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, abs(min_delta)
@@ -63,8 +65,9 @@ class EarlyStopping(Callback):
         value = (logs or {}).get(self.monitor)
         if value is None:
             available = ", ".join(sorted(logs or {}))
-            raise KeyError(
-                f"EarlyStopping monitors {self.monitor!r}, which the epoch logs lack. Available: {available}."
+            raise ConfigError(
+                f"EarlyStopping's `monitor` is {self.monitor!r}, which the epoch logs lack. Available: {available}. "
+                "Monitor one of these (val_ metrics need validation_data)."
             )
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0

@@ -45,22 +45,41 @@ class Program:
     num_classes: int
 
     def __post_init__(self):
+        self.shardings: State | None = None
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, donate_argnums=1)
         self.predict_step = jax.jit(self._predict_step)
 
-    def init_state(self, params: dict, frozen: dict, rest: dict) -> State:
-        return {
-            "params": params,
-            "frozen": frozen,
-            "rest": rest,
-            "opt": self.tx.init(params) if self.tx is not None else None,
-            "step": jnp.zeros((), jnp.int32),
-            "acc": self.zero_metrics(),
-        }
+    def init_state(self, params: dict, frozen: dict, rest: dict, shardings: State | None = None) -> State:
+        """The state before the first step.
+
+        With ``shardings`` (a `State` of shardings, from `finetune.sharding.Layout.state_shardings`; ``params``,
+        ``frozen`` and ``rest`` already placed), the optimizer state and the sums are created directly in their
+        shardings, and the steps return the state in exactly those shardings, so the layout never drifts.
+        """
+        if shardings is None:
+            return {
+                "params": params,
+                "frozen": frozen,
+                "rest": rest,
+                "opt": self.tx.init(params) if self.tx is not None else None,
+                "step": jnp.zeros((), jnp.int32),
+                "acc": self.zero_metrics(),
+            }
+        self.shardings = shardings
+        self.train_step = jax.jit(self._train_step, donate_argnums=0, out_shardings=shardings)
+        self.eval_step = jax.jit(self._eval_step, donate_argnums=1, out_shardings=shardings["acc"])
+        self.predict_step = jax.jit(self._predict_step, out_shardings=shardings["step"])  # gathered: host-readable
+        opt = jax.jit(self.tx.init, out_shardings=shardings["opt"])(params) if self.tx is not None else None
+        step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])()
+        self._zeros = jax.jit(self._zero_metrics, out_shardings=shardings["acc"])
+        return {"params": params, "frozen": frozen, "rest": rest, "opt": opt, "step": step, "acc": self.zero_metrics()}
+
+    def _zero_metrics(self) -> dict:
+        return metrics_lib.init(self.metrics, self.num_classes)
 
     def zero_metrics(self) -> dict:
-        return metrics_lib.init(self.metrics, self.num_classes)
+        return self._zeros() if self.shardings is not None else self._zero_metrics()
 
     def _forward(self, graphdef, params, frozen, rest, batch):
         model = nnx.merge(graphdef, params, frozen, rest)

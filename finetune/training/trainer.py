@@ -141,6 +141,12 @@ class Trainer:
     def fit(self, train: Any, *, epochs: int, steps: int | None, batch_size: int, **options: Any) -> History:
         """Trains; see `finetune.Model.fit` for the options."""
         run = self._run = _Run(source=self._source(train, stage="fit"), batch_size=batch_size, **options)
+        size = getattr(run.source, "size", None)
+        if size is not None and batch_size > size:
+            raise ConfigError(
+                f"`batch_size`={batch_size} is larger than the training data ({size} examples), so every step would "
+                f"be mostly padding. Use batch_size <= {size}, or more data."
+            )
         if run.resume not in (True, False, None) and run.checkpoint_dir is None:
             run.checkpoint_dir = run.resume  # resume from a path, and keep writing there
         if run.checkpoint_dir is not None:
