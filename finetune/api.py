@@ -17,6 +17,7 @@ def fit(
     num_labels: int | None = None,
     callbacks: Any = (),
     verbose: int = 1,
+    mesh: Any = None,
     **overrides: Any,
 ):
     """Fine-tunes in one call; returns ``(model, history)``.
@@ -30,6 +31,7 @@ def fit(
       num_labels: Number of classes when loading by name (None: from the data or the checkpoint).
       callbacks: Callbacks for `Model.fit`.
       verbose: 0 is silent.
+      mesh: Spread training over devices (see `Model.fit`).
       **overrides: Recipe fields (``learning_rate``, ``epochs``, ``batch_size``...).
 
     Example:
@@ -42,5 +44,5 @@ def fit(
 
         model = load(model_or_name, task=task or "text-classification", num_labels=num_labels)
     model.compile(preset, **overrides)
-    history = model.fit(train, validation_data, callbacks=callbacks, verbose=verbose)
+    history = model.fit(train, validation_data, callbacks=callbacks, verbose=verbose, mesh=mesh)
     return model, history

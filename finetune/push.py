@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import ConfigError, FinetuneError, HubError
+from finetune.sharding import host_local, is_main_process
 from finetune.training.callbacks import Callback
 
 logger = logging.getLogger("finetune")
@@ -210,7 +211,9 @@ def push_model(
     _check_repo_id(repo_id)
     token = _token(token)  # before the export: a missing token should not cost an export
     with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
-        folder = model.save_pretrained(Path(tmp) / "export", **card)
+        folder = model.save_pretrained(Path(tmp) / "export", **card)  # every process gathers; process 0 writes
+        if not is_main_process():
+            return ""
         return push_folder(
             folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
         )
@@ -223,7 +226,7 @@ def _host_snapshot(model: Any) -> Any:
     import jax
     from flax import nnx
 
-    graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(host_local(model.module), nnx.Param, ...)  # gathered when sharded over hosts
     cpu = jax.devices("cpu")[0]  # host memory, as jax arrays (the export reads their sharding)
     snapshot = copy.copy(model)
     snapshot.module = nnx.merge(graphdef, jax.tree.map(lambda x: jax.device_put(np.asarray(x), cpu), params), rest)
