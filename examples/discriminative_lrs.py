@@ -1,6 +1,6 @@
 """Discriminative learning rates: backbone 0.1x, pretrained head (pooler) 1x, new classifier 10x.
 
-  python examples/discriminative_lrs.py
+python examples/discriminative_lrs.py
 """
 
 import os

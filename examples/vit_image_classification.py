@@ -16,8 +16,15 @@ from finetune.datasets import digits
 epochs = int(os.environ.get("EXAMPLE_EPOCHS", 10))
 data = digits()  # 8x8 grey images, 10 classes
 
-config = transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, intermediate_size=128)
+config = transformers.ViTConfig(
+    image_size=8,
+    patch_size=2,
+    num_channels=1,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+)
 processor = transformers.ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
 model = finetune.from_config(config, task="image-classification", num_labels=10, processor=processor)
 model.compile(preset="vit", optimizer="adamw", optimizer_options={}, learning_rate=3e-3, batch_size=64)

@@ -138,7 +138,9 @@ class Checkpointer:
 
     def _write_error(self, step: int | str, error: BaseException) -> CheckpointError:
         previous = self.latest()
-        kept = f"The previous checkpoint (step {previous}) is intact" if previous is not None else "No checkpoint was lost"
+        kept = (
+            f"The previous checkpoint (step {previous}) is intact" if previous is not None else "No checkpoint was lost"
+        )
         return CheckpointError(
             f"Could not write checkpoint {step} to {str(self.directory)!r}: {error}. {kept}, and the training state in "
             "memory is unchanged. Free disk space or pass another checkpoint_dir, then fit(..., resume=True)."

@@ -77,8 +77,9 @@ def _data(args) -> tuple[Any, Any]:
             train, validation = split["train"], split["test"]
     limit = getattr(args, "limit", None)
     if limit:
-        train, validation = train.select(range(min(limit, len(train)))), validation.select(
-            range(min(max(limit // 4, 1), len(validation)))
+        train, validation = (
+            train.select(range(min(limit, len(train)))),
+            validation.select(range(min(max(limit // 4, 1), len(validation)))),
         )
     return train, validation
 
@@ -105,8 +106,14 @@ def cmd_fit(args) -> int:
     model.compile(args.preset, sharding=layout, **overrides)
     before = model.evaluate(validation)
     print(f"validation before fine-tuning: {_fmt(before)}")
-    history = model.fit(train, validation, verbose=0 if args.quiet else 1, checkpoint_dir=output / "checkpoints",
-                        keep=1, resume=args.resume)
+    history = model.fit(
+        train,
+        validation,
+        verbose=0 if args.quiet else 1,
+        checkpoint_dir=output / "checkpoints",
+        keep=1,
+        resume=args.resume,
+    )
     after = model.evaluate(validation)
     print(f"validation after fine-tuning:  {_fmt(after)}")
     from finetune.sharding import is_main_process
@@ -167,8 +174,10 @@ def cmd_predict(args) -> int:
     out = model.predict(data, batch_size=args.batch_size)
     rows = out.get("labels", out.get("predictions"))
     names = model.id2label or {}
-    lines = [json.dumps({"prediction": names.get(int(r), int(r)) if out.get("labels") is not None else float(r)})
-             for r in rows]
+    lines = [
+        json.dumps({"prediction": names.get(int(r), int(r)) if out.get("labels") is not None else float(r)})
+        for r in rows
+    ]
     text = "\n".join(lines) + "\n"
     if args.output:
         Path(args.output).write_text(text)
@@ -217,15 +226,15 @@ def _schema_model():
             self.classifier = nnx.Linear(1, 1, rngs=rngs)
 
     rules = [("classifier/.*", "new"), ("pooler/.*", "head"), (".*", "backbone")]
-    return finetune.Model(Schema(), task="text-classification", rules=rules, layer_pattern=r"layers/(\d+)/.*",
-                          num_layers=6)
+    return finetune.Model(
+        Schema(), task="text-classification", rules=rules, layer_pattern=r"layers/(\d+)/.*", num_layers=6
+    )
 
 
 def cmd_push(args) -> int:
     from finetune.push import push_folder
 
-    print(push_folder(args.dir, args.repo, private=args.private, revision=args.revision,
-                      commit_message=args.message))
+    print(push_folder(args.dir, args.repo, private=args.private, revision=args.revision, commit_message=args.message))
     return 0
 
 
@@ -237,28 +246,41 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help=f"Hub id, hf://org/name, or local directory (default: {DEFAULT_MODEL}).")
         p.add_argument("--task", default="text-classification", help="Task (default: text-classification).")
         p.add_argument("--num-labels", type=int, help="Number of classes (default: from the data or checkpoint).")
-        p.add_argument("--data", required=data_required,
-                       help=f"A csv / json / parquet file (default: {DEFAULT_DATA}).")
+        p.add_argument("--data", required=data_required, help=f"A csv / json / parquet file (default: {DEFAULT_DATA}).")
         p.add_argument("--batch-size", type=int, default=32, help="Examples per batch (default: 32).")
 
-    p = sub.add_parser("fit", help="Fine-tune a model (no arguments: the main job).",
-                       description="Fine-tune a model. With no --model/--data: the offline main job.")
+    p = sub.add_parser(
+        "fit",
+        help="Fine-tune a model (no arguments: the main job).",
+        description="Fine-tune a model. With no --model/--data: the offline main job.",
+    )
     model_args(p, data_required=False)
     p.add_argument("--validation", help="Validation file (default: 10%% of --data, or the default data's test split).")
     p.add_argument("--preset", default="full", help="Recipe name (default: full); see `finetune presets`.")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="Override a recipe field, e.g. --set learning_rate=3e-5 --set groups.backbone.lr_mult=0.1.")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="Override a recipe field, e.g. --set learning_rate=3e-5 --set groups.backbone.lr_mult=0.1.",
+    )
     p.add_argument("--output", default="runs/finetune", help="Output directory (default: runs/finetune).")
     p.add_argument("--limit", type=int, help="Use only the first N training examples (and N/4 for validation).")
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in OUTPUT/checkpoints.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
-    p.add_argument("--mesh", action="append", metavar="STRATEGY|AXIS=N,...",
-                   help="Train over several devices: data, fsdp, tensor, fsdp+tensor, or a mesh shape like "
-                        "data=4,model=2; give both to combine (--mesh fsdp --mesh data=4,model=2).")
-    p.add_argument("--distributed", action="store_true",
-                   help="Join a multi-process run (one process per host): the coordinator, process count and id come "
-                        "from the flags below or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; TPU "
-                        "pod slices and SLURM are detected without them.")
+    p.add_argument(
+        "--mesh",
+        action="append",
+        metavar="STRATEGY|AXIS=N,...",
+        help="Train over several devices: data, fsdp, tensor, fsdp+tensor, or a mesh shape like "
+        "data=4,model=2; give both to combine (--mesh fsdp --mesh data=4,model=2).",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="Join a multi-process run (one process per host): the coordinator, process count and id come "
+        "from the flags below or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; TPU "
+        "pod slices and SLURM are detected without them.",
+    )
     p.add_argument("--coordinator-address", help="host:port of process 0 (with --distributed).")
     p.add_argument("--num-processes", type=int, help="Number of processes (with --distributed).")
     p.add_argument("--process-id", type=int, help="This process's index (with --distributed).")

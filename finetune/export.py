@@ -44,8 +44,14 @@ def _hf_config(model: Any) -> Any:
     return config
 
 
-def write(model: Any, directory: str | os.PathLike, *, datasets: list[str] | None = None, license: str | None = None,
-          metrics: dict[str, float] | None = None) -> Path:
+def write(
+    model: Any,
+    directory: str | os.PathLike,
+    *,
+    datasets: list[str] | None = None,
+    license: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
     """Writes ``model`` to ``directory`` in Hugging Face format (atomically); returns the directory.
 
     Args:
@@ -111,17 +117,26 @@ def _swap_in(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def model_card(model: Any, *, datasets: list[str] | None = None, license: str | None = None,
-               metrics: dict[str, float] | None = None) -> str:
+def model_card(
+    model: Any,
+    *,
+    datasets: list[str] | None = None,
+    license: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> str:
     """The ``README.md`` of an export: Hub metadata, then the recipe, hyperparameters and evaluation results."""
     from huggingface_hub import ModelCard, ModelCardData
 
     metrics = metrics if metrics is not None else getattr(model, "last_metrics", None) or {}
     base = model.source if model.source and not os.path.isabs(model.source) else None
     data = ModelCardData(
-        base_model=base, library_name=LIBRARY, license=license, datasets=datasets or None,
+        base_model=base,
+        library_name=LIBRARY,
+        license=license,
+        datasets=datasets or None,
         metrics=sorted({k.removeprefix("val_") for k in metrics if k != "loss"}) or None,
-        tags=[LIBRARY, "jax", "flax", TASK_TAGS[model.task]], pipeline_tag=TASK_TAGS[model.task],
+        tags=[LIBRARY, "jax", "flax", TASK_TAGS[model.task]],
+        pipeline_tag=TASK_TAGS[model.task],
     )
     recipe = model.recipe.to_dict() if model.recipe is not None else {}
     lines = [
@@ -139,8 +154,11 @@ def model_card(model: Any, *, datasets: list[str] | None = None, license: str | 
         "",
         "## Evaluation",
         "",
-        *(["| metric | value |", "| --- | --- |", *[f"| {k} | {v:.4f} |" for k, v in metrics.items()]]
-          if metrics else ["No evaluation results were recorded."]),
+        *(
+            ["| metric | value |", "| --- | --- |", *[f"| {k} | {v:.4f} |" for k, v in metrics.items()]]
+            if metrics
+            else ["No evaluation results were recorded."]
+        ),
         "",
         "## Usage",
         "",

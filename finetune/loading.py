@@ -246,7 +246,16 @@ def from_config(
         hf_config.label2id = {v: k for k, v in hf_config.id2label.items()}
     paths = tuple(weights.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)))
     return Model(
-        module, task=task, rules=[(".*", "new")], tokenizer=tokenizer, processor=processor, hf_config=hf_config,
-        architecture=arch, id2label=id2label, source=None, new_paths=paths, layer_pattern=arch.layer,
+        module,
+        task=task,
+        rules=[(".*", "new")],
+        tokenizer=tokenizer,
+        processor=processor,
+        hf_config=hf_config,
+        architecture=arch,
+        id2label=id2label,
+        source=None,
+        new_paths=paths,
+        layer_pattern=arch.layer,
         num_layers=arch.num_layers(cfg),
     )

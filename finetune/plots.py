@@ -25,8 +25,9 @@ def schedule_curves(model: Any, recipe: Recipe, total_steps: int) -> dict[str, n
     curves: dict[str, list[np.ndarray]] = {}
     for done, ((_, phase), n) in enumerate(zip(phases, lengths, strict=True)):
         assignment = plan(model, phase)
-        _, schedules = optim.build(assignment, {p: False for p in assignment.group_of}, phase.optimizer_spec(),
-                                   total_steps=max(int(n), 1))
+        _, schedules = optim.build(
+            assignment, {p: False for p in assignment.group_of}, phase.optimizer_spec(), total_steps=max(int(n), 1)
+        )
         steps = np.arange(int(n))
         for group in assignment.groups:
             values = np.asarray([float(schedules[group](s)) for s in steps]) if group in schedules else np.zeros(n)

@@ -94,8 +94,10 @@ class Recipe:
             raise ConfigError(
                 f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}."
             )
-        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float) or (
-            self.learning_rate <= 0
+        if (
+            isinstance(self.learning_rate, bool)
+            or not isinstance(self.learning_rate, int | float)
+            or (self.learning_rate <= 0)
         ):
             raise ConfigError(f"`learning_rate` must be a number > 0; received learning_rate={self.learning_rate!r}.")
         if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
@@ -108,7 +110,9 @@ class Recipe:
             close = difflib.get_close_matches(self.optimizer, OPTIMIZERS, n=2)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"Unknown optimizer {self.optimizer!r}.{hint} Allowed: {', '.join(OPTIMIZERS)}.")
-        if self.layer_decay is not None and not (isinstance(self.layer_decay, int | float) and 0 < self.layer_decay <= 1):
+        if self.layer_decay is not None and not (
+            isinstance(self.layer_decay, int | float) and 0 < self.layer_decay <= 1
+        ):
             raise ConfigError(f"`layer_decay` must be in (0, 1] or None; received layer_decay={self.layer_decay!r}.")
         if self.precision not in ("float32", "bfloat16"):
             raise ConfigError(f"`precision` must be 'float32' or 'bfloat16'; received precision={self.precision!r}.")

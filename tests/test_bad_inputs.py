@@ -34,18 +34,29 @@ def bert(tmp_path_factory):
 
 def _text_data(n=8, labels=None):
     ids = np.random.default_rng(0).integers(3, 200, (n, 6)).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels if labels is not None else
-            np.zeros(n, np.int32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "labels": labels if labels is not None else np.zeros(n, np.int32),
+    }
 
 
 # (case id, callable(tmp_path, bert fixture), exception type, fragments the message must contain)
 CASES = [
     ("unknown-preset", lambda t, b: tiny(preset="discrimnative"), ft.ConfigError, ["discrimnative", "discriminative"]),
     ("unknown-group", lambda t, b: tiny(rules=[(".*", "bakbone")]), ft.RulesError, ["bakbone", "backbone, head, new"]),
-    ("rule-matches-nothing", lambda t, b: tiny(rules=[("clasifier/.*", "new"), (".*", "backbone")]), ft.RulesError,
-     ["clasifier/.*", "classifier/kernel"]),
-    ("uncovered-params", lambda t, b: tiny(rules=[("encoder/.*", "backbone")]), ft.RulesError,
-     ["classifier/kernel", "catch-all"]),
+    (
+        "rule-matches-nothing",
+        lambda t, b: tiny(rules=[("clasifier/.*", "new"), (".*", "backbone")]),
+        ft.RulesError,
+        ["clasifier/.*", "classifier/kernel"],
+    ),
+    (
+        "uncovered-params",
+        lambda t, b: tiny(rules=[("encoder/.*", "backbone")]),
+        ft.RulesError,
+        ["classifier/kernel", "catch-all"],
+    ),
     ("zero-lr-mult", lambda t, b: ft.Group(lr_mult=0), ft.RulesError, ["lr_mult=0", "trainable=False"]),
     ("negative-lr-mult", lambda t, b: ft.Group(lr_mult=-0.1), ft.RulesError, ["lr_mult=-0.1"]),
     ("negative-wd-mult", lambda t, b: ft.Group(wd_mult=-1), ft.RulesError, ["wd_mult=-1"]),
@@ -53,8 +64,12 @@ CASES = [
     ("zero-learning-rate", lambda t, b: fit(tiny(learning_rate=0.0)), ft.ConfigError, ["learning_rate=0.0"]),
     ("unknown-optimizer", lambda t, b: fit(tiny(optimizer="adamm")), ft.ConfigError, ["'adamm'", "adamw"]),
     ("unknown-schedule", lambda t, b: fit(tiny(schedule="cosin")), ft.ConfigError, ["'cosin'", "cosine"]),
-    ("warmup-longer-than-training", lambda t, b: fit(tiny(schedule="cosine", warmup=500)), ft.ConfigError,
-     ["warmup", "500", "5 steps"]),
+    (
+        "warmup-longer-than-training",
+        lambda t, b: fit(tiny(schedule="cosine", warmup=500)),
+        ft.ConfigError,
+        ["warmup", "500", "5 steps"],
+    ),
     ("negative-clip", lambda t, b: fit(tiny(clip_norm=-1.0)), ft.ConfigError, ["clip_norm=-1.0"]),
     ("zero-epochs", lambda t, b: tiny(epochs=0), ft.ConfigError, ["epochs=0"]),
     ("zero-batch-size", lambda t, b: tiny(batch_size=0), ft.ConfigError, ["batch_size=0"]),
@@ -63,46 +78,100 @@ CASES = [
     ("layer-decay-above-one", lambda t, b: tiny(layer_decay=1.5), ft.ConfigError, ["layer_decay=1.5"]),
     ("unknown-recipe-field", lambda t, b: tiny(weight_decai=0.1), ft.ConfigError, ["weight_decai", "weight_decay"]),
     ("unknown-metric", lambda t, b: fit(tiny(metrics=["acuracy"])), ft.ConfigError, ["'acuracy'", "accuracy"]),
-    ("all-groups-frozen", lambda t, b: fit(tiny(groups={g: ft.Group(trainable=False) for g in
-                                                       ("backbone", "head", "new")})), ft.ConfigError, ["frozen"]),
-    ("unknown-task", lambda t, b: ft.Model(TinyClassifier(), task="classification"), ft.ConfigError,
-     ["task='classification'", "text-classification"]),
-    ("unknown-task-on-load", lambda t, b: ft.load(b[1], task="summarization"), ft.ConfigError,
-     ["task='summarization'"]),
+    (
+        "all-groups-frozen",
+        lambda t, b: fit(tiny(groups={g: ft.Group(trainable=False) for g in ("backbone", "head", "new")})),
+        ft.ConfigError,
+        ["frozen"],
+    ),
+    (
+        "unknown-task",
+        lambda t, b: ft.Model(TinyClassifier(), task="classification"),
+        ft.ConfigError,
+        ["task='classification'", "text-classification"],
+    ),
+    (
+        "unknown-task-on-load",
+        lambda t, b: ft.load(b[1], task="summarization"),
+        ft.ConfigError,
+        ["task='summarization'"],
+    ),
     ("batch-larger-than-data", lambda t, b: fit(batch_size=64), ft.ConfigError, ["batch_size`=64", "40 examples"]),
-    ("empty-dataset", lambda t, b: fit(data={"x": np.zeros((0, 8), np.float32), "labels": np.zeros(0, np.int32)}),
-     ft.DataError, ["empty"]),
-    ("labels-out-of-range", lambda t, b: ft.load(b[1], task="text-classification").compile().fit(
-        _text_data(labels=np.array([0, 1, 2, 7, 0, 1, 2, 0])), epochs=1, batch_size=4, verbose=0), ft.DataError,
-     ["7", "3"]),
-    ("num-labels-disagree", lambda t, b: ft.load(_with_tokenizer(b[1]), task="text-classification", num_labels=2)
-     .compile().fit(
-        {"text": ["a b", "c d", "e f", "g h"], "label": ["x", "y", "z", "w"]}, epochs=1, batch_size=2, verbose=0),
-     ft.DataError, ["4", "2"]),
-    ("missing-label-column", lambda t, b: ft.load(b[1], task="text-classification").compile().fit(
-        {"text": ["a b", "c d"], "sentiment": [0, 1]}, epochs=1, batch_size=2, verbose=0), ft.DataError,
-     ["sentiment", "label"]),
+    (
+        "empty-dataset",
+        lambda t, b: fit(data={"x": np.zeros((0, 8), np.float32), "labels": np.zeros(0, np.int32)}),
+        ft.DataError,
+        ["empty"],
+    ),
+    (
+        "labels-out-of-range",
+        lambda t, b: (
+            ft.load(b[1], task="text-classification")
+            .compile()
+            .fit(_text_data(labels=np.array([0, 1, 2, 7, 0, 1, 2, 0])), epochs=1, batch_size=4, verbose=0)
+        ),
+        ft.DataError,
+        ["7", "3"],
+    ),
+    (
+        "num-labels-disagree",
+        lambda t, b: (
+            ft.load(_with_tokenizer(b[1]), task="text-classification", num_labels=2)
+            .compile()
+            .fit(
+                {"text": ["a b", "c d", "e f", "g h"], "label": ["x", "y", "z", "w"]}, epochs=1, batch_size=2, verbose=0
+            )
+        ),
+        ft.DataError,
+        ["4", "2"],
+    ),
+    (
+        "missing-label-column",
+        lambda t, b: (
+            ft.load(b[1], task="text-classification")
+            .compile()
+            .fit({"text": ["a b", "c d"], "sentiment": [0, 1]}, epochs=1, batch_size=2, verbose=0)
+        ),
+        ft.DataError,
+        ["sentiment", "label"],
+    ),
     ("data-of-unknown-type", lambda t, b: fit(data=42), ft.DataError, ["int"]),
     ("data-file-unknown-suffix", lambda t, b: fit(data=str(t / "data.xlsx")), ft.DataError, [".xlsx"]),
     ("data-file-missing", lambda t, b: fit(data=str(t / "missing.csv")), ft.DataError, ["missing.csv"]),
     ("hub-id-missing-offline", lambda t, b: ft.load("nobody/no-such-model"), ft.LoadError, ["nobody/no-such-model"]),
     ("directory-without-weights", lambda t, b: ft.load(_config_only(t, b)), ft.LoadError, ["config.json"]),
     ("pickle-without-opt-in", lambda t, b: ft.load(_pickle_only(t, b)), ft.LoadError, ["allow_pickle"]),
-    ("shape-mismatch", lambda t, b: ft.load(_wrong_shapes(t, b)), ft.LoadError,
-     ["bert.embeddings.word_embeddings.weight", "(256, 64)", "(256, 32)"]),
+    (
+        "shape-mismatch",
+        lambda t, b: ft.load(_wrong_shapes(t, b)),
+        ft.LoadError,
+        ["bert.embeddings.word_embeddings.weight", "(256, 64)", "(256, 32)"],
+    ),
     ("unsupported-model-type", lambda t, b: ft.load(_model_type(t, b, "t5")), ft.LoadError, ["'t5'", "bert"]),
     ("remote-code", lambda t, b: ft.load(_remote_code(t, b)), ft.LoadError, ["auto_map"]),
     ("resume-from-empty-path", lambda t, b: fit(resume=t / "none"), ft.LoadError, ["no complete checkpoint"]),
     ("checkpoint-dir-is-a-file", lambda t, b: fit(checkpoint_dir=_file(t)), ft.ConfigError, ["is a file"]),
-    ("export-dir-is-a-file", lambda t, b: ft.load(b[1], task="text-classification").save_pretrained(_file(t)),
-     ft.ConfigError, ["is a file"]),
+    (
+        "export-dir-is-a-file",
+        lambda t, b: ft.load(b[1], task="text-classification").save_pretrained(_file(t)),
+        ft.ConfigError,
+        ["is a file"],
+    ),
     ("export-custom-module", lambda t, b: tiny().save_pretrained(t / "x"), ft.ConfigError, ["custom NNX module"]),
-    ("early-stopping-unknown-monitor", lambda t, b: fit(callbacks=[ft.callbacks.EarlyStopping("val_acc")]),
-     ft.ConfigError, ["'val_acc'", "accuracy"]),
+    (
+        "early-stopping-unknown-monitor",
+        lambda t, b: fit(callbacks=[ft.callbacks.EarlyStopping("val_acc")]),
+        ft.ConfigError,
+        ["'val_acc'", "accuracy"],
+    ),
     ("layer-decay-without-layers", lambda t, b: tiny(layer_decay=0.8).plan(), ft.ConfigError, ["layer_decay"]),
     ("bad-rule-shape", lambda t, b: tiny(rules=["encoder/.*"]), ft.RulesError, ["(regex, group)"]),
-    ("bad-rule-regex", lambda t, b: tiny(rules=[("encoder/(", "backbone"), (".*", "backbone")]), ft.RulesError,
-     ["encoder/("]),
+    (
+        "bad-rule-regex",
+        lambda t, b: tiny(rules=[("encoder/(", "backbone"), (".*", "backbone")]),
+        ft.RulesError,
+        ["encoder/("],
+    ),
     ("bad-phase", lambda t, b: tiny(phases=[{"learning_rate": 1e-3}]), ft.ConfigError, ["phases[0]", "epochs"]),
 ]
 
@@ -168,15 +237,32 @@ def test_bad_input_gets_a_clear_finetune_error(tmp_path, bert, case, make, error
     assert set(written) - set(before) <= {"noweights", "pickle", "shapes", "type", "remote", "afile", "none"}
 
 
-@pytest.mark.parametrize("setting, fragments", [("warmupp=0.1", ["warmupp", "warmup"]),
-                                                ("epochs=two", ["epochs='two'"]),
-                                                ("learning_rate=-3", ["learning_rate=-3"])])
+@pytest.mark.parametrize(
+    "setting, fragments",
+    [
+        ("warmupp=0.1", ["warmupp", "warmup"]),
+        ("epochs=two", ["epochs='two'"]),
+        ("learning_rate=-3", ["learning_rate=-3"]),
+    ],
+)
 def test_cli_set_with_an_unknown_key_or_a_bad_value(bert, tmp_path, capsys, setting, fragments):
     root, path = bert
     (root / "d.csv").write_text("text,label\n" + "".join(f"w{i} x,{i % 3}\n" for i in range(30)))
     tokenizer_dir = _with_tokenizer(path)
-    code = cli.main(["fit", "--model", tokenizer_dir, "--data", str(root / "d.csv"), "--set", setting, "--output",
-                     str(tmp_path / "out"), "--quiet"])
+    code = cli.main(
+        [
+            "fit",
+            "--model",
+            tokenizer_dir,
+            "--data",
+            str(root / "d.csv"),
+            "--set",
+            setting,
+            "--output",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and all(f in err for f in fragments), err
     assert not (tmp_path / "out").exists()

@@ -148,8 +148,9 @@ def test_ctrl_c_writes_a_checkpoint_then_raises_keyboard_interrupt(tmp_path):
                 signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt, match="checkpoint was written"):
-        _model(log_every=1).fit((x, y), epochs=2, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c",
-                                callbacks=[CtrlC()])
+        _model(log_every=1).fit(
+            (x, y), epochs=2, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c", callbacks=[CtrlC()]
+        )
     assert Checkpointer(tmp_path / "c").latest() == 6
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 

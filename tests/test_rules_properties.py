@@ -61,8 +61,11 @@ def test_every_parameter_lands_in_exactly_the_first_matching_rules_group(data):
         assignment = assign(paths, rules, groups)
     except RulesError as e:
         # Only legal reason: a non-final rule matched no path (shadowed or absent); the error names it.
-        dead = [i for i, (p, _) in enumerate(rules) if not any(
-            re.fullmatch(p, x) and all(not re.fullmatch(q, x) for q, _ in rules[:i]) for x in paths)]
+        dead = [
+            i
+            for i, (p, _) in enumerate(rules)
+            if not any(re.fullmatch(p, x) and all(not re.fullmatch(q, x) for q, _ in rules[:i]) for x in paths)
+        ]
         assert dead and all(f"rules[{i}]" in str(e) for i in dead)
         return
     assert set(assignment.group_of) == set(paths)
@@ -70,8 +73,9 @@ def test_every_parameter_lands_in_exactly_the_first_matching_rules_group(data):
         first = next(i for i, (p, _) in enumerate(rules) if re.fullmatch(p, path))
         assert assignment.rule_of[path] == first and assignment.group_of[path] == rules[first][1]
 
-    tx, _ = build(assignment, decay_mask(flatten(tree)), OptimizerSpec(optimizer="sgd", learning_rate=0.5),
-                  total_steps=None)
+    tx, _ = build(
+        assignment, decay_mask(flatten(tree)), OptimizerSpec(optimizer="sgd", learning_rate=0.5), total_steps=None
+    )
     grads = jax.tree.map(jnp.ones_like, tree)
     updates = flatten(tx.update(grads, tx.init(tree), tree)[0])
     for path, update in updates.items():

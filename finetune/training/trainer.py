@@ -317,8 +317,12 @@ class Trainer:
         if options.get("stage") == "fit" and self.recipe.packing:
             options["packing"] = True
         return data_lib.as_source(
-            data, task=self.model.task, model=self.model, max_length=self.recipe.max_length,
-            columns=self.recipe.columns, **options,
+            data,
+            task=self.model.task,
+            model=self.model,
+            max_length=self.recipe.max_length,
+            columns=self.recipe.columns,
+            **options,
         )
 
     def evaluate(self, data: Any, *, batch_size: int, prefix: str = "") -> dict[str, float]:

@@ -56,8 +56,9 @@ def fixed_arrays(seq: int, n: int) -> dict:
     train = rotten_tomatoes()["train"]
     texts = [train[i % len(train)]["text"] for i in range(n)]
     labels = np.array([train[i % len(train)]["label"] for i in range(n)], np.int32)
-    enc = AutoTokenizer.from_pretrained(model_path())(texts, padding="max_length", truncation=True, max_length=seq,
-                                                    return_tensors="np")
+    enc = AutoTokenizer.from_pretrained(model_path())(
+        texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np"
+    )
     return {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")} | {"labels": labels}
 
 
@@ -80,8 +81,9 @@ def run_finetune(config: str, steps: int, warmup: int) -> dict:
         from finetune.datasets import rotten_tomatoes
 
         ds = rotten_tomatoes()
-        model.compile(optimizer="adamw", learning_rate=LR, schedule="linear", clip_norm=1.0, max_length=128,
-                      log_every=10)
+        model.compile(
+            optimizer="adamw", learning_rate=LR, schedule="linear", clip_norm=1.0, max_length=128, log_every=10
+        )
         start = time.perf_counter()
         model.fit(ds["train"].select(range(TRAIN_N)), epochs=1, batch_size=BATCH, verbose=0)
         wall = time.perf_counter() - start
@@ -111,8 +113,14 @@ def run_startup() -> dict:
 def run_trainer(config: str, steps: int, warmup: int) -> dict:
     import numpy as np
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2)
@@ -126,10 +134,22 @@ def run_trainer(config: str, steps: int, warmup: int) -> dict:
             marks.append((state.global_step, time.perf_counter()))
 
     out = tempfile.mkdtemp()
-    common = dict(output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="linear",
-                  max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch_fused", report_to=[], save_strategy="no",
-                  logging_strategy="no", use_cpu=True, dataloader_num_workers=0, bf16=config.startswith("bf16"),
-                  disable_tqdm=True)
+    common = dict(
+        output_dir=out,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        optim="adamw_torch_fused",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        bf16=config.startswith("bf16"),
+        disable_tqdm=True,
+    )
     if config == "real-epoch":
         from finetune.datasets import rotten_tomatoes
 
@@ -158,8 +178,18 @@ def run_trainer(config: str, steps: int, warmup: int) -> dict:
 # ----------------------------------------------------------------------------- driver
 def worker(side: str, config: str, steps: int, warmup: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--worker", side, "--configs", config, "--steps", str(steps),
-           "--warmup", str(warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--configs",
+        config,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} {config} failed:\n{proc.stderr[-3000:]}")
