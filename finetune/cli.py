@@ -120,6 +120,8 @@ def cmd_fit(args) -> int:
 
     if not is_main_process():  # several hosts: only process 0 writes; the others help gather the weights
         model.save_pretrained(output / "model")
+    if model.recipe.lora is not None:
+        model.save_adapter(output / "adapter")
         return 0
     _write_outputs(model, history, output, before=before, after=after)
     print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
@@ -146,6 +148,8 @@ def _write_outputs(model, history, output: Path, *, before: dict, after: dict) -
     history.plot(output / "training_curves.png")
     plot_schedule(schedule_curves(model, model.recipe, steps), output / "lr_schedule.png")
     model.save_pretrained(output / "model")
+    if model.recipe.lora is not None:
+        model.save_adapter(output / "adapter")
 
 
 def _fmt(metrics: dict) -> str:

@@ -160,7 +160,7 @@ def test_token_classification_labels_only_the_first_word_piece(dirs):
     # [CLS] the good ##ly film [SEP]: "goodly" is two pieces, only the first carries B-POS
     assert batch["labels"][0, :6].tolist() == [-100, 0, 1, -100, 0, -100]
     assert model.id2label == {0: "O", 1: "B-POS", 2: "B-NEG"}
-    model.fit(ds, epochs=2, verbose=0)
+    model.fit(ds, epochs=2, batch_size=3, verbose=0)
     got = model.evaluate(ds)
     pred = model.predict(ds)["labels"]
     truth = batch["labels"][:, : pred.shape[1]]  # predict pads to the longest example, not to a bucket
@@ -209,7 +209,7 @@ def test_causal_lm_fits_with_packing_and_reports_perplexity(dirs):
     raw = {"text": [" ".join(rng.choice(WORDS, rng.integers(3, 8))) for _ in range(64)]}
     packed = data_lib.as_source(raw, task=model.task, model=model, packing=True, max_length=32)
     assert len(packed) < 64 / 3 and packed.lengths.max() <= 32
-    history = model.fit(packed, epochs=3, verbose=0)
+    history = model.fit(packed, epochs=3, batch_size=8, verbose=0)
     assert history.history["perplexity"][-1] < history.history["perplexity"][0]
     assert history.history["perplexity"][-1] == pytest.approx(np.exp(history.history["loss"][-1]), rel=1e-3)
 
