@@ -1,7 +1,8 @@
 """GPT-2 (``model_type`` gpt2): causal LM, sequence and token classification, feature extraction."""
 
+from finetune.models.decoder import TASKS
 from finetune.models.gpt2 import convert
-from finetune.models.gpt2.modeling import GPT2, TASKS, Config
+from finetune.models.gpt2.modeling import GPT2, Config
 from finetune.models.registry import Architecture
 
 _HF_CLASSES = {

@@ -18,10 +18,9 @@ from flax import nnx
 
 from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
+from finetune.models.decoder import causal_attention, check_task, last_token
 
 Dtype = Any
-
-TASKS = ("causal-lm", "text-classification", "token-classification", "feature-extraction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,24 +97,6 @@ def unbiased(n_in: int, n_out: int, names: tuple[str, str], *, dtype: Dtype, par
     )
 
 
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float, dropout: nnx.Dropout
-) -> jax.Array:
-    """Causal multi-head attention, ``[B, T, heads, head_dim]`` in and out.
-
-    ``mask`` is the ``[B, 1, 1, T]`` boolean key mask of the padding. Without dropout this is
-    `jax.nn.dot_product_attention`; with attention dropout in training it is spelled out, since that has none.
-    """
-    if dropout.deterministic or dropout.rate == 0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    allowed = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
-    if mask is not None:
-        allowed = allowed & mask
-    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", dropout(probs).astype(v.dtype), v)
-
-
 class Attention(nnx.Module):
     """Causal self-attention with separate query/key/value projections (split from ``c_attn`` at load time)."""
 
@@ -166,23 +147,6 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         x = x + self.attention(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
-
-
-def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
-    """The hidden state of each row's last token, ``[B, T, H] -> [B, H]``, found as transformers does.
-
-    With a ``pad_token_id``: the rightmost token that is not padding (``argmax(index * (ids != pad))``), exactly
-    transformers' rule. Without one, transformers only accepts batches of one and takes the last position; here the
-    last position the attention mask keeps is taken instead, which agrees with it and also handles padded batches.
-    """
-    if pad_token_id is not None:
-        keep = input_ids != pad_token_id
-    elif attention_mask is not None:
-        keep = attention_mask.astype(bool)
-    else:
-        return hidden[:, -1]
-    index = jnp.argmax(jnp.arange(input_ids.shape[1]) * keep, axis=-1)
-    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
 
 
 class GPT2(nnx.Module):
@@ -276,14 +240,3 @@ class GPT2(nnx.Module):
         if self.task == "token-classification":
             return self.classifier(self.head_dropout(x))
         return x
-
-
-def check_task(task: str, num_labels: int | None) -> None:
-    """Refuses a task GPT-2 has no head for, or a classification head without ``num_labels``."""
-    if task not in TASKS:
-        raise ConfigError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}. Pick one of these.")
-    if task in ("text-classification", "token-classification") and not num_labels:
-        raise ConfigError(
-            f"`num_labels` must be a positive integer for task={task!r}; received num_labels={num_labels!r}. "
-            "Pass the number of classes (1 for regression)."
-        )

@@ -1,7 +1,8 @@
 """Llama-family decoders (``model_type`` llama, mistral, qwen2, qwen3): causal LM, classification, features."""
 
+from finetune.models.decoder import TASKS
 from finetune.models.llama import convert
-from finetune.models.llama.modeling import FAMILIES, TASKS, Config, Llama
+from finetune.models.llama.modeling import FAMILIES, Config, Llama
 from finetune.models.registry import Architecture
 
 # task -> suffix of the transformers class name, after the family prefix (``Qwen2`` + ``ForCausalLM``).

@@ -17,20 +17,19 @@ not incremental generation.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune.errors import ConfigError, LoadError
+from finetune.errors import LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
+from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.llama.rope import Rope, apply_rope, rope_tables
 
 Dtype = Any
 
-TASKS = ("causal-lm", "text-classification", "token-classification", "feature-extraction")
 
 # model_type -> the transformers class-name prefix and the architectural choices its config does not spell out.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -160,30 +159,6 @@ def rms_norm(features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, rng
     )
 
 
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, window: int | None, dropout: nnx.Dropout
-) -> jax.Array:
-    """Causal (optionally sliding-window) grouped-query attention, ``[B, T, heads, head_dim]`` in and out.
-
-    ``mask`` is the ``[B, 1, 1, T]`` boolean key mask of the padding. Without dropout this is
-    `jax.nn.dot_product_attention`; with attention dropout in training it is spelled out, since that has none.
-    """
-    if dropout.deterministic or dropout.rate == 0:
-        local = None if window is None else (window - 1, 0)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local)
-    groups = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    query, key = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
-    allowed = key <= query
-    if window is not None:
-        allowed &= key > query - window
-    if mask is not None:
-        allowed = allowed & mask
-    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", dropout(probs).astype(v.dtype), v)
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions and, for qwen3, per-head RMSNorm of queries and keys."""
 
@@ -240,24 +215,6 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
         x = x + self.attention(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
-    """The hidden state of each row's last token, ``[B, T, H] -> [B, H]``, found as transformers does.
-
-    With a ``pad_token_id``: the rightmost token that is not padding (``argmax(index * (ids != pad))``), exactly
-    transformers' rule. Without one, transformers only accepts batches of one and takes the last position; here the
-    last position the attention mask keeps is taken instead, which agrees with it and also handles padded batches.
-    """
-    t = input_ids.shape[1]
-    if pad_token_id is not None:
-        keep = input_ids != pad_token_id
-    elif attention_mask is not None:
-        keep = attention_mask.astype(bool)
-    else:
-        return hidden[:, -1]
-    index = jnp.argmax(jnp.arange(t) * keep, axis=-1)
-    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
 
 
 class Llama(nnx.Module):
@@ -343,14 +300,3 @@ class Llama(nnx.Module):
         if self.task == "token-classification":
             return self.score(self.dropout(x))
         return x
-
-
-def check_task(task: str, num_labels: int | None) -> None:
-    """Refuses a task these decoders have no head for, or a classification head without ``num_labels``."""
-    if task not in TASKS:
-        raise ConfigError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}. Pick one of these.")
-    if task in ("text-classification", "token-classification") and not num_labels:
-        raise ConfigError(
-            f"`num_labels` must be a positive integer for task={task!r}; received num_labels={num_labels!r}. "
-            "Pass the number of classes (1 for regression)."
-        )

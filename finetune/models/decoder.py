@@ -1,0 +1,76 @@
+"""Blocks shared by the decoder architectures (GPT-2, the Llama family): causal attention, the last-token pooling of
+sequence classification, and the task check."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.errors import ConfigError
+
+TASKS = ("causal-lm", "text-classification", "token-classification", "feature-extraction")
+
+
+def check_task(task: str, num_labels: int | None) -> None:
+    """Refuses a task the decoders have no head for, or a classification head without ``num_labels``."""
+    if task not in TASKS:
+        raise ConfigError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}. Pick one of these.")
+    if task in ("text-classification", "token-classification") and not num_labels:
+        raise ConfigError(
+            f"`num_labels` must be a positive integer for task={task!r}; received num_labels={num_labels!r}. "
+            "Pass the number of classes (1 for regression)."
+        )
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    dropout: nnx.Dropout,
+    scale: float | None = None,
+    window: int | None = None,
+) -> jax.Array:
+    """Causal (optionally sliding-window) grouped-query attention, ``[B, T, heads, head_dim]`` in and out.
+
+    ``mask`` is the ``[B, 1, 1, T]`` boolean key mask of the padding; ``scale`` defaults to ``1/sqrt(head_dim)``.
+    Without dropout this is `jax.nn.dot_product_attention`; with attention dropout in training it is spelled out,
+    since that has none.
+    """
+    if dropout.deterministic or dropout.rate == 0:
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, local_window_size=local)
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    query, key = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= key > query - window
+    if mask is not None:
+        allowed = allowed & mask
+    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", dropout(probs).astype(v.dtype), v)
+
+
+def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
+    """The hidden state of each row's last token, ``[B, T, H] -> [B, H]``, found as transformers does.
+
+    With a ``pad_token_id``: the rightmost token that is not padding (``argmax(index * (ids != pad))``), exactly
+    transformers' rule. Without one, transformers only accepts batches of one and takes the last position; here the
+    last position the attention mask keeps is taken instead, which agrees with it and also handles padded batches.
+    """
+    if pad_token_id is not None:
+        keep = input_ids != pad_token_id
+    elif attention_mask is not None:
+        keep = attention_mask.astype(bool)
+    else:
+        return hidden[:, -1]
+    index = jnp.argmax(jnp.arange(input_ids.shape[1]) * keep, axis=-1)
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
