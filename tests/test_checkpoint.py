@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -176,3 +177,18 @@ def test_disk_full_during_save_is_a_clear_error_and_the_previous_checkpoint_stay
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     model.fit((x, y), epochs=3, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c", resume=True)
     assert Checkpointer(tmp_path / "c").latest() == 12
+
+
+def test_non_finite_steps_stop_training_and_the_last_good_checkpoint_stays_intact(tmp_path):
+    x, y = blobs(64)
+    bad = x.copy()
+    bad[32:] = np.nan  # the second epoch's later batches are all non-finite
+    order_free = [{"x": bad[i : i + 16], "labels": y[i : i + 16]} for i in range(0, 64, 16)]
+    model = _model(max_nonfinite=2, log_every=1)
+    with pytest.raises(ft.NonFiniteError, match="2 consecutive steps"):
+        model.fit(order_free, epochs=3, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c", save_every=1)
+    ckpt = Checkpointer(tmp_path / "c")
+    state, meta = ckpt.restore(None, model._trainer.state)
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state["params"]))
+    good = params_of(model)  # the skipped steps left the parameters at the last finite step
+    assert all(np.isfinite(v).all() for v in good.values())

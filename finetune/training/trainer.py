@@ -301,7 +301,14 @@ class Trainer:
         logs["skipped"] = int(total)
         run.history.add_step(run.step, logs)
         bar.update(step - bar.n)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "accuracy", "examples_per_s")})
+        shown = {k: v for k, v in logs.items() if not k.startswith("lr/") and k not in ("skipped", "examples_per_s")}
+        lrs = {k[3:]: v for k, v in logs.items() if k.startswith("lr/")}
+        if lrs:  # one LR when the groups share it, else each group's
+            shown.update(
+                {"lr": max(lrs.values())} if len(set(lrs.values())) == 1 else {f"lr_{g}": v for g, v in lrs.items()}
+            )
+        shown["ex/s"] = logs["examples_per_s"]
+        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
         for cb in run.callbacks:
             cb.on_step_end(run.step, logs)
         run.last = (step, now)
