@@ -120,8 +120,6 @@ def cmd_fit(args) -> int:
 
     if not is_main_process():  # several hosts: only process 0 writes; the others help gather the weights
         model.save_pretrained(output / "model")
-    if model.recipe.lora is not None:
-        model.save_adapter(output / "adapter")
         return 0
     _write_outputs(model, history, output, before=before, after=after)
     print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
@@ -143,7 +141,6 @@ def _write_outputs(model, history, output: Path, *, before: dict, after: dict) -
     output.mkdir(parents=True, exist_ok=True)
     steps = history.steps[-1]["step"] if history.steps else 1
     metrics = {"before": before, "after": after, "recipe": model.recipe.to_dict(), **history.to_dict()}
-    output.mkdir(parents=True, exist_ok=True)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     history.plot(output / "training_curves.png")
     plot_schedule(schedule_curves(model, model.recipe, steps), output / "lr_schedule.png")
