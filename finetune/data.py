@@ -401,6 +401,7 @@ def prefetch(batches: Iterator[Batch], *, size: int = 2, sharding: Any = None) -
             yield item
     finally:
         stop.set()
+        thread.join(timeout=10)  # never leave the producer inside a device transfer while the caller unwinds
 
 
 def count_labels(ds: Any, task: str, columns: Mapping[str, str] | None = None) -> int | None:

@@ -33,6 +33,7 @@ import safetensors.numpy
 from flax import nnx
 
 from finetune.errors import ConfigError
+from finetune.models.dropout import Dropout
 from finetune.rules import Group
 from finetune.weights import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
 
@@ -137,7 +138,7 @@ class LoRALinear(nnx.Linear):
             a_metadata=a_axes,
             b_metadata=b_axes,
         )
-        self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.lora_dropout = Dropout(dropout, rngs=rngs)
         self.rank, self.alpha = rank, alpha
 
     def __call__(self, inputs: Any, out_sharding: Any = None) -> Any:

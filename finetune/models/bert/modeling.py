@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.errors import LoadError
+from finetune.models.dropout import Dropout
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -126,7 +127,7 @@ class Embeddings(nnx.Module):
         self.position_embeddings = embed(cfg.max_position_embeddings, cfg.hidden_size, None, **kw)
         self.token_type_embeddings = embed(cfg.type_vocab_size, cfg.hidden_size, None, **kw)
         self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.hidden_dropout, rngs=rngs)
 
     def __call__(self, input_ids, token_type_ids, position_ids):
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
@@ -144,7 +145,7 @@ class Attention(nnx.Module):
         self.key = dense(width, width, ("embed", "heads"), **kw)
         self.value = dense(width, width, ("embed", "heads"), **kw)
         self.output = dense(width, width, ("heads", "embed"), **kw)
-        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.attention_dropout, rngs=rngs)
 
     def __call__(self, x, mask):
         b, t, width = x.shape
@@ -169,7 +170,7 @@ class Layer(nnx.Module):
         self.intermediate = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.output = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.output_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.hidden_dropout, rngs=rngs)
         self.activation = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x, mask):
@@ -241,7 +242,7 @@ class Bert(nnx.Module):
             self.pooler = Pooler(cfg, **kw)
         if task in ("text-classification", "token-classification"):
             rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-            self.dropout = nnx.Dropout(rate, rngs=rngs)
+            self.dropout = Dropout(rate, rngs=rngs)
             self.classifier = dense(cfg.hidden_size, num_labels, ("embed", "classes"), **kw)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):

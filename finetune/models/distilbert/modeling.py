@@ -17,6 +17,7 @@ from flax import nnx
 
 from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, Encoder, dense, embed, layer_norm
+from finetune.models.dropout import Dropout
 
 Dtype = Any
 TASKS = ("feature-extraction", "text-classification", "token-classification")
@@ -82,7 +83,7 @@ class Embeddings(nnx.Module):
         self.word_embeddings = embed(config.vocab_size, config.hidden_size, "vocab", **kw)
         self.position_embeddings = embed(config.max_position_embeddings, config.hidden_size, None, **kw)
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-        self.dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         positions = jnp.arange(input_ids.shape[1])[None, :]
@@ -133,7 +134,7 @@ class DistilBert(nnx.Module):
             self.pre_classifier = dense(config.hidden_size, config.hidden_size, ("embed", None), **kw)
         if task != "feature-extraction":
             rate = config.seq_classif_dropout if task == "text-classification" else config.hidden_dropout
-            self.dropout = nnx.Dropout(rate, rngs=rngs)
+            self.dropout = Dropout(rate, rngs=rngs)
             self.classifier = dense(config.hidden_size, num_labels, ("embed", "classes"), **kw)
 
     def __call__(

@@ -19,6 +19,7 @@ from flax import nnx
 from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
 from finetune.models.decoder import causal_attention, check_task, last_token
+from finetune.models.dropout import Dropout
 
 Dtype = Any
 
@@ -107,8 +108,8 @@ class Attention(nnx.Module):
         self.k_proj = dense(width, width, ("embed", "heads"), **kw)
         self.v_proj = dense(width, width, ("embed", "heads"), **kw)
         self.o_proj = dense(width, width, ("heads", "embed"), **kw)
-        self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.residual_dropout, rngs=rngs)
+        self.attention_dropout = Dropout(cfg.attention_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.residual_dropout, rngs=rngs)
         self.num_heads = cfg.num_heads
         scale = (width // cfg.num_heads) ** -0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (index + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
@@ -128,7 +129,7 @@ class MLP(nnx.Module):
         self.c_fc = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.c_proj = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.activation = ACTIVATIONS[cfg.activation]
-        self.dropout = nnx.Dropout(cfg.residual_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.residual_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
@@ -186,7 +187,7 @@ class GPT2(nnx.Module):
         self.task, self.pad_token_id, self.max_positions = task, cfg.pad_token_id, cfg.max_position_embeddings
         self.wte = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
         self.wpe = embed(cfg.max_position_embeddings, cfg.hidden_size, None, **kw)
-        self.dropout = nnx.Dropout(cfg.embedding_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.embedding_dropout, rngs=rngs)
         self.layers = nnx.List([Block(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.ln_f = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         untied_lm = task == "causal-lm" and not cfg.tie_word_embeddings
@@ -195,7 +196,7 @@ class GPT2(nnx.Module):
         # transformers: the sequence classifier ``score`` has no bias; the token ``classifier`` has one.
         self.score = unbiased(cfg.hidden_size, num_labels, ("embed", "classes"), **kw) if sequence else None
         self.classifier = dense(cfg.hidden_size, num_labels, ("embed", "classes"), **kw) if tokens else None
-        self.head_dropout = nnx.Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
+        self.head_dropout = Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
 
     def hidden_states(
         self,

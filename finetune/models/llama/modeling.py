@@ -26,6 +26,7 @@ from flax import nnx
 from finetune.errors import LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
 from finetune.models.decoder import causal_attention, check_task, last_token
+from finetune.models.dropout import Dropout
 from finetune.models.llama.rope import Rope, apply_rope, rope_tables
 
 Dtype = Any
@@ -171,7 +172,7 @@ class Attention(nnx.Module):
         self.o_proj = linear(q_width, cfg.hidden_size, ("heads", "embed"), use_bias=cfg.o_bias, **kw)
         self.q_norm = rms_norm(cfg.head_dim, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
         self.k_norm = rms_norm(cfg.head_dim, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
-        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.attention_dropout, rngs=rngs)
         self.head_dim = cfg.head_dim
         self.window = window
 
@@ -265,7 +266,7 @@ class Llama(nnx.Module):
         self.score = (
             linear(cfg.hidden_size, num_labels, ("embed", "classes"), use_bias=tokens, **kw) if classify else None
         )
-        self.dropout = nnx.Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
+        self.dropout = Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
 
     def hidden_states(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None

@@ -17,6 +17,7 @@ from flax import nnx
 
 from finetune.errors import ConfigError
 from finetune.models.bert import modeling as bert
+from finetune.models.dropout import Dropout
 
 Dtype = Any
 TASKS = ("feature-extraction", "text-classification", "token-classification")
@@ -72,7 +73,7 @@ class ClassificationHead(nnx.Module):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.dense = bert.dense(config.hidden_size, config.hidden_size, ("embed", None), **kw)
         self.out_proj = bert.dense(config.hidden_size, num_labels, ("embed", "classes"), **kw)
-        self.dropout = nnx.Dropout(classifier_dropout(config), rngs=rngs)
+        self.dropout = Dropout(classifier_dropout(config), rngs=rngs)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         x = jnp.tanh(self.dense(self.dropout(hidden[:, 0])))
@@ -123,7 +124,7 @@ class Roberta(nnx.Module):
         if task == "text-classification":
             self.classifier = ClassificationHead(config.bert, num_labels, **kw)
         elif task == "token-classification":
-            self.dropout = nnx.Dropout(classifier_dropout(config.bert), rngs=rngs)
+            self.dropout = Dropout(classifier_dropout(config.bert), rngs=rngs)
             self.classifier = bert.dense(config.bert.hidden_size, num_labels, ("embed", "classes"), **kw)
 
     def __call__(

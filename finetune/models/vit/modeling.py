@@ -16,6 +16,7 @@ from flax import nnx
 
 from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, Attention, axes, dense, layer_norm
+from finetune.models.dropout import Dropout
 
 Dtype = Any
 
@@ -135,7 +136,7 @@ class Embeddings(nnx.Module):
             init(rngs.params(), (1, num_positions, width), param_dtype), **axes(None, None, "embed")
         )
         self.patch_embeddings = PatchEmbeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         patches = self.patch_embeddings(images)
@@ -173,7 +174,7 @@ class Layer(nnx.Module):
         self.attention = Attention(config, **kw)
         self.layernorm_after = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
         self.mlp = MLP(config, **kw)
-        self.dropout = nnx.Dropout(config.hidden_dropout, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.dropout(self.attention(self.layernorm_before(x), mask))
