@@ -294,3 +294,27 @@ def test_push_to_hub_callback_failures_are_logged_not_fatal(server, model, caplo
     assert "PushToHub" in caplog.text and TOKEN not in caplog.text
     with pytest.raises(ConfigError, match="strategy"):
         PushToHub(REPO, strategy="sometimes")
+
+
+@pytest.mark.parametrize("source", ["argument", "store"])
+def test_a_token_from_the_argument_or_the_store_never_leaks_either(
+    server, model, tmp_path, monkeypatch, capsys, caplog, source
+):
+    from huggingface_hub import constants
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    kwargs = {"token": TOKEN} if source == "argument" else {}
+    if source == "store":
+        Path(constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+        Path(constants.HF_TOKEN_PATH).write_text(TOKEN)
+    url = model.push_to_hub(REPO, **kwargs)
+    assert TOKEN not in url
+    server.inject("/commit/main", status=500)
+    with pytest.raises(HubError) as info:
+        model.push_to_hub(REPO, commit_message="again", license="mit", **kwargs)  # a changed card: a new commit
+    out = capsys.readouterr()
+    assert TOKEN not in str(info.value) + out.out + out.err + caplog.text
+    assert any(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in server.requests)
+    for path in export(model, tmp_path).rglob("*"):
+        assert not path.is_file() or TOKEN.encode() not in path.read_bytes()
