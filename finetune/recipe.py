@@ -47,6 +47,11 @@ class Recipe:
       max_nonfinite: Consecutive non-finite steps (skipped) after which training stops with an error.
       seed: Data order and dropout seed.
       log_every: Steps between host reads of the metrics (progress bar, callbacks, step history).
+      steps_per_execution: Steps run by one call of the compiled program (a scan over that many batches; like
+        Keras's option of that name), so small models are not bound by the per-call cost of the host. ``"auto"``
+        switches to ``log_every`` steps per call (at most 64) after timing the second log interval, when a step takes
+        under 5 ms; 1 turns it off. A call never spans a log interval (so at most ``log_every`` steps). The results
+        are those of single steps; callbacks still run every ``log_every`` steps, reported one call late.
       layer_decay: When set, layer-wise LR decay: layer i of L gets ``layer_decay ** (L - i)`` (needs a model that
         declares its layers, as every loaded architecture does).
       phases: Phases run before the main one inside one `fit` (e.g. fastai's head-only first epoch): each a dict of
@@ -81,6 +86,7 @@ class Recipe:
     max_nonfinite: int = 10
     seed: int = 0
     log_every: int = 10
+    steps_per_execution: int | str = "auto"
     layer_decay: float | None = None
     phases: tuple = ()
     lora: Mapping[str, Any] | None = None
@@ -90,6 +96,12 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"`{name}` must be an int >= 1; received {name}={value!r}.")
+        spe = self.steps_per_execution
+        if spe != "auto" and (not isinstance(spe, int) or isinstance(spe, bool) or spe < 1):
+            raise ConfigError(
+                f"`steps_per_execution` must be an int >= 1 or 'auto'; received steps_per_execution={spe!r}. Use 1 "
+                "for one step per call, or 'auto' to let fit choose."
+            )
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(
                 f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}."

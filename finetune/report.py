@@ -40,7 +40,7 @@ def group_report(model: Any, *, recipe: Any = None, trainer: Any = None, paths: 
     flat = flatten(nnx.to_pure_dict(nnx.state(model.module, nnx.Param)))
     opt_bytes = {}
     if trainer is not None and trainer.state is not None and trainer.state.get("opt") is not None:
-        opt_bytes = optim.state_bytes(trainer.state["opt"], assignment)
+        opt_bytes = optim.state_bytes(trainer.state["opt"])
     rows, total = [], [0, 0, 0]
     for name, group in assignment.groups.items():
         members = assignment.paths_in(name)

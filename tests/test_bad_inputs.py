@@ -173,6 +173,12 @@ CASES = [
         ["encoder/("],
     ),
     ("bad-phase", lambda t, b: tiny(phases=[{"learning_rate": 1e-3}]), ft.ConfigError, ["phases[0]", "epochs"]),
+    (
+        "zero-steps-per-execution",
+        lambda t, b: tiny(steps_per_execution=0),
+        ft.ConfigError,
+        ["steps_per_execution=0", "'auto'"],
+    ),
 ]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -47,6 +48,7 @@ class Program:
     def __post_init__(self):
         self.shardings: State | None = None
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.train_steps = jax.jit(self._train_steps, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, donate_argnums=1)
         self.predict_step = jax.jit(self._predict_step)
 
@@ -58,6 +60,7 @@ class Program:
         shardings, and the steps return the state in exactly those shardings, so the layout never drifts.
         """
         if shardings is None:
+            self._zeros = jax.jit(self._zero_metrics)  # one call, not one per metric sum
             return {
                 "params": params,
                 "frozen": frozen,
@@ -79,7 +82,7 @@ class Program:
         return metrics_lib.init(self.metrics, self.num_classes)
 
     def zero_metrics(self) -> dict:
-        return self._zeros() if self.shardings is not None else self._zero_metrics()
+        return self._zeros() if hasattr(self, "_zeros") else self._zero_metrics()
 
     def _forward(self, graphdef, params, frozen, rest, batch):
         model = nnx.merge(graphdef, params, frozen, rest)
@@ -100,6 +103,10 @@ class Program:
         acc = jax.tree.map(lambda new, old: jnp.where(finite, new, old), acc, state["acc"])
         return {**state, "params": params, "opt": opt, "rest": rest, "acc": acc, "step": state["step"] + 1}
 
+    def _train_steps(self, state: State, batches: dict) -> State:
+        """Several train steps in one call: a scan over batches stacked on a leading axis."""
+        return jax.lax.scan(lambda s, batch: (self._train_step(s, batch), None), state, batches)[0]
+
     def _eval_step(self, state: State, acc: dict, batch: dict) -> dict:
         logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
         _, scored = self.loss(logits, batch)
@@ -109,6 +116,35 @@ class Program:
         logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
         return logits
 
+    def start_read(self, state: State, select: Callable[[State], Any]) -> tuple[jax.Array, dict]:
+        """``(select(state) packed on device, zeroed metric sums)``, in one asynchronous call; see `finish_read`.
+
+        ``select`` picks small arrays (metric sums, counters, learning rates) out of the state; they travel packed
+        into one float32 vector (every value here is a float32 sum or a count below 2**24), which costs one host
+        transfer instead of one per array.
+        """
+        if getattr(self, "_read_select", None) is not select:
+            leaves, treedef = jax.tree.flatten(jax.eval_shape(select, state))
+
+            def read(s):
+                values = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(select(s))]
+                return jnp.concatenate(values) if values else jnp.zeros((0,), jnp.float32), self._zero_metrics()
+
+            out = None if self.shardings is None else (self.shardings["step"], self.shardings["acc"])  # replicated
+            self._read_select, self._read_layout = select, (leaves, treedef)
+            self._read = jax.jit(read, out_shardings=out)
+        return self._read(state)
+
+    def finish_read(self, flat: jax.Array) -> Any:
+        """The values `start_read` packed, on the host in their own shapes and dtypes (waits for the device)."""
+        flat, (leaves, treedef) = np.asarray(flat), self._read_layout
+        values, at = [], 0
+        for leaf in leaves:
+            n = int(np.prod(leaf.shape))
+            values.append(flat[at : at + n].reshape(leaf.shape).astype(leaf.dtype))
+            at += n
+        return jax.tree.unflatten(treedef, values)
+
     def compilations(self) -> int:
-        """How many shapes the train step has been compiled for."""
-        return self.train_step._cache_size()
+        """How many shapes the train step (single, or several per call) has been compiled for."""
+        return self.train_step._cache_size() + self.train_steps._cache_size()

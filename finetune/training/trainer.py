@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -123,6 +124,9 @@ class Trainer:
                 for t, k in zip((params, frozen, rest), ("params", "frozen", "rest"), strict=True)
             )
         self.state = self.program.init_state(params, frozen, rest, shardings)
+        if train:  # what each log reads; the optimizer-state paths are searched once, here
+            read_lrs = optim.lr_reader(self.state["opt"])
+            self._log_values = lambda s: (s["acc"], optim.nonfinite_counts(s["opt"]), read_lrs(s["opt"]))
 
     def sync_model(self) -> None:
         """Writes the trained state back into the NNX module."""
@@ -141,6 +145,14 @@ class Trainer:
     def fit(self, train: Any, *, epochs: int, steps: int | None, batch_size: int, **options: Any) -> History:
         """Trains; see `finetune.Model.fit` for the options."""
         run = self._run = _Run(source=self._source(train, stage="fit"), batch_size=batch_size, **options)
+        spe = self.recipe.steps_per_execution
+        if spe != "auto" and spe > 1:
+            if self.layout is not None:
+                raise ConfigError(
+                    f"`steps_per_execution`={spe} stacks batches for one device, and this run is sharded over a mesh. "
+                    "Use steps_per_execution=1 or 'auto' with a mesh."
+                )
+            run.chunk = min(spe, self.recipe.log_every)  # a call never spans a log interval
         size = getattr(run.source, "size", None)
         if size is not None and batch_size > size:
             raise ConfigError(
@@ -208,19 +220,26 @@ class Trainer:
                     cb.on_epoch_begin(epoch)
                 epoch_acc = self.program.zero_metrics()
                 batches = run.source.batches(run.batch_size, seed=self.recipe.seed, epoch=epoch, start=start)
-                for index, batch in enumerate(self._prefetch(batches), start=start):
-                    self.state = self.program.train_step(self.state, batch)
-                    done += 1
-                    run.step += 1
+                stream = enumerate(self._prefetch(batches), start=start)
+                for index, n, batch in self._units(run, stream, done, micro_total):
+                    step = self.program.train_step if n == 1 else self.program.train_steps
+                    self.state = step(self.state, batch)
+                    done += n
+                    run.step += n
+                    epoch_acc = self._flush(run, epoch_acc, bar)  # the last interval's log, read while this runs
                     if done % self.recipe.log_every == 0 or done == micro_total:
-                        epoch_acc = self._log(run, done, epoch_acc, bar)
+                        self._start_log(run, done)
+                        if run.chunk == 1 or done == micro_total:  # one step per call: report at once
+                            epoch_acc = self._flush(run, epoch_acc, bar)
                     if (
                         run.save_every
                         and run.step % run.save_every == 0
                         and not (run.save_each_epoch and index + 1 == per_epoch)
                     ):
+                        epoch_acc = self._flush(run, epoch_acc, bar)
                         self._save(run, phase, epoch, index + 1, done)
                     if run.interrupts.signum is not None:
+                        epoch_acc = self._flush(run, epoch_acc, bar)
                         if run.checkpointer is not None:
                             self._save(run, phase, epoch, index + 1, done)
                             run.checkpointer.wait()
@@ -228,8 +247,10 @@ class Trainer:
                     if done >= micro_total or self.stop_training:
                         break
                 start = 0
+                epoch_acc = self._flush(run, epoch_acc, bar)
                 if done > run.last[0]:
-                    epoch_acc = self._log(run, done, epoch_acc, bar)
+                    self._start_log(run, done)
+                    epoch_acc = self._flush(run, epoch_acc, bar)
                 logs = metrics_lib.results(self.program.metrics, epoch_acc)
                 if run.validation_data is not None:
                     logs.update(self.evaluate(run.validation_data, batch_size=run.batch_size, prefix="val_"))
@@ -246,6 +267,37 @@ class Trainer:
         run.epoch += epochs
         run.history.compilations.append(self.program.compilations())
         run.history.compiled_shapes = sorted(getattr(run.source, "shapes", ()))  # one per length bucket used
+
+    def _units(self, run: _Run, stream: Any, done: int, micro_total: int) -> Any:
+        """``(index of the last batch, steps, batch)``: single batches, or ``run.chunk`` of one shape stacked.
+
+        A stack never crosses a log interval, a save or the end of training, so everything the loop does between
+        steps (logs, callbacks, checkpoints, stopping) happens at the same steps as without stacking.
+        """
+        step, log_every, save_every = run.step, self.recipe.log_every, run.save_every
+        for index, batch in stream:
+            room = min(micro_total - done, log_every - done % log_every)
+            if save_every:
+                room = min(room, save_every - step % save_every)
+            group = [(index, batch)]
+            if run.chunk > 1 and room >= run.chunk:
+                group.extend(itertools.islice(stream, run.chunk - 1))
+                shapes = {tuple((k, v.shape, v.dtype) for k, v in sorted(b.items())) for _, b in group}
+                if len(group) == run.chunk and len(shapes) == 1:
+                    yield group[-1][0], len(group), {k: np.stack([b[k] for _, b in group]) for k in batch}
+                    done, step = done + len(group), step + len(group)
+                    continue
+            for i, b in group:  # one at a time (a shape change inside the stack, or the data ran out)
+                yield i, 1, b
+                done, step = done + 1, step + 1
+
+    def _choose_chunk(self, run: _Run, seconds_per_step: float) -> None:
+        """``steps_per_execution='auto'``: stack steps when a step is so short that the per-call cost matters."""
+        if self.recipe.steps_per_execution != "auto" or run.chunk_decided or self.layout is not None:
+            return
+        run.chunk_decided = True
+        if seconds_per_step < _AUTO_CHUNK_BELOW_S:
+            run.chunk = min(self.recipe.log_every, _AUTO_CHUNK_MAX)
 
     def _save(self, run: _Run, phase: int, epoch: int, batch: int, done: int, metrics: dict | None = None) -> None:
         meta = {
@@ -279,13 +331,22 @@ class Trainer:
         run.step, run.resume_meta = meta["step"], None
         return meta["epoch"], meta["batch"], meta["done"]
 
-    def _log(self, run: _Run, step: int, epoch_acc: dict, bar: Any) -> dict:
-        """One host read: interval metrics, learning rates, skipped steps; progress bar and callbacks."""
-        opt = self.state["opt"]  # only its scalars come to the host (the moments may span hosts)
-        acc, (consecutive, total), lrs = jax.device_get(
-            (self.state["acc"], optim.nonfinite_counts(opt), optim.current_lrs(opt))
-        )
-        self.state = {**self.state, "acc": self.program.zero_metrics()}
+    def _start_log(self, run: _Run, step: int) -> None:
+        """Starts the read of one log interval (metric sums, skipped steps, learning rates); `_flush` reports it.
+
+        With several steps per call the report waits until the next call is on its way, so the device never idles
+        while the host handles a log; with one step per call (big models) it is reported at once.
+        """
+        run.pending = (self.program.start_read(self.state, self._log_values), step, run.step)
+        self.state = {**self.state, "acc": run.pending[0][1]}
+
+    def _flush(self, run: _Run, epoch_acc: dict, bar: Any) -> dict:
+        """Reports the pending log interval, if any: history, progress bar, callbacks."""
+        if run.pending is None:
+            return epoch_acc
+        ((flat, _), step, global_step), run.pending = run.pending, None
+        # Only scalars and metric sums come to the host (the moments may span hosts), in one transfer.
+        acc, (consecutive, total), lrs = self.program.finish_read(flat)
         epoch_acc = jax.tree.map(lambda a, b: np.asarray(a) + b, epoch_acc, acc)
         if int(consecutive) >= self.recipe.max_nonfinite:
             raise NonFiniteError(
@@ -299,7 +360,7 @@ class Trainer:
         now = time.perf_counter()
         logs["examples_per_s"] = (step - run.last[0]) * run.batch_size / max(now - run.last[1], 1e-9)
         logs["skipped"] = int(total)
-        run.history.add_step(run.step, logs)
+        run.history.add_step(global_step, logs)
         bar.update(step - bar.n)
         shown = {k: v for k, v in logs.items() if not k.startswith("lr/") and k not in ("skipped", "examples_per_s")}
         lrs = {k[3:]: v for k, v in logs.items() if k.startswith("lr/")}
@@ -310,14 +371,21 @@ class Trainer:
         shown["ex/s"] = logs["examples_per_s"]
         bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
         for cb in run.callbacks:
-            cb.on_step_end(run.step, logs)
+            cb.on_step_end(global_step, logs)
+        run.logs += 1
+        if run.logs == 2:  # the first interval holds the compilation
+            self._choose_chunk(run, (now - run.last[1]) / max(step - run.last[0], 1))
         run.last = (step, now)
         return epoch_acc
 
     def _prefetch(self, batches: Any) -> Any:
-        """Device batches; with a mesh, split over its data axis (each process puts only its own rows)."""
+        """Batches for the steps; with a mesh, put on device split over its data axis (each process its own rows).
+
+        On one device the host arrays go straight into the compiled step, whose argument handling moves them (in
+        compiled code: cheaper than a separate `jax.device_put`, which costs more than a small model's whole step).
+        """
         if self.layout is None:
-            return data_lib.prefetch(batches)
+            return batches
         return data_lib.prefetch(map(self.layout.put_batch, batches), sharding=self.layout.batch)
 
     def _source(self, data: Any, **options: Any) -> Any:
@@ -376,11 +444,19 @@ class _Run:
     epoch: int = 0
     step: int = 0
     last: tuple = (0, 0.0)
+    logs: int = 0  # host reads so far
+    chunk: int = 1  # steps per call of the compiled program
+    chunk_decided: bool = False
+    pending: Any = None  # a log interval being read: ((flat values, zeroed sums), step in phase, global step)
     interrupts: signals.Interrupts = dataclasses.field(default_factory=signals.Interrupts)
 
 
+# steps_per_execution='auto' stacks steps when one takes less than this, up to this many per call.
+_AUTO_CHUNK_BELOW_S = 0.005
+_AUTO_CHUNK_MAX = 64
+
 # Fields that may change between a run and its resumption without changing what the next step computes.
-_RESUMABLE_CHANGES = {"epochs", "steps", "log_every", "description", "provenance", "name"}
+_RESUMABLE_CHANGES = {"epochs", "steps", "log_every", "steps_per_execution", "description", "provenance", "name"}
 
 
 def _recipe_changes(saved: dict, current: dict) -> list[str]:
