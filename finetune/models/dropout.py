@@ -58,15 +58,19 @@ def _mix(x: jax.Array) -> jax.Array:
 
 
 def bits16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``uint16`` random integers of ``shape`` from ``key``: a counter-based draw (see the module docstring)."""
+    """``uint16`` random integers of ``shape`` from ``key``: a counter-based draw (see the module docstring).
+
+    Elementwise in the position (no stacking of the two halves), so XLA fuses the draw into the mask's consumer.
+    """
     k = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-    last = shape[-1] if shape else 1
-    pairs = (*shape[:-1], (last + 1) // 2) if shape else (1,)
-    index = jnp.zeros(pairs, jnp.uint32)
-    stride = 1
-    for axis in range(len(pairs) - 1, -1, -1):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, pairs, axis) * jnp.uint32(stride)
-        stride *= pairs[axis]
-    x = _mix(_mix(index ^ k[0]) + k[1])
-    halves = jnp.stack([x >> 16, x & 0xFFFF], axis=-1).astype(jnp.uint16)
-    return halves.reshape(*pairs[:-1], -1)[..., :last].reshape(shape)
+    if not shape:
+        return bits16(key, (1,)).reshape(())
+    half_width = (shape[-1] + 1) // 2  # pairs per row (a row of odd length ends with half a pair)
+    column = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
+    pair = column >> 1
+    stride = half_width
+    for axis in range(len(shape) - 2, -1, -1):
+        pair = pair + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    x = _mix(_mix(pair ^ k[0]) + k[1])
+    return jnp.where((column & 1) == 0, x >> 16, x & 0xFFFF).astype(jnp.uint16)
