@@ -109,15 +109,23 @@ class ArrayData:
         """Batches per epoch (the last one may be partial, and is padded)."""
         return -(-self.size // batch_size)
 
-    def batches(self, batch_size: int, *, seed: int | None = 0, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, *, seed: int | None = 0, epoch: int = 0, start: int = 0, group: bool = False
+    ) -> Iterator[Batch]:
         """The batches of one epoch, from batch ``start`` on, in the order ``(seed, epoch)`` decides.
 
         ``seed=None`` keeps the data order (evaluation and prediction). The same ``(seed, epoch, start)`` always gives
-        the same batches, so a run resumed at a step sees exactly the data it would have seen.
+        the same batches, so a run resumed at a step sees exactly the data it would have seen. ``group`` (with a seed,
+        for token sequences) groups examples of similar length into batches, as the Trainer's ``group_by_length``:
+        the shuffled data is cut into runs of `GROUP_BATCHES` batches, each run sorted by length and cut into
+        batches, and the batches shuffled; batches then pad to a smaller bucket (less compute per example).
         """
-        order = np.arange(self.size) if seed is None else np.random.default_rng([seed, epoch]).permutation(self.size)
-        for first in range(start * batch_size, self.size, batch_size):
-            index = order[first : first + batch_size]
+        rng = None if seed is None else np.random.default_rng([seed, epoch])
+        order = np.arange(self.size) if rng is None else rng.permutation(self.size)
+        slices = [order[first : first + batch_size] for first in range(0, self.size, batch_size)]
+        if group and rng is not None and self.lengths is not None:
+            slices = _grouped_by_length(order, self.lengths, batch_size, rng)
+        for index in slices[start:]:
             batch = self.take(index)
             batch["example_mask"] = np.ones(len(index), np.float32)
             batch = pad(batch, batch_size)
@@ -150,7 +158,10 @@ class BatchIterable:
     def steps(self, batch_size: int) -> int | None:
         return len(self.source) if hasattr(self.source, "__len__") else None
 
-    def batches(self, batch_size: int, *, seed: int | None = 0, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, *, seed: int | None = 0, epoch: int = 0, start: int = 0, group: bool = False
+    ) -> Iterator[Batch]:
+        del seed, epoch, group  # ready batches keep their order and shapes
         for i, b in enumerate(self.source):
             if i < start:
                 continue
@@ -160,6 +171,20 @@ class BatchIterable:
             batch = pad(batch, max(batch_size, n))
             self.shapes.add(_shape(batch))
             yield batch
+
+
+GROUP_BATCHES = 50  # batches sorted together by `ArrayData.batches(group=True)` (the Trainer's megabatch size)
+
+
+def _grouped_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: Any) -> list[np.ndarray]:
+    """Batches of ``order`` with similar lengths: runs of GROUP_BATCHES batches sorted longest first, then shuffled."""
+    run = batch_size * GROUP_BATCHES
+    slices = []
+    for first in range(0, len(order), run):
+        chunk = order[first : first + run]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        slices.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [slices[i] for i in rng.permutation(len(slices))]
 
 
 def pad(batch: Batch, size: int) -> Batch:

@@ -43,6 +43,9 @@ class Recipe:
       max_length: Longest token sequence (longer texts are truncated).
       columns: ``{role: column}`` naming data columns when detection is not enough, e.g. ``{"text": "review"}``.
       packing: Causal LM: join short examples into rows of up to ``max_length`` tokens.
+      group_by_length: Training batches of token sequences group examples of similar length (shuffled data sorted
+        in runs of 50 batches, then the batches shuffled, as the Trainer's ``group_by_length``), so batches pad to
+        smaller length buckets. False: batches of uniformly shuffled examples.
       precision: ``float32`` or ``bfloat16`` compute (parameters stay float32).
       max_nonfinite: Consecutive non-finite steps (skipped) after which training stops with an error.
       seed: Data order and dropout seed.
@@ -82,6 +85,7 @@ class Recipe:
     max_length: int | None = None
     columns: Mapping[str, str] | None = None
     packing: bool = False
+    group_by_length: bool = True
     precision: str = "float32"
     max_nonfinite: int = 10
     seed: int = 0

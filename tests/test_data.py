@@ -64,6 +64,28 @@ def test_shuffling_is_seeded_per_epoch_and_resumes_exactly_from_a_step():
     np.testing.assert_array_equal(ids[0], list(source.batches(8, seed=3, epoch=1))[4]["input_ids"])
 
 
+def test_grouping_by_length_pads_less_covers_every_example_once_and_resumes():
+    source = ragged_source(n=2000, max_length=64)
+    lengths = source.lengths
+
+    def tokens(batches):  # padded width x real rows, summed: the compute a step pays for
+        return sum(b["input_ids"].shape[1] * int(b["example_mask"].sum()) for b in batches)
+
+    grouped = list(source.batches(16, seed=1, epoch=2, group=True))
+    plain = list(source.batches(16, seed=1, epoch=2))
+    assert tokens(grouped) < 0.8 * tokens(plain)
+    seen = np.concatenate([b["attention_mask"][b["example_mask"] > 0].sum(1) for b in grouped])
+    assert sorted(seen.tolist()) == sorted(lengths.tolist())  # every example once (by its length profile)
+    assert sum(int(b["example_mask"].sum()) for b in grouped) == 2000
+    assert len(grouped) == source.steps(16)
+    again = list(source.batches(16, seed=1, epoch=2, group=True, start=7))
+    np.testing.assert_array_equal(again[0]["input_ids"], grouped[7]["input_ids"])
+    other = list(source.batches(16, seed=1, epoch=3, group=True))
+    assert not all(np.array_equal(a["labels"], b["labels"]) for a, b in zip(grouped, other, strict=True))
+    spread = [np.ptp(b["attention_mask"][b["example_mask"] > 0].sum(1)) for b in grouped]
+    assert np.median(spread) < 0.25 * np.ptp(lengths)  # a batch holds similar lengths
+
+
 def test_prefetch_yields_device_arrays_in_order():
     source = ragged_source()
     host = [b["labels"] for b in source.batches(8, seed=None)]

@@ -219,7 +219,9 @@ class Trainer:
                 for cb in run.callbacks:
                     cb.on_epoch_begin(epoch)
                 epoch_acc = self.program.zero_metrics()
-                batches = run.source.batches(run.batch_size, seed=self.recipe.seed, epoch=epoch, start=start)
+                batches = run.source.batches(
+                    run.batch_size, seed=self.recipe.seed, epoch=epoch, start=start, group=self.recipe.group_by_length
+                )
                 stream = enumerate(self._prefetch(batches), start=start)
                 for index, n, batch in self._units(run, stream, done, micro_total):
                     step = self.program.train_step if n == 1 else self.program.train_steps
