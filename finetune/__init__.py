@@ -7,7 +7,7 @@ Example:
   >>> history = model.fit(train, validation_data=test, epochs=3, batch_size=32)
 """
 
-from finetune import _cache, callbacks, presets
+from finetune import _cache, _xla, callbacks, presets
 from finetune.api import fit
 from finetune.errors import (
     CheckpointError,
@@ -47,4 +47,5 @@ __all__ = [
     "load",
 ]
 
+_xla.configure()
 _cache.enable()

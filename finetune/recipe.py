@@ -47,6 +47,9 @@ class Recipe:
         in runs of 50 batches, then the batches shuffled, as the Trainer's ``group_by_length``), so batches pad to
         smaller length buckets. False: batches of uniformly shuffled examples.
       precision: ``float32`` or ``bfloat16`` compute (parameters stay float32).
+      remat: Rematerialisation, trading compute for memory: the backward pass keeps only each layer's input and
+        recomputes the layer's forward, one layer at a time. (Policies that keep the matmul outputs saved nothing
+        over no remat on XLA:CPU, so only the full form is offered.)
       max_nonfinite: Consecutive non-finite steps (skipped) after which training stops with an error.
       seed: Data order and dropout seed.
       log_every: Steps between host reads of the metrics (progress bar, callbacks, step history).
@@ -87,6 +90,7 @@ class Recipe:
     packing: bool = False
     group_by_length: bool = True
     precision: str = "float32"
+    remat: bool = False
     max_nonfinite: int = 10
     seed: int = 0
     log_every: int = 10
@@ -130,6 +134,8 @@ class Recipe:
             isinstance(self.layer_decay, int | float) and 0 < self.layer_decay <= 1
         ):
             raise ConfigError(f"`layer_decay` must be in (0, 1] or None; received layer_decay={self.layer_decay!r}.")
+        if not isinstance(self.remat, bool):
+            raise ConfigError(f"`remat` must be True or False; received remat={self.remat!r}.")
         if self.precision not in ("float32", "bfloat16"):
             raise ConfigError(f"`precision` must be 'float32' or 'bfloat16'; received precision={self.precision!r}.")
         if self.lora is not None:

@@ -173,6 +173,7 @@ CASES = [
         ["encoder/("],
     ),
     ("bad-phase", lambda t, b: tiny(phases=[{"learning_rate": 1e-3}]), ft.ConfigError, ["phases[0]", "epochs"]),
+    ("non-bool-remat", lambda t, b: tiny(remat="some"), ft.ConfigError, ["remat='some'", "True or False"]),
     (
         "zero-steps-per-execution",
         lambda t, b: tiny(steps_per_execution=0),

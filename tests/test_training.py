@@ -154,3 +154,33 @@ def test_layer_decay_needs_declared_layers_and_uses_them():
     mult = {p: a.groups[g].lr_mult for p, g in a.group_of.items()}
     assert mult["encoder/0/kernel"] == 0.25 and mult["encoder/1/kernel"] == 0.5
     assert mult["norm/scale"] == 0.125 and mult["classifier/kernel"] == 1.0
+
+
+def test_remat_trains_the_same_and_keeps_less_for_the_backward_pass(tmp_path):
+    from tests.models.reference import tiny_bert
+
+    _, path = tiny_bert(
+        tmp_path / "bert",
+        "BertForSequenceClassification",
+        num_labels=2,
+        num_hidden_layers=4,
+        hidden_size=128,
+        num_attention_heads=8,
+        intermediate_size=512,
+    )
+    ids = np.random.default_rng(0).integers(3, 250, (32, 128)).astype(np.int32)
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": (ids[:, 0] % 2).astype(np.int32)}
+    runs = {}
+    for remat in (False, True):
+        model = ft.load(path, task="text-classification", num_labels=2)
+        model.compile(optimizer="sgd", learning_rate=1e-2, remat=remat)  # updates proportional to the gradients
+        model.fit(data, epochs=2, batch_size=32, verbose=0)
+        trainer = model._trainer
+        batch = next(trainer._run.source.batches(32, seed=0))
+        temp = trainer.program.train_step.lower(trainer.state, batch).compile().memory_analysis().temp_size_in_bytes
+        runs[remat] = (params_of(model), temp)
+    (base, base_temp), (other, other_temp) = runs[False], runs[True]
+    for name in base:  # dropout draws included: the recomputed forward is the same forward
+        np.testing.assert_allclose(other[name], base[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # XLA's scratch for one step (6 layers: the saving grows with depth; 421 -> 307 MB when written)
+    assert other_temp < 0.8 * base_temp

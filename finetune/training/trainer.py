@@ -93,7 +93,11 @@ class Trainer:
             raise ConfigError("Every parameter group is frozen (trainable=False), so there is nothing to train.")
         graphdef, eval_graphdef, params, frozen, rest = split(self.model.module, trainable)
         if self.recipe.precision == "bfloat16":
-            graphdef, eval_graphdef = (_with_dtype(g, params, frozen, rest) for g in (graphdef, eval_graphdef))
+            graphdef, eval_graphdef = (
+                _with_attributes(g, params, frozen, rest, dtype=jnp.bfloat16) for g in (graphdef, eval_graphdef)
+            )
+        if self.recipe.remat:  # each layer of the stack recomputed in the backward pass (train step only)
+            graphdef = _with_attributes(graphdef, params, frozen, rest, remat=True)
         tx, self.schedules = (None, {})
         if train:
             decay = decay_mask(flatten(params), self.recipe.decay_rules)
@@ -497,8 +501,9 @@ def _inputs(batch: dict) -> dict:
     return {k: jnp.asarray(v) for k, v in model_inputs(batch).items()}
 
 
-def _with_dtype(graphdef: Any, params: dict, frozen: dict, rest: dict) -> Any:
-    """The same graph with every layer computing in bfloat16 (parameters keep their storage dtype)."""
+def _with_attributes(graphdef: Any, params: dict, frozen: dict, rest: dict, **attributes: Any) -> Any:
+    """The same graph with ``attributes`` set on every module that has them (e.g. ``dtype``: the compute dtype;
+    parameters keep their storage dtype)."""
     module = nnx.merge(graphdef, params, frozen, rest)
-    module.set_attributes(dtype=jnp.bfloat16, raise_if_not_found=False)
+    module.set_attributes(**attributes, raise_if_not_found=False)
     return nnx.graphdef(module)

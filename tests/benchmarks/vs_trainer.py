@@ -6,6 +6,7 @@ steps from a host sync after ``--warmup`` steps, and reports peak RSS (VmHWM). P
 
 Configurations:
   full-f32-seq64 / full-f32-seq128   full fine-tuning, float32, fixed-length batches
+  remat-seq128                       full fine-tuning, f32; finetune with remat=True (less memory, recompute)
   frozen-seq128                      backbone frozen (finetune: no gradients for it; Trainer: requires_grad=False)
   bf16-seq128                        finetune bfloat16 compute on float32 params vs Trainer bf16 autocast
   real-epoch                         one epoch over 2,000 variable-length reviews, each side with its normal padding
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ("full-f32-seq64", "full-f32-seq128", "frozen-seq128", "bf16-seq128", "real-epoch")
+CONFIGS = ("full-f32-seq64", "full-f32-seq128", "remat-seq128", "frozen-seq128", "bf16-seq128", "real-epoch")
 BATCH, LR, TRAIN_N, TEST_N = 32, 5e-5, 2000, 1000
 
 
@@ -71,6 +72,8 @@ def run_finetune(config: str, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     model = ft.load(model_path(), task="text-classification", num_labels=2)
     overrides = {"precision": "bfloat16"} if config.startswith("bf16") else {}
+    if config.startswith("remat"):
+        overrides["remat"] = True
     if config.startswith("frozen"):
         overrides["groups"] = {"backbone": ft.Group(trainable=False), "head": ft.Group(trainable=False)}
     marks = []

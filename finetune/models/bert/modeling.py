@@ -18,6 +18,7 @@ from flax import nnx
 
 from finetune.errors import LoadError
 from finetune.models.dropout import Dropout
+from finetune.models.layers import run_layers
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -184,11 +185,10 @@ class Encoder(nnx.Module):
         self.layers = nnx.List(
             [Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
         )
+        self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
 
     def __call__(self, x, mask):
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        return run_layers(self.layers, x, mask, remat=self.remat)
 
 
 class Pooler(nnx.Module):

@@ -20,6 +20,7 @@ from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
+from finetune.models.layers import run_layers
 
 Dtype = Any
 
@@ -189,6 +190,7 @@ class GPT2(nnx.Module):
         self.wpe = embed(cfg.max_position_embeddings, cfg.hidden_size, None, **kw)
         self.dropout = Dropout(cfg.embedding_dropout, rngs=rngs)
         self.layers = nnx.List([Block(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
         self.ln_f = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         untied_lm = task == "causal-lm" and not cfg.tie_word_embeddings
         sequence, tokens = task == "text-classification", task == "token-classification"
@@ -221,9 +223,7 @@ class GPT2(nnx.Module):
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.dropout(x)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return self.ln_f(x)
+        return self.ln_f(run_layers(self.layers, x, mask, remat=self.remat))
 
     def __call__(
         self,

@@ -27,6 +27,7 @@ from finetune.errors import LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
+from finetune.models.layers import run_layers
 from finetune.models.llama.rope import Rope, apply_rope, rope_tables
 
 Dtype = Any
@@ -256,6 +257,7 @@ class Llama(nnx.Module):
         self.task, self.rope, self.head_dim, self.pad_token_id = task, cfg.rope, cfg.head_dim, cfg.pad_token_id
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
         self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
         self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         untied_lm = task == "causal-lm" and not cfg.tie_word_embeddings
         classify = task in ("text-classification", "token-classification")
@@ -277,9 +279,7 @@ class Llama(nnx.Module):
         cos, sin = rope_tables(self.rope, self.head_dim, position_ids)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.norm(x)
+        return self.norm(run_layers(self.layers, x, cos, sin, mask, remat=self.remat))
 
     def __call__(
         self,

@@ -17,6 +17,7 @@ from flax import nnx
 from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, Attention, axes, dense, layer_norm
 from finetune.models.dropout import Dropout
+from finetune.models.layers import run_layers
 
 Dtype = Any
 
@@ -188,12 +189,11 @@ class Encoder(nnx.Module):
         self.layers = nnx.List(
             [Layer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
+        self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
 
     def __call__(self, x: jax.Array) -> jax.Array:
         mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token is real; the shape BERT's attention takes
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        return run_layers(self.layers, x, mask, remat=self.remat)
 
 
 class ViT(nnx.Module):
