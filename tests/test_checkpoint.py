@@ -192,3 +192,14 @@ def test_non_finite_steps_stop_training_and_the_last_good_checkpoint_stays_intac
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state["params"]))
     good = params_of(model)  # the skipped steps left the parameters at the last finite step
     assert all(np.isfinite(v).all() for v in good.values())
+
+
+def test_resuming_a_checkpoint_from_before_the_newer_recipe_fields():
+    from finetune.recipe import Recipe
+    from finetune.training.trainer import _recipe_changes
+
+    old = Recipe().to_dict()
+    for field in ("remat", "group_by_length", "steps_per_execution"):
+        old.pop(field)
+    assert _recipe_changes(old, Recipe(group_by_length=False).to_dict()) == []  # the old behaviour: resumable
+    assert _recipe_changes(old, Recipe().to_dict()) == ["group_by_length"]  # the data order would change

@@ -465,7 +465,12 @@ _AUTO_CHUNK_MAX = 64
 _RESUMABLE_CHANGES = {"epochs", "steps", "log_every", "steps_per_execution", "description", "provenance", "name"}
 
 
+# Recipe fields added after checkpoints were first written, with the behaviour of runs from before them.
+_FIELDS_BEFORE_THEY_EXISTED = {"remat": False, "group_by_length": False}
+
+
 def _recipe_changes(saved: dict, current: dict) -> list[str]:
+    saved = {**_FIELDS_BEFORE_THEY_EXISTED, **saved}
     return sorted(
         k for k in set(saved) | set(current) if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k)
     )
