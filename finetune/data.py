@@ -122,9 +122,10 @@ class ArrayData:
         """
         rng = None if seed is None else np.random.default_rng([seed, epoch])
         order = np.arange(self.size) if rng is None else rng.permutation(self.size)
-        slices = [order[first : first + batch_size] for first in range(0, self.size, batch_size)]
         if group and rng is not None and self.lengths is not None:
             slices = _grouped_by_length(order, self.lengths, batch_size, rng)
+        else:
+            slices = [order[first : first + batch_size] for first in range(0, self.size, batch_size)]
         for index in slices[start:]:
             batch = self.take(index)
             batch["example_mask"] = np.ones(len(index), np.float32)

@@ -237,35 +237,15 @@ def nonfinite_counts(opt_state: Any) -> tuple[jax.Array, jax.Array]:
 
 def current_lrs(opt_state: Any) -> dict[str, jax.Array]:
     """``{group: learning rate}`` of the last applied step, read from the inject_hyperparams states."""
-    return lr_reader(opt_state)(opt_state)
-
-
-def lr_reader(opt_state: Any) -> Callable[[Any], dict[str, jax.Array]]:
-    """A fast `current_lrs` for optimizer states shaped like ``opt_state``: the paths are searched once, here."""
-    found = []
+    out = {}
     for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate"):
         if not hasattr(value, "dtype"):  # the schedule's own state, not the value
             continue
         group = next(
             (k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey) and k.key != "learning_rate"), None
         )
-        found.append((str(group), path))
-
-    def read(state: Any) -> dict[str, jax.Array]:
-        out = {}
-        for group, path in found:
-            node = state
-            for key in path:
-                if isinstance(key, jax.tree_util.DictKey):
-                    node = node[key.key]
-                elif isinstance(key, jax.tree_util.SequenceKey):
-                    node = node[key.idx]
-                else:  # a named tuple's field (GetAttrKey / NamedTupleKey-style entries)
-                    node = getattr(node, getattr(key, "name", None) or key.key)
-            out[group] = node
-        return out
-
-    return read
+        out[str(group)] = value
+    return out
 
 
 def state_bytes(opt_state: Any) -> dict[str, int]:

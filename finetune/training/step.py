@@ -51,6 +51,7 @@ class Program:
         self.train_steps = jax.jit(self._train_steps, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, donate_argnums=1)
         self.predict_step = jax.jit(self._predict_step)
+        self._zeros = jax.jit(self._zero_metrics)  # one call, not one per metric sum
 
     def init_state(self, params: dict, frozen: dict, rest: dict, shardings: State | None = None) -> State:
         """The state before the first step.
@@ -60,7 +61,6 @@ class Program:
         shardings, and the steps return the state in exactly those shardings, so the layout never drifts.
         """
         if shardings is None:
-            self._zeros = jax.jit(self._zero_metrics)  # one call, not one per metric sum
             return {
                 "params": params,
                 "frozen": frozen,
@@ -82,7 +82,7 @@ class Program:
         return metrics_lib.init(self.metrics, self.num_classes)
 
     def zero_metrics(self) -> dict:
-        return self._zeros() if hasattr(self, "_zeros") else self._zero_metrics()
+        return self._zeros()
 
     def _forward(self, graphdef, params, frozen, rest, batch):
         model = nnx.merge(graphdef, params, frozen, rest)

@@ -128,9 +128,8 @@ class Trainer:
                 for t, k in zip((params, frozen, rest), ("params", "frozen", "rest"), strict=True)
             )
         self.state = self.program.init_state(params, frozen, rest, shardings)
-        if train:  # what each log reads; the optimizer-state paths are searched once, here
-            read_lrs = optim.lr_reader(self.state["opt"])
-            self._log_values = lambda s: (s["acc"], optim.nonfinite_counts(s["opt"]), read_lrs(s["opt"]))
+        if train:  # what each log reads (traced once, into the compiled read)
+            self._log_values = lambda s: (s["acc"], optim.nonfinite_counts(s["opt"]), optim.current_lrs(s["opt"]))
 
     def sync_model(self) -> None:
         """Writes the trained state back into the NNX module."""
