@@ -34,6 +34,7 @@ from flax import nnx
 
 from finetune.errors import ConfigError
 from finetune.models.dropout import Dropout
+from finetune.models.layers import Linear
 from finetune.rules import Group
 from finetune.weights import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
 
@@ -101,7 +102,7 @@ class LoRAConfig:
         return config
 
 
-class LoRALinear(nnx.Linear):
+class LoRALinear(Linear):
     """An ``nnx.Linear`` plus a scaled low-rank update: ``linear(x) + lora(dropout(x)) * alpha / rank``.
 
     It takes over the base layer's configuration and its ``kernel`` / ``bias`` variables (the same objects, so they
@@ -142,6 +143,8 @@ class LoRALinear(nnx.Linear):
         self.rank, self.alpha = rank, alpha
 
     def __call__(self, inputs: Any, out_sharding: Any = None) -> Any:
+        if inputs.ndim > 2 and out_sharding is None:  # 2-D matrix products, as `finetune.models.layers.Linear`
+            return self(inputs.reshape(-1, inputs.shape[-1])).reshape(*inputs.shape[:-1], self.out_features)
         y = super().__call__(inputs, out_sharding=out_sharding)
         return y + self.lora(self.lora_dropout(inputs)) * (self.alpha / self.rank)
 
@@ -150,9 +153,9 @@ class LoRALinear(nnx.Linear):
         a, b = (jnp.asarray(v.get_value(), jnp.float32) for v in (self.lora.lora_a, self.lora.lora_b))
         return a @ b * (self.alpha / self.rank)
 
-    def merged(self) -> nnx.Linear:
-        """A plain ``nnx.Linear`` whose kernel has the update folded in (this layer is left as it is)."""
-        linear = nnx.eval_shape(lambda: nnx.Linear(self.in_features, self.out_features, rngs=nnx.Rngs(0)))
+    def merged(self) -> Linear:
+        """A plain `finetune.models.layers.Linear` with the update folded into its kernel (this layer is left alone)."""
+        linear = nnx.eval_shape(lambda: Linear(self.in_features, self.out_features, rngs=nnx.Rngs(0)))
         for name in [n for n in vars(linear) if not n.startswith("_")]:
             setattr(linear, name, getattr(self, name))
         kernel = self.kernel.get_value()

@@ -2,7 +2,7 @@
 
 The chain, over the trainable parameters only (frozen ones are not in the tree at all)::
 
-    apply_if_finite(                      # a non-finite gradient skips the step, and is counted
+    skip_nonfinite(                       # a non-finite gradient skips the step, and is counted
       MultiSteps(                         # gradient accumulation (k = 1: every step)
         chain(
           clip_by_global_norm(clip),      # over all trainable gradients together
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,6 @@ _PLAIN = {
 }
 OPTIMIZERS = tuple(sorted([*_DECOUPLED, *_PLAIN, "adafactor"]))
 SCHEDULES = ("constant", "cosine", "linear", "exponential", "piecewise", "joined")
-
-# Never trip optax's own "apply anyway after N errors": finetune stops training itself (see trainer).
-_NEVER = 2**30
 
 
 def _unknown(kind: str, value: Any, allowed: tuple[str, ...]) -> ConfigError:
@@ -179,7 +176,7 @@ class OptimizerSpec:
 
 def build(
     assignment: Assignment, decay: Mapping[str, bool], spec: OptimizerSpec, *, total_steps: int | None
-) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
+) -> tuple[SkipNonfinite, dict[str, optax.Schedule]]:
     """The optimizer over the trainable parameters, and the LR schedule of every trainable group.
 
     Args:
@@ -189,7 +186,8 @@ def build(
       total_steps: Optimizer steps in training (for fractions and decays); None when unknown.
 
     Returns:
-      ``(transformation, {group: schedule})``; the transformation expects the pure dict of trainable parameters.
+      ``(transformation, {group: schedule})``; the transformation expects the pure dict of trainable parameters, and
+      the train step applies it with `apply_step`.
     """
     if not isinstance(spec.learning_rate, int | float) or spec.learning_rate <= 0:
         raise ConfigError(f"`learning_rate` must be a number > 0; received learning_rate={spec.learning_rate!r}.")
@@ -223,7 +221,66 @@ def build(
     tx = optax.chain(*chain)
     if spec.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=spec.accumulate).gradient_transformation()
-    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedules
+    return skip_nonfinite(tx), schedules
+
+
+class SkipNonfinite(NamedTuple):
+    """`skip_nonfinite`'s transformation: optax's ``init`` / ``update`` pair, plus the wrapped ``inner`` one."""
+
+    init: Callable[..., Any]
+    update: Callable[..., Any]
+    inner: optax.GradientTransformationExtraArgs
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> SkipNonfinite:
+    """``inner``, except that a gradient holding a NaN or an Inf changes nothing: zero updates, the state kept.
+
+    The state is optax's `optax.ApplyIfFiniteState` (consecutive and total skipped steps), and ``update`` is
+    `optax.apply_if_finite`'s with no limit on consecutive skips (finetune stops training itself, see the trainer).
+    The train step does not call ``update`` but `apply_step`, which puts the whole step (update and parameters) under
+    one ``lax.cond``: the optimizer state is donated to the step, and choosing between new and old state after the
+    update costs a copy of every moment (measured below).
+
+    Example:
+      >>> tx = skip_nonfinite(optax.sgd(0.1))
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = tx.init(params)
+      >>> params, state = apply_step(tx, {"w": jnp.array([1.0, jnp.nan])}, state, params)
+      >>> params["w"].tolist(), int(state.total_notfinite)
+      ([1.0, 1.0], 1)
+    """
+    inner = optax.with_extra_args_support(inner)
+    wrapped = optax.apply_if_finite(inner, max_consecutive_errors=2**30)
+    return SkipNonfinite(wrapped.init, wrapped.update, inner)
+
+
+def apply_step(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    """``(params, opt_state)`` after one step of ``tx`` on ``grads``.
+
+    For a `skip_nonfinite` transformation the update and its application run under one ``lax.cond`` on the gradient
+    being finite, whose other branch returns the parameters and state as they are. With the state donated, XLA then
+    updates every buffer in place. optax's ``apply_if_finite`` (a ``cond`` inside the update, then the parameters
+    updated outside it) or a select between the new and the old state cost copies of the moments instead: for AdamW
+    over MiniLM's 22.7M parameters, 100-117 and 150-170 ms per step against 80 ms here (65-78 ms with no skipping at
+    all; measured on CPU).
+    """
+    if not isinstance(tx, SkipNonfinite):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+    def step(_):
+        updates, inner_state = tx.inner.update(grads, opt_state.inner_state, params)
+        return optax.apply_updates(params, updates), inner_state
+
+    params, inner_state = jax.lax.cond(finite, step, lambda _: (params, opt_state.inner_state), None)
+    skipped = jnp.logical_not(finite).astype(jnp.int32)
+    return params, optax.ApplyIfFiniteState(
+        notfinite_count=(opt_state.notfinite_count + 1) * skipped,
+        last_finite=finite,
+        total_notfinite=opt_state.total_notfinite + skipped,
+        inner_state=inner_state,
+    )
 
 
 def _scaled(schedule: optax.Schedule, mult: float) -> optax.Schedule:

@@ -8,7 +8,7 @@ import pytest
 
 import finetune as ft
 from finetune import ConfigError, Group, NonFiniteError
-from finetune.optim import OptimizerSpec, build, current_lrs, make_schedule
+from finetune.optim import OptimizerSpec, apply_step, build, current_lrs, make_schedule, skip_nonfinite
 from finetune.rules import assign, decay_mask
 from tests.tiny import TinyClassifier, blobs, params_of
 
@@ -148,6 +148,27 @@ def test_nan_batch_is_skipped_and_counted():
     assert [s["skipped"] for s in history.steps] == [0, 1, 1]
     assert all(np.isfinite(v).all() for v in params_of(model).values())
     assert np.isfinite(history.history["loss"][0])  # the skipped batch does not poison the metrics
+
+
+def test_apply_step_matches_optax_apply_if_finite():
+    """One cond around the step gives optax.apply_if_finite's parameters and state, NaN and Inf included."""
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+    ours, theirs = skip_nonfinite(inner), optax.apply_if_finite(inner, max_consecutive_errors=2**30)
+    params, p_theirs = ({"a": jnp.ones((3, 2)), "b": jnp.arange(4.0)} for _ in range(2))  # ours are donated
+    s_ours, s_theirs = ours.init(params), theirs.init(params)
+    step = jax.jit(lambda g, s, p: apply_step(ours, g, s, p), donate_argnums=(1, 2))
+    rng = np.random.default_rng(0)
+    for poison in (None, np.nan, None, np.inf, -np.inf, None):
+        grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in p_theirs.items()}
+        if poison is not None:
+            grads["b"][1] = poison
+        params, s_ours = step(grads, s_ours, params)
+        updates, s_theirs = theirs.update(grads, s_theirs, p_theirs)
+        p_theirs = optax.apply_updates(p_theirs, updates)
+        for a, b in zip(jax.tree.leaves((params, s_ours)), jax.tree.leaves((p_theirs, s_theirs)), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert int(s_ours.total_notfinite) == 3 and int(s_ours.notfinite_count) == 0
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((params, s_ours)))
 
 
 def test_training_stops_after_max_nonfinite_consecutive_steps():

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from finetune import optim
 from finetune.rules import path_str
 from finetune.training import metrics as metrics_lib
 from finetune.training.tasks import model_inputs
@@ -40,7 +41,7 @@ class Program:
 
     graphdef: Any
     eval_graphdef: Any
-    tx: optax.GradientTransformation | None
+    tx: optim.SkipNonfinite | optax.GradientTransformation | None
     loss: Callable
     metrics: Sequence[metrics_lib.Metric]
     num_classes: int
@@ -96,9 +97,8 @@ class Program:
             return loss, (metrics_lib.update(self.metrics, state["acc"], scored), rest)
 
         (loss, (acc, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # A skipped (non-finite) step leaves the parameters alone (apply_if_finite) and the metric sums too.
+        params, opt = optim.apply_step(self.tx, grads, state["opt"], state["params"])
+        # A skipped (non-finite) step leaves the parameters alone (optim.apply_step) and the metric sums too.
         finite = jnp.isfinite(loss)
         acc = jax.tree.map(lambda new, old: jnp.where(finite, new, old), acc, state["acc"])
         return {**state, "params": params, "opt": opt, "rest": rest, "acc": acc, "step": state["step"] + 1}

@@ -18,7 +18,7 @@ from flax import nnx
 
 from finetune.errors import LoadError
 from finetune.models.dropout import Dropout
-from finetune.models.layers import run_layers
+from finetune.models.layers import Linear, run_layers
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -82,8 +82,8 @@ class Config:
         )
 
 
-def dense(n_in: int, n_out: int, names: tuple[str | None, str | None], *, dtype, param_dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(
+def dense(n_in: int, n_out: int, names: tuple[str | None, str | None], *, dtype, param_dtype, rngs) -> Linear:
+    return Linear(
         n_in,
         n_out,
         dtype=dtype,

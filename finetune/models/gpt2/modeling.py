@@ -20,7 +20,7 @@ from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
-from finetune.models.layers import run_layers
+from finetune.models.layers import Linear, run_layers
 
 Dtype = Any
 
@@ -87,7 +87,7 @@ class Config:
 
 def unbiased(n_in: int, n_out: int, names: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
     """An ``nnx.Linear`` without bias whose kernel has the logical axes ``names`` (the LM head, ``score``)."""
-    return nnx.Linear(
+    return Linear(
         n_in,
         n_out,
         use_bias=False,

@@ -27,7 +27,7 @@ from finetune.errors import LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
-from finetune.models.layers import run_layers
+from finetune.models.layers import Linear, run_layers
 from finetune.models.llama.rope import Rope, apply_rope, rope_tables
 
 Dtype = Any
@@ -139,9 +139,9 @@ def sliding_windows(hf: Any) -> tuple[int | None, ...]:
 
 def linear(
     n_in: int, n_out: int, names: tuple[str, str], *, use_bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
-) -> nnx.Linear:
+) -> Linear:
     """An ``nnx.Linear`` whose kernel has the logical axes ``names`` and whose bias (if any) has the output axis."""
-    return nnx.Linear(
+    return Linear(
         n_in,
         n_out,
         use_bias=use_bias,
