@@ -233,7 +233,7 @@ class SkipNonfinite(NamedTuple):
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> SkipNonfinite:
-    """``inner``, except that a gradient holding a NaN or an Inf changes nothing: zero updates, the state kept.
+    """``inner``, except that a gradient holding a NaN or an Inf changes nothing: parameters and state are kept.
 
     The state is optax's `optax.ApplyIfFiniteState` (consecutive and total skipped steps), and ``update`` is
     `optax.apply_if_finite`'s with no limit on consecutive skips (finetune stops training itself, see the trainer).
@@ -267,7 +267,10 @@ def apply_step(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[Any, A
     if not isinstance(tx, SkipNonfinite):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    # A NaN or an Inf anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19, a step no
+    # one wants either). One reduction, shared with clip_by_global_norm's: 65-72 ms against 91-95 for a separate
+    # isfinite pass per leaf (measured as above).
+    finite = jnp.isfinite(optax.tree.norm(grads))
 
     def step(_):
         updates, inner_state = tx.inner.update(grads, opt_state.inner_state, params)
