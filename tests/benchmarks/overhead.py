@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 import finetune as ft
+from finetune import optim
 from finetune.callbacks import Callback
 
 WARMUP = 30  # steps before timing starts, on both sides: compilation (of fit's stacked steps too) is excluded
@@ -79,8 +80,8 @@ def bare_loop(model: ft.Model, data: dict, steps: int, lr: float, plain: bool = 
             return loss, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
 
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return (optax.apply_updates(params, updates), opt, rest), loss
+        params, opt = optim.apply_step(tx, grads, opt, params)  # how fit() applies its transformation
+        return (params, opt, rest), loss
 
     step = jax.jit(step, donate_argnums=0)
     state = (jax.tree.map(lambda a: a.copy(), params), tx.init(params), rest)

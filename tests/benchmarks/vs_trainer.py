@@ -5,7 +5,7 @@ Every (side, config) runs in its own process, the two sides alternately, ``--rep
 steps from a host sync after ``--warmup`` steps, and reports peak RSS (VmHWM). Prints one JSON document.
 
 Configurations:
-  full-f32-seq64 / full-f32-seq128   full fine-tuning, float32, fixed-length batches
+  full-f32-seq16 / -seq64 / -seq128  full fine-tuning, float32, fixed-length batches
   remat-seq128                       full fine-tuning, f32; finetune with remat=True (less memory, recompute)
   frozen-seq128                      backbone frozen (finetune: no gradients for it; Trainer: requires_grad=False)
   bf16-seq128                        finetune bfloat16 compute on float32 params vs Trainer bf16 autocast
@@ -32,7 +32,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ("full-f32-seq64", "full-f32-seq128", "remat-seq128", "frozen-seq128", "bf16-seq128", "real-epoch")
+CONFIGS = (
+    "full-f32-seq16",
+    "full-f32-seq64",
+    "full-f32-seq128",
+    "remat-seq128",
+    "frozen-seq128",
+    "bf16-seq128",
+    "real-epoch",
+)
 BATCH, LR, TRAIN_N, TEST_N = 32, 5e-5, 2000, 1000
 
 
