@@ -5,7 +5,7 @@ The chain, over the trainable parameters only (frozen ones are not in the tree a
     skip_nonfinite(                       # a non-finite gradient skips the step, and is counted
       MultiSteps(                         # gradient accumulation (k = 1: every step)
         chain(
-          clip_by_global_norm(clip),      # over all trainable gradients together
+          clip_by_global_norm(clip),      # over all trainable gradients together (a scalar factor, fused)
           partition({group: inject_hyperparams(base)(learning_rate=schedule * lr_mult,
                                                      weight_decay=wd * wd_mult, mask=decay mask)}))))
 """
@@ -83,7 +83,7 @@ def make_schedule(
 
     Example:
       >>> sched = make_schedule("cosine", learning_rate=1e-3, total_steps=1000, warmup=0.06)
-      >>> float(sched(60))
+      >>> round(float(sched(60)), 6)
       0.001
     """
     if callable(spec):
@@ -217,11 +217,34 @@ def build(
     trainable = {p: g for p, g in assignment.group_of.items() if assignment.groups[g].trainable}
     chain = [optax.partition(transforms, _labeller(trainable))]
     if spec.clip_norm is not None:
-        chain.insert(0, optax.clip_by_global_norm(spec.clip_norm))
+        chain.insert(0, clip_by_global_norm(spec.clip_norm))
     tx = optax.chain(*chain)
     if spec.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=spec.accumulate).gradient_transformation()
     return skip_nonfinite(tx), schedules
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm`, written as one multiplication by ``min(1, max_norm / norm)``.
+
+    The same state (`optax.EmptyState`) and the same result: gradients under the limit are left exactly as they are,
+    others are scaled to norm ``max_norm`` (within a rounding). optax picks per element between ``g`` and
+    ``g / norm * max_norm``, and XLA:CPU then writes the clipped gradients out before the optimizer reads them; a
+    scalar factor fuses into the optimizer's own loops. MiniLM's AdamW update with clipping: 48-56 ms against 69-87
+    (45-50 with no clipping; measured together, CPU).
+
+    Example:
+      >>> updates, _ = clip_by_global_norm(1.0).update({"w": jnp.array([3.0, 4.0])}, optax.EmptyState())
+      >>> updates["w"].tolist()
+      [0.6000000238418579, 0.800000011920929]
+    """
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))  # a zero norm gives inf, hence 1
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 class SkipNonfinite(NamedTuple):

@@ -8,7 +8,15 @@ import pytest
 
 import finetune as ft
 from finetune import ConfigError, Group, NonFiniteError
-from finetune.optim import OptimizerSpec, apply_step, build, current_lrs, make_schedule, skip_nonfinite
+from finetune.optim import (
+    OptimizerSpec,
+    apply_step,
+    build,
+    clip_by_global_norm,
+    current_lrs,
+    make_schedule,
+    skip_nonfinite,
+)
 from finetune.rules import assign, decay_mask
 from tests.tiny import TinyClassifier, blobs, params_of
 
@@ -148,6 +156,20 @@ def test_nan_batch_is_skipped_and_counted():
     assert [s["skipped"] for s in history.steps] == [0, 1, 1]
     assert all(np.isfinite(v).all() for v in params_of(model).values())
     assert np.isfinite(history.history["loss"][0])  # the skipped batch does not poison the metrics
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.3, 1.0, 7.5, 1e6])
+def test_clip_by_global_norm_matches_optax(scale):
+    rng = np.random.default_rng(1)
+    grads = {"a": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    grads = jax.tree.map(lambda g: jnp.asarray(g / np.sqrt(2.0 * 19) * scale), grads)  # norm about `scale`
+    ours, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+    if scale < 1.0:  # under the limit: untouched, bit for bit
+        assert all(np.array_equal(a, g) for a, g in zip(jax.tree.leaves(ours), jax.tree.leaves(grads), strict=True))
+    assert float(optax.tree.norm(ours)) <= 1.0 + 1e-6
 
 
 def test_apply_step_matches_optax_apply_if_finite():
