@@ -7,6 +7,7 @@ import fnmatch
 import logging
 import os
 import pathlib
+import re
 
 from finetune.errors import LoadError
 from finetune.weights import FLAX_MSGPACK, pickle_refused
@@ -99,6 +100,12 @@ def resolve(
     at = f" at revision={revision!r}" if revision else ""
     try:
         files = None if offline else _list_files(repo_id, revision=revision, token=token)
+        unsafe = [f for f in files or () if f.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", f)]
+        if unsafe:  # refused before any download (huggingface_hub refuses them too, but only once it fetches them)
+            raise LoadError(
+                f"The Hub repository {repo_id!r}{at} lists file names that point outside its folder: {unsafe[:3]}. "
+                "finetune downloads nothing from it; ask its owner to fix the repository, or pass a local directory."
+            )
         patterns = [*METADATA_PATTERNS, *_weight_patterns(files, allow_pickle=allow_pickle)]
         return pathlib.Path(
             huggingface_hub.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns)
