@@ -142,10 +142,8 @@ class LoRALinear(Linear):
         self.lora_dropout = Dropout(dropout, rngs=rngs)
         self.rank, self.alpha = rank, alpha
 
-    def __call__(self, inputs: Any, out_sharding: Any = None) -> Any:
-        if inputs.ndim > 2 and out_sharding is None:  # 2-D matrix products, as `finetune.models.layers.Linear`
-            return self(inputs.reshape(-1, inputs.shape[-1])).reshape(*inputs.shape[:-1], self.out_features)
-        y = super().__call__(inputs, out_sharding=out_sharding)
+    def project(self, inputs: Any, out_sharding: Any = None) -> Any:
+        y = super().project(inputs, out_sharding=out_sharding)
         return y + self.lora(self.lora_dropout(inputs)) * (self.alpha / self.rank)
 
     def delta(self) -> Any:

@@ -26,9 +26,13 @@ class Linear(nnx.Linear):
 
     def __call__(self, inputs: Any, out_sharding: Any = None) -> Any:
         if inputs.ndim <= 2 or out_sharding is not None:
-            return super().__call__(inputs, out_sharding=out_sharding)
-        flat = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+            return self.project(inputs, out_sharding)
+        flat = self.project(inputs.reshape(-1, inputs.shape[-1]))
         return flat.reshape(*inputs.shape[:-1], flat.shape[-1])
+
+    def project(self, inputs: Any, out_sharding: Any = None) -> Any:
+        """The layer on inputs as given (2-D from `__call__`); subclasses change this, not the flattening."""
+        return super().__call__(inputs, out_sharding=out_sharding)
 
 
 def run_layers(layers: Sequence[nnx.Module], x: Any, *args: Any, remat: bool = False) -> Any:
