@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import sklearn.metrics
@@ -175,12 +177,18 @@ def test_remat_trains_the_same_and_keeps_less_for_the_backward_pass(tmp_path):
         model = ft.load(path, task="text-classification", num_labels=2)
         model.compile(optimizer="sgd", learning_rate=1e-2, remat=remat)  # updates proportional to the gradients
         model.fit(data, epochs=2, batch_size=32, verbose=0)
-        trainer = model._trainer
-        batch = next(trainer._run.source.batches(32, seed=0))
-        temp = trainer.program.train_step.lower(trainer.state, batch).compile().memory_analysis().temp_size_in_bytes
-        runs[remat] = (params_of(model), temp)
-    (base, base_temp), (other, other_temp) = runs[False], runs[True]
+        program, state = model._trainer.program, model._trainer.state
+        batch = next(model._trainer._run.source.batches(32, seed=0))
+
+        def loss(params, rest, program=program, state=state, batch=batch):
+            return program._forward(program.graphdef, params, state["frozen"], rest, batch)[0].sum()
+
+        # What the train step's backward pass keeps: the leaves of the vjp closure (weights and activations).
+        kept = jax.tree.leaves(jax.vjp(loss, state["params"], state["rest"])[1])
+        runs[remat] = (params_of(model), sum(x.nbytes for x in kept if jnp.issubdtype(x.dtype, jnp.floating)))
+    (base, base_kept), (other, other_kept) = runs[False], runs[True]
     for name in base:  # dropout draws included: the recomputed forward is the same forward
         np.testing.assert_allclose(other[name], base[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    # XLA's scratch for one step (6 layers: the saving grows with depth; 421 -> 307 MB when written)
-    assert other_temp < 0.8 * base_temp
+    # Per layer, only its input is kept; the rest is recomputed. (XLA:CPU's scratch memory shrinks much less than
+    # this: see the README's "Performance" section.)
+    assert other_kept < 0.3 * base_kept

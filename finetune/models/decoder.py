@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.errors import ConfigError
+from finetune.models.dropout import attend
 
 TASKS = ("causal-lm", "text-classification", "token-classification", "feature-extraction")
 
@@ -56,7 +57,7 @@ def causal_attention(
     if mask is not None:
         allowed = allowed & mask
     probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", dropout(probs).astype(v.dtype), v)
+    return attend(probs, v, dropout)
 
 
 def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):

@@ -11,9 +11,17 @@ row-major array) gets ``mix(mix(i ^ k0) + k1)`` for the key's two words, where `
 with full avalanche; each 32-bit result gives two 16-bit draws, compared with ``round(keep * 2**16)`` (the rate is
 exact to 1.5e-5). The draw depends only on the key and the position, never on how the array is split over devices,
 so sharded runs draw the same masks as one device.
+
+Because a mask is a pure function of its key, the backward pass can redraw it instead of storing what it dropped:
+`attend` (attention probabilities through dropout, then times the values) keeps only the probabilities and the key,
+not the dropped copy. On MiniLM's train step at batch 32 x 128 tokens that is 151 MB less scratch memory (1,268 to
+1,117 MB), at no measurable cost in time (README, "Performance").
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +39,44 @@ class Dropout(nnx.Dropout):
             return inputs
         if self.rate == 1.0:
             return jnp.zeros_like(inputs)
-        rngs = self.rngs if rngs is None else rngs
-        key = (
-            rngs[self.rng_collection]()
-            if isinstance(rngs, nnx.Rngs)
-            else rngs
-            if isinstance(rngs, jax.Array)
-            else rngs()
-        )
-        threshold = round((1.0 - self.rate) * _LEVELS)
-        shape = list(inputs.shape)
-        for axis in self.broadcast_dims:
-            shape[axis] = 1
-        keep = bits16(key, tuple(shape)) < threshold
-        keep = jnp.broadcast_to(keep, inputs.shape)
-        return jnp.where(keep, inputs * (_LEVELS / threshold), 0).astype(inputs.dtype)
+        return drop(inputs, next_key(self, rngs), self.rate, self.broadcast_dims)
+
+
+def next_key(dropout: nnx.Dropout, rngs=None) -> jax.Array:
+    """The next key of ``dropout``'s stream (or of ``rngs``, as `nnx.Dropout` takes it: `nnx.Rngs`, stream or key)."""
+    rngs = dropout.rngs if rngs is None else rngs
+    if isinstance(rngs, nnx.Rngs):
+        return rngs[dropout.rng_collection]()
+    return rngs if isinstance(rngs, jax.Array) else rngs()
+
+
+def drop(inputs: jax.Array, key: jax.Array, rate: float, broadcast_dims: Sequence[int] = ()) -> jax.Array:
+    """``inputs`` with each element zeroed with probability ``rate`` (the rest scaled by ``1 / keep``): a pure
+    function of ``key`` and the position, shared along ``broadcast_dims``."""
+    threshold = round((1.0 - rate) * _LEVELS)  # 0 to 2**16: compared in 32 bits, since 2**16 overflows uint16
+    if threshold == 0:
+        return jnp.zeros_like(inputs)
+    shape = list(inputs.shape)
+    for axis in broadcast_dims:
+        shape[axis] = 1
+    keep = jnp.broadcast_to(bits16(key, tuple(shape)).astype(jnp.uint32) < threshold, inputs.shape)
+    return jnp.where(keep, inputs * (_LEVELS / threshold), 0).astype(inputs.dtype)
+
+
+def attend(probs: jax.Array, v: jax.Array, dropout: nnx.Dropout) -> jax.Array:
+    """Attention output ``einsum("bhqk,bkhd->bqhd", dropout(probs), v)``, cast to ``v``'s dtype after dropout.
+
+    In training the backward pass redraws the mask from its key rather than storing the dropped probabilities (the
+    softmax's backward keeps ``probs`` anyway); the result and its gradients are the same as spelling it out.
+    """
+    if dropout.deterministic or dropout.rate == 0:
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return _dropped_attention(probs, v, next_key(dropout), dropout.rate)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _dropped_attention(probs: jax.Array, v: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+    return jnp.einsum("bhqk,bkhd->bqhd", drop(probs, key, rate).astype(v.dtype), v)
 
 
 def _mix(x: jax.Array) -> jax.Array:

@@ -1,11 +1,12 @@
-"""Building blocks of every architecture: the dense layer, and the layer stack with optional rematerialisation
-(`finetune.Recipe.remat`)."""
+"""Building blocks of every architecture: the dense layer, the feed-forward activation recomputed in the backward pass,
+and the layer stack with optional rematerialisation (`finetune.Recipe.remat`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 from flax import nnx
 
 
@@ -33,6 +34,24 @@ class Linear(nnx.Linear):
     def project(self, inputs: Any, out_sharding: Any = None) -> Any:
         """The layer on inputs as given (2-D from `__call__`); subclasses change this, not the flattening."""
         return super().__call__(inputs, out_sharding=out_sharding)
+
+
+def recomputed(activation: Callable[..., Any], *inputs: Any) -> Any:
+    """``activation(*inputs)``, recomputed from ``inputs`` in the backward pass instead of stored for it.
+
+    For the elementwise step between a feed-forward block's two matrix products. Differentiated as is, an activation
+    keeps its intermediates for the backward pass (GELU's erf or tanh terms, SiLU's sigmoid), each a
+    ``[tokens, intermediate]`` array per layer; recomputed, only its inputs are kept (its output is kept either way,
+    for the next product's gradient), at the cost of one more elementwise pass. On MiniLM's train step at batch 32 x
+    128 tokens: 258 MB less scratch memory (1,268 to 1,010 MB), and no measurable change in time (README,
+    "Performance"). Results and gradients are unchanged.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(recomputed(jax.nn.gelu, jnp.float32(0.0)))
+      0.0
+    """
+    return jax.checkpoint(activation)(*inputs)
 
 
 def run_layers(layers: Sequence[nnx.Module], x: Any, *args: Any, remat: bool = False) -> Any:

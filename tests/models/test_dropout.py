@@ -52,3 +52,51 @@ def test_draws_are_reproducible_for_any_rank():
     assert whole.shape == (4, 6) and whole.dtype == np.uint16
     assert np.array_equal(np.asarray(bits16(key, (4, 6))), whole)  # reproducible
     assert np.asarray(bits16(key, ())).shape == () and np.asarray(bits16(key, (5,))).shape == (5,)
+
+
+def test_rates_that_round_to_keeping_or_dropping_everything():
+    # A rate below 2**-17 rounds to keeping every element (the threshold 2**16 does not fit the 16-bit draws); one
+    # within 2**-17 of 1 drops every element, with no infinite scale in either pass.
+    import jax
+
+    from finetune.models.dropout import drop
+
+    x = jnp.arange(1.0, 65.0).reshape(8, 8)
+    key = jax.random.key(0)
+    assert np.array_equal(drop(x, key, 1e-9), x)
+    assert np.array_equal(drop(x, key, 1 - 1e-9), np.zeros((8, 8)))
+    grad = jax.grad(lambda x: drop(x, key, 1 - 1e-9).sum())(x)
+    assert np.array_equal(grad, np.zeros((8, 8)))
+
+
+def test_attention_through_dropout_matches_spelling_it_out_with_its_gradients():
+    # `attend` redraws the mask in the backward pass instead of storing the dropped probabilities: same values and
+    # gradients as dropout then einsum, and only the undropped probabilities are kept for the backward pass.
+    import jax
+
+    from finetune.models.dropout import attend, drop
+
+    def saved(f, *args):  # the arrays the backward pass keeps: the leaves of the vjp closure
+        return [x for x in jax.tree.leaves(jax.vjp(f, *args)[1]) if x.shape == args[0].shape]
+
+    rng = np.random.default_rng(0)
+    logits, v = jnp.asarray(rng.normal(size=(2, 3, 5, 5)), jnp.float32), jnp.asarray(rng.normal(size=(2, 5, 3, 4)))
+    key = jax.random.key(4)
+
+    def ours(logits, v):
+        layer = Dropout(0.3, rngs=nnx.Rngs(dropout=key))
+        return (attend(jax.nn.softmax(logits), v, layer) ** 2).sum()
+
+    def spelled(logits, v):
+        layer = Dropout(0.3, rngs=nnx.Rngs(dropout=key))
+        dropped = drop(jax.nn.softmax(logits), layer.rngs(), 0.3)
+        return (jnp.einsum("bhqk,bkhd->bqhd", dropped, v) ** 2).sum()
+
+    assert float(ours(logits, v)) == float(spelled(logits, v))
+    for a, b in zip(jax.grad(ours, (0, 1))(logits, v), jax.grad(spelled, (0, 1))(logits, v), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Spelled out, the backward pass keeps the mask and the dropped probabilities besides what the softmax keeps;
+    # `attend` keeps neither (only the key).
+    kept, kept_spelled = saved(ours, logits, v), saved(spelled, logits, v)
+    assert len(kept) == len(kept_spelled) - 2
+    assert any(x.dtype == bool for x in kept_spelled) and not any(x.dtype == bool for x in kept)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.errors import LoadError
-from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear, run_layers
+from finetune.models.dropout import Dropout, attend
+from finetune.models.layers import Linear, recomputed, run_layers
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -156,8 +156,7 @@ class Attention(nnx.Module):
         else:  # the fused kernel has no dropout; spell the attention out when training
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-            probs = self.dropout(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype))
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            out = attend(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype), v, self.dropout)
         return self.output(out.reshape(b, t, width))
 
 
@@ -176,7 +175,7 @@ class Layer(nnx.Module):
 
     def __call__(self, x, mask):
         x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
-        h = self.output(self.activation(self.intermediate(x)))
+        h = self.output(recomputed(self.activation, self.intermediate(x)))
         return self.output_norm(x + self.dropout(h))
 
 

@@ -20,7 +20,7 @@ from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear, run_layers
+from finetune.models.layers import Linear, recomputed, run_layers
 
 Dtype = Any
 
@@ -133,7 +133,7 @@ class MLP(nnx.Module):
         self.dropout = Dropout(cfg.residual_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+        return self.dropout(self.c_proj(recomputed(self.activation, self.c_fc(x))))
 
 
 class Block(nnx.Module):

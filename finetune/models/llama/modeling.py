@@ -27,7 +27,7 @@ from finetune.errors import LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear, run_layers
+from finetune.models.layers import Linear, recomputed, run_layers
 from finetune.models.llama.rope import Rope, apply_rope, rope_tables
 
 Dtype = Any
@@ -200,7 +200,8 @@ class MLP(nnx.Module):
         self.activation = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        act = self.activation
+        return self.down_proj(recomputed(lambda gate, up: act(gate) * up, self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nnx.Module):

@@ -17,7 +17,7 @@ from flax import nnx
 from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, Attention, axes, dense, layer_norm
 from finetune.models.dropout import Dropout
-from finetune.models.layers import run_layers
+from finetune.models.layers import recomputed, run_layers
 
 Dtype = Any
 
@@ -160,7 +160,7 @@ class MLP(nnx.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.output(self.act(self.intermediate(x)))
+        return self.output(recomputed(self.act, self.intermediate(x)))
 
 
 class Layer(nnx.Module):
