@@ -35,6 +35,25 @@ def test_compiles_once_across_epochs_with_a_ragged_last_batch():
     assert history.steps[-1]["step"] == 14
 
 
+def test_freed_compiler_memory_goes_back_once_per_compiled_program(monkeypatch):
+    import platform
+
+    from finetune import _xla
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _xla.release_freed_memory() is True  # glibc's malloc_trim was found and called
+    calls = []
+    monkeypatch.setattr(_xla, "release_freed_memory", lambda: calls.append(1) or True)
+    x, y = blobs(100)
+    model = _model(steps_per_execution=1)
+    model.fit((x, y), epochs=3, batch_size=16, verbose=0)
+    assert len(calls) == 1  # one train step compiled, 21 steps called
+    model.evaluate((x, y), batch_size=16)
+    model.evaluate((x, y), batch_size=16)
+    model.predict((x, y), batch_size=16)
+    assert len(calls) == model._trainer.program.programs() == 3  # + one evaluation and one prediction program
+
+
 def test_padding_rows_never_count_in_evaluation():
     x, y = blobs(100)
     model = _model()

@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from finetune import _xla, lora, optim
 from finetune import data as data_lib
-from finetune import lora, optim
 from finetune import sharding as sharding_lib
 from finetune.checkpoint import Checkpointer, fingerprint, read_meta
 from finetune.errors import ConfigError, LoadError, NonFiniteError
@@ -84,6 +84,7 @@ class Trainer:
         self.state: dict | None = None
         self.schedules: dict = {}
         self.stop_training = False
+        self._programs = 0  # programs compiled so far (see _after_call)
 
     # ---------------------------------------------------------------- building
     def build(self, sample: dict, *, total_steps: int | None, train: bool = True) -> None:
@@ -130,6 +131,13 @@ class Trainer:
         self.state = self.program.init_state(params, frozen, rest, shardings)
         if train:  # what each log reads (traced once, into the compiled read)
             self._log_values = lambda s: (s["acc"], optim.nonfinite_counts(s["opt"]), optim.current_lrs(s["opt"]))
+
+    def _after_call(self) -> None:
+        """After a step call that compiled a new program: the compiler's freed memory goes back to the OS."""
+        programs = self.program.programs()
+        if programs != self._programs:
+            self._programs = programs
+            _xla.release_freed_memory()
 
     def sync_model(self) -> None:
         """Writes the trained state back into the NNX module."""
@@ -229,6 +237,7 @@ class Trainer:
                 for index, n, batch in self._units(run, stream, done, micro_total):
                     step = self.program.train_step if n == 1 else self.program.train_steps
                     self.state = step(self.state, batch)
+                    self._after_call()
                     done += n
                     run.step += n
                     epoch_acc = self._flush(run, epoch_acc, bar)  # the last interval's log, read while this runs
@@ -412,6 +421,7 @@ class Trainer:
         acc = self.program.zero_metrics()
         for batch in self._prefetch(source.batches(batch_size, seed=None)):
             acc = self.program.eval_step(self.state, acc, batch)
+            self._after_call()
         return metrics_lib.results(self.program.metrics, jax.device_get(acc), prefix)
 
     def predict(self, data: Any, *, batch_size: int) -> np.ndarray:
@@ -424,6 +434,7 @@ class Trainer:
         outs = []
         for batch in self._prefetch(source.batches(batch_size, seed=None)):
             logits = self.program.predict_step(self.state, batch)
+            self._after_call()
             outs.append((logits, batch["example_mask"]))
         return np.concatenate([np.asarray(lg)[np.asarray(m) > 0] for lg, m in outs])
 
