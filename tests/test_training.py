@@ -54,6 +54,26 @@ def test_freed_compiler_memory_goes_back_once_per_compiled_program(monkeypatch):
     assert len(calls) == model._trainer.program.programs() == 3  # + one evaluation and one prediction program
 
 
+def test_the_optimizer_step_is_traced_once_for_every_batch_shape(monkeypatch):
+    from finetune import optim
+
+    traced = []
+    plain = optim.apply_step
+    monkeypatch.setattr(optim, "apply_step", lambda *args: traced.append(1) or plain(*args))
+    x, y = blobs(64)
+    model = _model(steps_per_execution=1)
+    model.fit((x, y), epochs=1, batch_size=16, verbose=0)
+    trainer = model._trainer
+    before = jax.device_get(trainer.state["params"])
+    for size in (8, 4):  # new batch shapes: the train step is traced and compiled again, the optimizer step is not
+        batch = next(trainer._source((x, y), stage="fit").batches(size, seed=0))
+        trainer.state = trainer.program.train_step(trainer.state, batch)
+    assert trainer.program.compilations() == 3
+    assert len(traced) == 1
+    after = jax.device_get(trainer.state["params"])
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True))
+
+
 def test_padding_rows_never_count_in_evaluation():
     x, y = blobs(100)
     model = _model()

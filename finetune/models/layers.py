@@ -3,6 +3,7 @@ and the layer stack with optional rematerialisation (`finetune.Recipe.remat`).""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,9 +64,30 @@ def run_layers(layers: Sequence[nnx.Module], x: Any, *args: Any, remat: bool = F
     """
     if not remat:
         for layer in layers:
-            x = layer(x, *args)
+            x = _call(layer, x, *args)
         return x
     step = nnx.remat(lambda layer, h, *a: layer(h, *a))
     for layer in layers:
         x = step(layer, x, *args)
     return x
+
+
+def _call(layer: nnx.Module, x: Any, *args: Any) -> Any:
+    """``layer(x, *args)`` through `_traced`, with the layer's non-parameter state (its RNG counts) written back."""
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    y, rest = _traced(graphdef, params, rest, x, *args)
+    nnx.update(layer, rest)
+    return y
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _traced(graphdef: Any, params: Any, rest: Any, x: Any, *args: Any) -> tuple[Any, Any]:
+    """One layer as a nested `jax.jit`: layers of the same structure and input shapes share one trace.
+
+    JAX caches a jitted function's trace by its static arguments and input shapes, so in a stack of identical layers
+    only the first is traced from Python; the rest reuse its jaxpr, and so do the derivative rules, which JAX caches
+    per jaxpr. XLA inlines the calls, so the compiled program is the one a flat trace gives.
+    """
+    layer = nnx.merge(graphdef, params, rest)
+    y = layer(x, *args)
+    return y, nnx.state(layer, nnx.Not(nnx.Param))

@@ -9,6 +9,7 @@ step and the buffers are updated in place. Metrics are sums in the state; the ho
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,9 @@ class Program:
         self.eval_step = jax.jit(self._eval_step, donate_argnums=1)
         self.predict_step = jax.jit(self._predict_step)
         self._zeros = jax.jit(self._zero_metrics)  # one call, not one per metric sum
+        # The optimizer step as a nested jit: traced once, then reused by the train step of every batch shape (it
+        # does not depend on the batch); XLA inlines it, so each compiled step is what a flat trace gives.
+        self._apply = jax.jit(functools.partial(optim.apply_step, self.tx)) if self.tx is not None else None
 
     def init_state(self, params: dict, frozen: dict, rest: dict, shardings: State | None = None) -> State:
         """The state before the first step.
@@ -66,7 +70,9 @@ class Program:
                 "params": params,
                 "frozen": frozen,
                 "rest": rest,
-                "opt": self.tx.init(params) if self.tx is not None else None,
+                # One compiled program: optax's init run eagerly compiles one per distinct leaf shape (19 for
+                # MiniLM's AdamW, 0.7 s at every fit).
+                "opt": jax.jit(self.tx.init)(params) if self.tx is not None else None,
                 "step": jnp.zeros((), jnp.int32),
                 "acc": self.zero_metrics(),
             }
@@ -97,7 +103,7 @@ class Program:
             return loss, (metrics_lib.update(self.metrics, state["acc"], scored), rest)
 
         (loss, (acc, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        params, opt = optim.apply_step(self.tx, grads, state["opt"], state["params"])
+        params, opt = self._apply(grads, state["opt"], state["params"])
         # A skipped (non-finite) step leaves the parameters alone (optim.apply_step) and the metric sums too.
         finite = jnp.isfinite(loss)
         acc = jax.tree.map(lambda new, old: jnp.where(finite, new, old), acc, state["acc"])

@@ -100,3 +100,31 @@ def test_attention_through_dropout_matches_spelling_it_out_with_its_gradients():
     kept, kept_spelled = saved(ours, logits, v), saved(spelled, logits, v)
     assert len(kept) == len(kept_spelled) - 2
     assert any(x.dtype == bool for x in kept_spelled) and not any(x.dtype == bool for x in kept)
+
+
+def test_keys_are_the_ones_nnx_streams_hand_out_and_the_count_advances():
+    import jax
+
+    from finetune.models.dropout import next_key
+
+    ours, theirs = Dropout(0.1, rngs=nnx.Rngs(dropout=7)), Dropout(0.1, rngs=nnx.Rngs(dropout=7))
+    keys = [next_key(ours) for _ in range(3)]
+    expected = [theirs.rngs() for _ in range(3)]  # nnx's own RngStream.__call__
+    for a, b in zip(keys, expected, strict=True):
+        np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    assert len({tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys}) == 3
+    assert int(ours.rngs.count.get_value()) == 3
+
+    # Under jit, on a traced stream: the same keys, and the advanced count comes back out.
+    graphdef, state = nnx.split(Dropout(0.1, rngs=nnx.Rngs(dropout=7)))
+
+    @jax.jit
+    def two_keys(state):
+        layer = nnx.merge(graphdef, state)
+        pair = jax.random.key_data(next_key(layer)), jax.random.key_data(next_key(layer))
+        return pair, nnx.state(layer)
+
+    pair, after = two_keys(state)
+    assert np.array_equal(pair[0], jax.random.key_data(expected[0]))
+    assert np.array_equal(pair[1], jax.random.key_data(expected[1]))
+    assert int(nnx.merge(graphdef, after).rngs.count.get_value()) == 2

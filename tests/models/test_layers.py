@@ -79,3 +79,74 @@ def test_recomputed_matches_the_plain_activation_with_its_gradients(activation, 
     assert float(ours(*inputs)) == float(plain(*inputs))
     for a, b in zip(jax.grad(ours, argnums)(*inputs), jax.grad(plain, argnums)(*inputs), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+LAYER_CLASSES = {
+    "bert": "finetune.models.bert.modeling.Layer",
+    "gpt2": "finetune.models.gpt2.modeling.Block",
+    "llama": "finetune.models.llama.modeling.DecoderLayer",
+}
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_trace_does(arch, monkeypatch):
+    import importlib
+
+    from finetune.models import layers as layers_lib
+
+    module_name, class_name = LAYER_CLASSES[arch].rsplit(".", 1)
+    layer_class = getattr(importlib.import_module(module_name), class_name)
+    traced = []
+    plain_call = layer_class.__call__
+
+    def counting_call(self, *args, **kwargs):
+        traced.append(args[0].shape)
+        return plain_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "__call__", counting_call)
+    config = CONFIGS[arch]()
+    config.num_hidden_layers = config.n_layer = 3
+    model = finetune.from_config(config, task="feature-extraction")
+    model.module.set_attributes(deterministic=False, raise_if_not_found=False)
+    graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)  # as the train step holds them
+
+    def fresh_step():  # a new function each time: JAX caches traces by the function
+        def loss_and_grads(params, rest, input_ids):
+            def loss(params):
+                module = nnx.merge(graphdef, params, rest)
+                out = module(input_ids=input_ids).astype(jnp.float32)
+                return (out**2).mean(), nnx.to_pure_dict(nnx.state(module, nnx.Not(nnx.Param)))
+
+            return jax.value_and_grad(loss, has_aux=True)(params)
+
+        return jax.jit(loss_and_grads)
+
+    rng = np.random.default_rng(2)
+    runs = {}
+    layers_lib._traced.clear_cache()  # traces of earlier tests' layers of the same structure would be reused
+    for label, call in (("nested", layers_lib._call), ("flat", lambda layer, x, *args: layer(x, *args))):
+        monkeypatch.setattr(layers_lib, "_call", call)
+        loss_and_grads = fresh_step()
+        traced.clear()
+        for length in (5, 7):  # a second batch shape traces the layer once more, not three times
+            ids = jnp.asarray(rng.integers(1, 64, (2, length)), jnp.int32)
+            runs[label, length] = loss_and_grads(params, rest, ids)
+        runs[label] = list(traced)
+        rng = np.random.default_rng(2)
+    assert runs["nested"] == [(2, 5, WIDTH), (2, 7, WIDTH)]
+    assert runs["flat"] == [(2, 5, WIDTH)] * 3 + [(2, 7, WIDTH)] * 3  # the count tells the two paths apart
+    for length in (5, 7):
+        (loss_a, rest_a), grads_a = runs["nested", length]
+        (loss_b, rest_b), grads_b = runs["flat", length]
+        assert float(loss_a) == float(loss_b)
+        for a, b in zip(jax.tree.leaves((grads_a, rest_a)), jax.tree.leaves((grads_b, rest_b)), strict=True):
+            np.testing.assert_array_equal(
+                jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a,
+                jax.random.key_data(b) if jnp.issubdtype(b.dtype, jax.dtypes.prng_key) else b,
+            )
+    # The RNG counts come back out of the nested calls: the streams of all three layers advanced (their equality
+    # with the flat trace's counts is checked above).
+    counts = [x for x in jax.tree.leaves(runs["nested", 5][0][1]) if x.dtype == jnp.uint32 and x.ndim == 0]
+    before = [x for x in jax.tree.leaves(rest) if x.dtype == jnp.uint32 and x.ndim == 0]
+    assert len(counts) == len(before) and sum(int(a) > int(b) for a, b in zip(counts, before, strict=True)) >= 3
