@@ -166,6 +166,13 @@ class BatchIterable:
         for i, b in enumerate(self.source):
             if i < start:
                 continue
+            if not isinstance(b, Mapping):
+                raise DataError(
+                    f"Item {i} of the iterable passed as data is a {type(b).__name__} ({b!r:.60}), not a batch. An "
+                    "iterable is read as ready batches: dicts of arrays such as {'input_ids': ..., 'labels': ...}. "
+                    "For raw examples pass a list of texts, a list of rows ({'text': ..., 'label': ...}), a dict of "
+                    "columns or a datasets.Dataset."
+                )
             batch = {k: np.asarray(v) for k, v in b.items()}
             n = len(next(iter(batch.values())))
             batch.setdefault("example_mask", np.ones(n, np.float32))
@@ -225,8 +232,9 @@ def as_source(
 
     Args:
       data: A `datasets.Dataset`, a path to a local csv / tsv / json / jsonl / parquet file, a dict of arrays or of
-        raw columns (``{"text": [...], "label": [...]}``), an ``(x, y)`` pair, an iterable of ready batches, or a
-        source made earlier (returned as is).
+        raw columns (``{"text": [...], "label": [...]}``), a list of rows (``[{"text": ..., "label": ...}]``), a
+        list of texts (a ``text`` column, no labels: for prediction), an ``(x, y)`` pair, an iterable of ready
+        batches, or a source made earlier (returned as is).
       task: The model's task (decides which columns are needed and how they are encoded).
       model: The `finetune.Model`: its tokenizer / image processor, label names (set from the data when
         ``stage="fit"``), ``num_labels`` and positions (checked).
@@ -263,7 +271,11 @@ def as_source(
             f"Received a DatasetDict with splits {list(data)}; pass one split of it, e.g. "
             f"data[{next(iter(data), 'train')!r}]."
         )
-    if isinstance(data, tuple) and len(data) == 2:
+    if isinstance(data, list | tuple) and data and all(isinstance(x, str) for x in data):
+        data = {"text": list(data)}  # raw texts, e.g. predict(["a review", ...]); fit and evaluate need labels too
+    elif isinstance(data, list) and data and all(_is_row(x) for x in data):
+        data = {k: [row.get(k) for row in data] for k in data[0]}  # rows [{"text": ..., "label": ...}] -> columns
+    elif isinstance(data, tuple) and len(data) == 2:
         data = _pair_to_columns(data, task=task, model=model)
     if isinstance(data, Mapping) and _numeric(data):
         cols = dict(data)
@@ -286,6 +298,11 @@ def as_source(
         "json / parquet file, a dict of numpy arrays (with a `labels` column), an (x, y) pair of arrays, or an "
         "iterable of ready batches (dicts of arrays)."
     )
+
+
+def _is_row(item: Any) -> bool:
+    """Whether ``item`` is one example as a dict of scalars (a row), rather than a ready batch (a dict of arrays)."""
+    return isinstance(item, Mapping) and all(isinstance(v, str | int | float | bool) for v in item.values())
 
 
 def load_file(path: str | os.PathLike) -> Any:

@@ -105,6 +105,21 @@ def test_text_classification_learns_sets_label_names_and_compiles_one_shape_per_
     assert model.evaluate(test)["accuracy"] == pytest.approx(sklearn.metrics.accuracy_score(truth, out["labels"]))
 
 
+def test_texts_and_rows_are_examples_and_anything_else_iterable_must_be_batches(dirs):
+    data = reviews(20, seed=3)
+    model = _compiled(ft.load(dirs["seq"], task="text-classification", num_labels=2))
+    model.fit(data, epochs=1, verbose=0)
+    columns = model.predict({"text": data["sentence"]})
+    texts = model.predict(data["sentence"])  # a list of texts, as KerasHub's predict takes it
+    np.testing.assert_array_equal(texts["logits"], columns["logits"])
+    rows = [{"sentence": t, "label": y} for t, y in zip(data["sentence"], data["label"], strict=True)]
+    assert model.evaluate(rows) == model.evaluate(data)
+    with pytest.raises(ft.DataError, match=r"labels|label column"):  # fitting on texts alone: nothing to learn
+        model.fit(data["sentence"], epochs=1, verbose=0)
+    with pytest.raises(ft.DataError, match=r"Item 0 of the iterable .* is a str \('.*'\), not a batch"):
+        model.predict(t for t in data["sentence"])
+
+
 def test_padding_tokens_and_rows_never_count_in_the_metrics(dirs):
     test = datasets.Dataset.from_dict(reviews(50, seed=2))
     model = _compiled(ft.load(dirs["seq"], task="text-classification", num_labels=2))

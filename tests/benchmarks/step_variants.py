@@ -12,6 +12,8 @@ Variants (environment of the worker process):
   xnn_dot          dots through XNNPACK instead of YNNPACK
   onednn_dot       dots through oneDNN instead of YNNPACK
   fast_math        XLA_FLAGS=--xla_cpu_enable_fast_math=true
+  eigen_1thread    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false (each Eigen kernel on one thread; the runtime
+                   still runs independent kernels at once)
   no_dropout       dropout off (not a valid change; shows what dropout costs)
   bf16             bfloat16 compute on float32 parameters (does any XLA:CPU path make bf16 pay here?)
   bf16_highest     bf16 compute with jax_default_matmul_precision=highest
@@ -49,6 +51,7 @@ ENV = {
         "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
     },
     "fast_math": {"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"},
+    "eigen_1thread": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
     "no_dropout": {"VARIANT_NO_DROPOUT": "1"},
     "bf16": {"VARIANT_BF16": "1"},
     "bf16_highest": {"VARIANT_BF16": "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"},
