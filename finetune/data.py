@@ -274,7 +274,7 @@ def as_source(
     if isinstance(data, list | tuple) and data and all(isinstance(x, str) for x in data):
         data = {"text": list(data)}  # raw texts, e.g. predict(["a review", ...]); fit and evaluate need labels too
     elif isinstance(data, list) and data and all(_is_row(x) for x in data):
-        data = {k: [row.get(k) for row in data] for k in data[0]}  # rows [{"text": ..., "label": ...}] -> columns
+        data = rows_to_columns(data)
     elif isinstance(data, tuple) and len(data) == 2:
         data = _pair_to_columns(data, task=task, model=model)
     if isinstance(data, Mapping) and _numeric(data):
@@ -300,9 +300,22 @@ def as_source(
     )
 
 
+def rows_to_columns(rows: list[Mapping[str, Any]]) -> dict[str, list]:
+    """``[{"text": ..., "label": ...}, ...]`` -> ``{"text": [...], "label": [...]}``: every column any row has, in
+    order of appearance, with None where a row lacks it.
+
+    Example:
+      >>> rows_to_columns([{"text": "good", "label": 1}, {"text": "bad", "label": 0, "id": 7}])
+      {'text': ['good', 'bad'], 'label': [1, 0], 'id': [None, 7]}
+    """
+    names = dict.fromkeys(k for row in rows for k in row)
+    return {k: [row.get(k) for row in rows] for k in names}
+
+
 def _is_row(item: Any) -> bool:
     """Whether ``item`` is one example as a dict of scalars (a row), rather than a ready batch (a dict of arrays)."""
-    return isinstance(item, Mapping) and all(isinstance(v, str | int | float | bool) for v in item.values())
+    scalar = str | int | float | bool | np.generic | None
+    return isinstance(item, Mapping) and all(isinstance(v, scalar) for v in item.values())
 
 
 def load_file(path: str | os.PathLike) -> Any:

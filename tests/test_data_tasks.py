@@ -113,7 +113,12 @@ def test_texts_and_rows_are_examples_and_anything_else_iterable_must_be_batches(
     texts = model.predict(data["sentence"])  # a list of texts, as KerasHub's predict takes it
     np.testing.assert_array_equal(texts["logits"], columns["logits"])
     rows = [{"sentence": t, "label": y} for t, y in zip(data["sentence"], data["label"], strict=True)]
+    rows[-1]["source"] = np.str_("a column only the last row has")  # numpy scalars are scalars too
     assert model.evaluate(rows) == model.evaluate(data)
+    columns = data_lib.rows_to_columns(rows)
+    assert list(columns) == ["sentence", "label", "source"] and columns["source"] == [None] * 19 + [
+        "a column only the last row has"
+    ]
     with pytest.raises(ft.DataError, match=r"labels|label column"):  # fitting on texts alone: nothing to learn
         model.fit(data["sentence"], epochs=1, verbose=0)
     with pytest.raises(ft.DataError, match=r"Item 0 of the iterable .* is a str \('.*'\), not a batch"):
