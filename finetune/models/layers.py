@@ -3,7 +3,6 @@ and the layer stack with optional rematerialisation (`finetune.Recipe.remat`).""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,32 +61,30 @@ def run_layers(layers: Sequence[nnx.Module], x: Any, *args: Any, remat: bool = F
     recomputes its forward one layer at a time, so at most one layer's activations are alive at once (one
     checkpoint around the whole model would recompute them all together, saving nothing).
     """
-    if not remat:
-        for layer in layers:
-            x = _call(layer, x, *args)
-        return x
-    step = nnx.remat(lambda layer, h, *a: layer(h, *a))
+    traced = _rematerialised if remat else _traced
     for layer in layers:
-        x = step(layer, x, *args)
+        x = _call(traced, layer, x, *args)
     return x
 
 
-def _call(layer: nnx.Module, x: Any, *args: Any) -> Any:
-    """``layer(x, *args)`` through `_traced`, with the layer's non-parameter state (its RNG counts) written back."""
+def _call(traced: Callable[..., Any], layer: nnx.Module, x: Any, *args: Any) -> Any:
+    """``layer(x, *args)`` through ``traced``, with the layer's non-parameter state (its RNG counts) written back."""
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-    y, rest = _traced(graphdef, params, rest, x, *args)
+    y, rest = traced(graphdef, params, rest, x, *args)
     nnx.update(layer, rest)
     return y
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _traced(graphdef: Any, params: Any, rest: Any, x: Any, *args: Any) -> tuple[Any, Any]:
-    """One layer as a nested `jax.jit`: layers of the same structure and input shapes share one trace.
-
-    JAX caches a jitted function's trace by its static arguments and input shapes, so in a stack of identical layers
-    only the first is traced from Python; the rest reuse its jaxpr, and so do the derivative rules, which JAX caches
-    per jaxpr. XLA inlines the calls, so the compiled program is the one a flat trace gives.
-    """
+def _layer(graphdef: Any, params: Any, rest: Any, x: Any, *args: Any) -> tuple[Any, Any]:
     layer = nnx.merge(graphdef, params, rest)
     y = layer(x, *args)
     return y, nnx.state(layer, nnx.Not(nnx.Param))
+
+
+# One layer as a nested `jax.jit`: layers of the same structure and input shapes share one trace. JAX caches a jitted
+# function's trace by its static arguments and input shapes, so in a stack of identical layers only the first is
+# traced from Python; the rest reuse its jaxpr, and so do the derivative rules, which JAX caches per jaxpr. XLA
+# inlines the calls, so the compiled program is the one a flat trace gives.
+_traced = jax.jit(_layer, static_argnums=0)
+# The same with the layer rematerialised: the backward pass keeps its inputs and recomputes the rest.
+_rematerialised = jax.jit(jax.checkpoint(_layer, static_argnums=(0,)), static_argnums=0)

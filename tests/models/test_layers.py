@@ -125,7 +125,7 @@ def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_tra
     rng = np.random.default_rng(2)
     runs = {}
     layers_lib._traced.clear_cache()  # traces of earlier tests' layers of the same structure would be reused
-    for label, call in (("nested", layers_lib._call), ("flat", lambda layer, x, *args: layer(x, *args))):
+    for label, call in (("nested", layers_lib._call), ("flat", lambda traced, layer, x, *args: layer(x, *args))):
         monkeypatch.setattr(layers_lib, "_call", call)
         loss_and_grads = fresh_step()
         traced.clear()
