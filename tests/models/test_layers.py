@@ -11,7 +11,11 @@ import transformers
 from flax import nnx
 
 import finetune
+from finetune.models import layers as layers_lib
+from finetune.models.bert import modeling as bert_modeling
+from finetune.models.gpt2 import modeling as gpt2_modeling
 from finetune.models.layers import recomputed
+from finetune.models.llama import modeling as llama_modeling
 
 TOKENS, WIDTH, INTERMEDIATE, LAYERS = 2 * 7, 32, 48, 2
 
@@ -81,21 +85,12 @@ def test_recomputed_matches_the_plain_activation_with_its_gradients(activation, 
         np.testing.assert_array_equal(a, b)
 
 
-LAYER_CLASSES = {
-    "bert": "finetune.models.bert.modeling.Layer",
-    "gpt2": "finetune.models.gpt2.modeling.Block",
-    "llama": "finetune.models.llama.modeling.DecoderLayer",
-}
+LAYER_CLASSES = {"bert": bert_modeling.Layer, "gpt2": gpt2_modeling.Block, "llama": llama_modeling.DecoderLayer}
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_trace_does(arch, monkeypatch):
-    import importlib
-
-    from finetune.models import layers as layers_lib
-
-    module_name, class_name = LAYER_CLASSES[arch].rsplit(".", 1)
-    layer_class = getattr(importlib.import_module(module_name), class_name)
+    layer_class = LAYER_CLASSES[arch]
     traced = []
     plain_call = layer_class.__call__
 
