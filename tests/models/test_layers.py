@@ -16,6 +16,7 @@ from finetune.models.bert import modeling as bert_modeling
 from finetune.models.gpt2 import modeling as gpt2_modeling
 from finetune.models.layers import recomputed
 from finetune.models.llama import modeling as llama_modeling
+from finetune.models.vit import modeling as vit_modeling
 
 TOKENS, WIDTH, INTERMEDIATE, LAYERS = 2 * 7, 32, 48, 2
 
@@ -145,3 +146,59 @@ def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_tra
     counts = [x for x in jax.tree.leaves(runs["nested", 5][0][1]) if x.dtype == jnp.uint32 and x.ndim == 0]
     before = [x for x in jax.tree.leaves(rest) if x.dtype == jnp.uint32 and x.ndim == 0]
     assert len(counts) == len(before) and sum(int(a) > int(b) for a, b in zip(counts, before, strict=True)) >= 3
+
+
+SIZES = {"hidden_size": WIDTH, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "intermediate_size": INTERMEDIATE}
+HEAD_CONFIGS = {  # classifiers that read the first token: the last layer computes that row alone
+    "bert": (CONFIGS["bert"], "text-classification"),
+    "roberta": (
+        lambda: transformers.RobertaConfig(vocab_size=64, max_position_embeddings=24, pad_token_id=1, **SIZES),
+        "text-classification",
+    ),
+    "distilbert": (
+        lambda: transformers.DistilBertConfig(
+            vocab_size=64, dim=WIDTH, n_layers=LAYERS, n_heads=4, hidden_dim=INTERMEDIATE, max_position_embeddings=24
+        ),
+        "text-classification",
+    ),
+    "vit": (
+        lambda: transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **SIZES),
+        "image-classification",
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(HEAD_CONFIGS))
+def test_a_first_token_head_gets_the_full_models_outputs_and_gradients_for_less_work(arch, monkeypatch):
+    config, task = HEAD_CONFIGS[arch]
+    model = finetune.from_config(config(), task=task, num_labels=3)
+    model.module.set_attributes(deterministic=True, raise_if_not_found=False)
+    rng = np.random.default_rng(3)
+    if arch == "vit":
+        inputs = {"pixel_values": jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)}
+    else:
+        lengths = np.array([9, 4, 6])
+        inputs = {
+            "input_ids": jnp.asarray(rng.integers(3, 64, (3, 9)), jnp.int32),
+            "attention_mask": jnp.asarray(np.arange(9)[None] < lengths[:, None], jnp.int32),
+        }
+    graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def run():
+        def loss(params):  # a new function each run: JAX caches traces by the function
+            return (nnx.merge(graphdef, params, rest)(**inputs) ** 2).sum()
+
+        logits = nnx.merge(graphdef, params, rest)(**inputs)
+        return logits, jax.grad(loss)(params), jax.jit(loss).lower(params).cost_analysis()["flops"]
+
+    ours = run()
+    every_row = lambda layers, x, *args, first, remat=False: layers_lib.run_layers(layers, x, *args, remat=remat)  # noqa: E731
+    monkeypatch.setattr(vit_modeling if arch == "vit" else bert_modeling, "head_rows", every_row)
+    full = run()
+    np.testing.assert_allclose(ours[0], full[0], rtol=0, atol=1e-6)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full[1]))
+    for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(full[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale)
+    # The last of the 2 layers runs its query, output, feed-forward and norms on 1 row instead of 9 (ViT: 17).
+    assert ours[2] < 0.75 * full[2]

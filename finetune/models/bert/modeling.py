@@ -18,7 +18,7 @@ from flax import nnx
 
 from finetune.errors import LoadError
 from finetune.models.dropout import Dropout, attend
-from finetune.models.layers import Linear, recomputed, run_layers
+from finetune.models.layers import Linear, head_rows, recomputed
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -148,16 +148,20 @@ class Attention(nnx.Module):
         self.output = dense(width, width, ("heads", "embed"), **kw)
         self.dropout = Dropout(cfg.attention_dropout, rngs=rngs)
 
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, queries=None):
+        """``x``: ``[B, T, H]``; ``mask`` hides keys. ``queries`` (``[B, Q, H]``, default ``x``) are the positions
+        whose outputs are computed: keys and values always come from all of ``x``."""
         b, t, width = x.shape
-        q, k, v = (proj(x).reshape(b, t, self.num_heads, -1) for proj in (self.query, self.key, self.value))
+        queries = x if queries is None else queries
+        q = self.query(queries).reshape(b, queries.shape[1], self.num_heads, -1)
+        k, v = (proj(x).reshape(b, t, self.num_heads, -1) for proj in (self.key, self.value))
         if self.dropout.deterministic or self.dropout.rate == 0:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:  # the fused kernel has no dropout; spell the attention out when training
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             out = attend(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype), v, self.dropout)
-        return self.output(out.reshape(b, t, width))
+        return self.output(out.reshape(b, queries.shape[1], width))
 
 
 class Layer(nnx.Module):
@@ -173,8 +177,10 @@ class Layer(nnx.Module):
         self.dropout = Dropout(cfg.hidden_dropout, rngs=rngs)
         self.activation = ACTIVATIONS[cfg.hidden_act]
 
-    def __call__(self, x, mask):
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+    def __call__(self, x, mask, queries=None):
+        """``x`` through the layer; with ``queries`` (``[B, Q, H]`` rows of ``x``) only their outputs are computed."""
+        queries = x if queries is None else queries
+        x = self.attention_norm(queries + self.dropout(self.attention(x, mask, queries)))
         h = self.output(recomputed(self.activation, self.intermediate(x)))
         return self.output_norm(x + self.dropout(h))
 
@@ -186,8 +192,9 @@ class Encoder(nnx.Module):
         )
         self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
 
-    def __call__(self, x, mask):
-        return run_layers(self.layers, x, mask, remat=self.remat)
+    def __call__(self, x, mask, first: int | None = None):
+        """The last hidden state; with ``first``, only that of the first ``first`` positions (see `head_rows`)."""
+        return head_rows(self.layers, x, mask, first=first, remat=self.remat)
 
 
 class Pooler(nnx.Module):
@@ -252,7 +259,8 @@ class Bert(nnx.Module):
         if position_ids is None:
             position_ids = jnp.arange(input_ids.shape[1])[None, :]
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
-        x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), mask)
+        first = 1 if self.task == "text-classification" else None  # the pooler reads the first token only
+        x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), mask, first)
         if self.task == "text-classification":
             return self.classifier(self.dropout(self.pooler(x)))
         if self.task == "token-classification":

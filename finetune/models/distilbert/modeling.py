@@ -149,7 +149,8 @@ class DistilBert(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
-        x = self.encoder(self.embeddings(input_ids), mask)
+        first = 1 if self.task == "text-classification" else None  # the head reads the first token only
+        x = self.encoder(self.embeddings(input_ids), mask, first)
         if self.task == "text-classification":
             return self.classifier(self.dropout(jax.nn.relu(self.pre_classifier(x[:, 0]))))
         if self.task == "token-classification":

@@ -142,7 +142,8 @@ class Roberta(nnx.Module):
         if position_ids is None:
             position_ids = create_position_ids(input_ids, self.pad_token_id)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
-        x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), mask)
+        first = 1 if self.task == "text-classification" else None  # the head reads the first token only
+        x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), mask, first)
         if self.task == "text-classification":
             return self.classifier(x)
         if self.task == "token-classification":

@@ -17,7 +17,7 @@ from flax import nnx
 from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, Attention, axes, dense, layer_norm
 from finetune.models.dropout import Dropout
-from finetune.models.layers import recomputed, run_layers
+from finetune.models.layers import head_rows, recomputed
 
 Dtype = Any
 
@@ -177,8 +177,13 @@ class Layer(nnx.Module):
         self.mlp = MLP(config, **kw)
         self.dropout = Dropout(config.hidden_dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.dropout(self.attention(self.layernorm_before(x), mask))
+    def __call__(self, x: jax.Array, mask: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+        """``x`` through the layer; with ``queries`` (``[B, Q, H]`` rows of ``x``) only their outputs are computed."""
+        normed = self.layernorm_before(x)
+        if queries is None:
+            x = x + self.dropout(self.attention(normed, mask))
+        else:
+            x = queries + self.dropout(self.attention(normed, mask, self.layernorm_before(queries)))
         return x + self.dropout(self.mlp(self.layernorm_after(x)))
 
 
@@ -191,9 +196,10 @@ class Encoder(nnx.Module):
         )
         self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, first: int | None = None) -> jax.Array:
+        """The last hidden state; with ``first``, only that of the first ``first`` tokens (see `head_rows`)."""
         mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token is real; the shape BERT's attention takes
-        return run_layers(self.layers, x, mask, remat=self.remat)
+        return head_rows(self.layers, x, mask, first=first, remat=self.remat)
 
 
 class ViT(nnx.Module):
@@ -246,7 +252,8 @@ class ViT(nnx.Module):
                 "images with x.transpose(0, 3, 1, 2)."
             )
         x = self.embeddings(jnp.transpose(pixel_values, (0, 2, 3, 1)))
-        x = self.layernorm(self.encoder(x))
+        first = None if self.classifier is None else 1  # the classifier reads the class token only
+        x = self.layernorm(self.encoder(x, first))
         if self.classifier is not None:
             return self.classifier(x[:, 0])
         return x
