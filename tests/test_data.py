@@ -1,6 +1,8 @@
 """The data pipeline without models: sources, buckets, shuffling and resuming, labels, columns, files, errors, and
 metrics over masked batches against scikit-learn."""
 
+import itertools
+
 import datasets
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,29 @@ def test_length_buckets_are_powers_of_two_up_to_max_length():
     assert data_lib.length_buckets(128) == (16, 32, 64, 128)
     assert data_lib.length_buckets(100) == (16, 32, 64, 100)
     assert data_lib.length_buckets(8) == (8,)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fitted_buckets_leave_the_least_padding_with_no_more_shapes_than_powers_of_two(seed):
+    rng = np.random.default_rng(seed)
+    limit = int(rng.choice([40, 64, 100]))
+    lengths = np.minimum(rng.gamma(shape=rng.uniform(1, 6), scale=rng.uniform(3, 12), size=300).astype(int) + 1, limit)
+    buckets = data_lib.fitted_buckets(lengths, limit)
+
+    def padded(widths):  # every example padded to its bucket
+        widths = np.asarray(widths)
+        return int(widths[np.searchsorted(widths, lengths)].sum())
+
+    powers = data_lib.length_buckets(limit)
+    used_powers = sorted({min(b for b in powers if b >= n) for n in lengths})
+    top = min(limit, -(-int(lengths.max()) // 8) * 8)
+    candidates = sorted({*range(8, top, 8), top})
+    brute = min(  # every choice of at most that many multiples of 8, ending at the longest example
+        padded((*rest, top)) for k in range(len(used_powers)) for rest in itertools.combinations(candidates[:-1], k)
+    )
+    assert buckets[-1] == top and all(b % 8 == 0 or b == limit for b in buckets)
+    assert len(buckets) <= len(used_powers)
+    assert padded(buckets) == brute <= padded(used_powers)
 
 
 def test_batches_pad_to_the_smallest_bucket_and_mask_padding():

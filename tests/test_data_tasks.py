@@ -98,7 +98,8 @@ def test_text_classification_learns_sets_label_names_and_compiles_one_shape_per_
     assert model.id2label == {0: "neg", 1: "pos"} and model.hf_config.label2id == {"neg": 0, "pos": 1}
     assert history.history["val_accuracy"][-1] >= 0.9
     widths = {shape[1] for shape in history.compiled_shapes}
-    assert widths <= set(data_lib.length_buckets(64)) and sum(history.compilations) == len(history.compiled_shapes)
+    assert len(widths) <= 2 and max(widths) <= 32  # fitted buckets, no more than the powers of two up to 32
+    assert sum(history.compilations) == len(history.compiled_shapes)
     out = model.predict(test)
     assert out["labels"].shape == (64,) and out["probabilities"].shape == (64, 2)
     truth = [model.hf_config.label2id[v] for v in test["label"]]
