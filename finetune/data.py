@@ -13,9 +13,9 @@ What `fit` / `evaluate` / `predict` accept, and what happens to it:
 Token sequences are kept ragged and every batch is padded to the smallest length bucket that holds its longest
 sequence, so only a few shapes are ever compiled. The buckets are fitted to the data set's lengths (`fitted_buckets`):
 as many as powers of two from 16 up to ``max_length`` would use, at the multiples of 8 that leave the fewest padding
-tokens. Every batch has the same
-number of rows: the last partial batch is padded with rows whose ``example_mask`` is 0, so it is neither dropped nor
-recompiled, and padding (rows and tokens) never counts in the loss or the metrics. Batches are prepared on a
+tokens. Every batch has the same number of rows: the last partial batch is padded with rows whose ``example_mask``
+is 0, so it is neither dropped nor recompiled, and padding (rows and tokens) never counts in the loss or the
+metrics. Batches are prepared on a
 background thread and put on device ahead of the step that needs them (`prefetch`).
 """
 
@@ -143,7 +143,7 @@ class ArrayData:
             offsets = next(iter(self.sequences.values()))[1]
             lengths = np.diff(offsets)
             self.buckets = tuple(buckets or fitted_buckets(lengths, max(int(lengths.max(initial=1)), 1)))
-            self.lengths = np.minimum(np.diff(offsets), self.buckets[-1])  # longer ones keep their first tokens
+            self.lengths = np.minimum(lengths, self.buckets[-1])  # longer ones keep their first tokens
         sizes = {k: len(v) for k, v in self.columns.items()} | {k: len(o) - 1 for k, (_, o) in self.sequences.items()}
         if len(set(sizes.values())) > 1:
             raise DataError(f"All data columns must have the same length; received lengths {sizes}.")
@@ -451,11 +451,11 @@ def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData
     prepared = preprocess.prepare(data, model=model, columns=columns, **options)
     buckets = None
     if prepared.sequences:
-        limit = prepared.max_length
-        if padding == "longest":
-            limit = min(limit, int(np.diff(next(iter(prepared.sequences.values()))[1]).max()))
         lengths = np.diff(next(iter(prepared.sequences.values()))[1])
-        buckets = fitted_buckets(lengths, limit) if padding == "buckets" else (limit,)
+        if padding == "buckets":
+            buckets = fitted_buckets(lengths, prepared.max_length)
+        else:  # "longest": one shape, the longest sequence
+            buckets = (min(prepared.max_length, int(lengths.max())),)
     source = ArrayData(prepared.columns, sequences=prepared.sequences, buckets=buckets, pad_values=prepared.pad_values)
     if model is not None:
         per_model[before] = per_model[key()] = source  # the label names may have just been set from this data
