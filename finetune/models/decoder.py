@@ -35,33 +35,46 @@ def causal_attention(
     dropout: nnx.Dropout,
     scale: float | None = None,
     window: int | None = None,
+    positions: jax.Array | None = None,
 ) -> jax.Array:
     """Causal (optionally sliding-window) grouped-query attention, ``[B, T, heads, head_dim]`` in and out.
 
     ``mask`` is the ``[B, 1, 1, T]`` boolean key mask of the padding; ``scale`` defaults to ``1/sqrt(head_dim)``.
-    Without dropout this is `jax.nn.dot_product_attention`; with attention dropout in training it is spelled out,
-    since that has none.
+    ``positions`` (``[B, Q]``) places the queries when they are not all ``T`` positions (`head_rows`): query ``i``
+    of row ``b`` sees the keys up to ``positions[b, i]``. Without dropout this is `jax.nn.dot_product_attention`;
+    with attention dropout in training it is spelled out, since that has none.
     """
+    query = jnp.arange(q.shape[1])[None, :] if positions is None else positions
     if dropout.deterministic or dropout.rate == 0:
-        local = None if window is None else (window - 1, 0)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, local_window_size=local)
+        if positions is None:
+            local = None if window is None else (window - 1, 0)
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=scale, is_causal=True, local_window_size=local
+            )
+        return jax.nn.dot_product_attention(q, k, v, mask=_allowed(query, k.shape[1], window, mask), scale=scale)
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    query, key = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
+    probs = jax.nn.softmax(jnp.where(_allowed(query, k.shape[1], window, mask), logits, jnp.finfo(jnp.float32).min), -1)
+    return attend(probs, v, dropout)
+
+
+def _allowed(query: jax.Array, keys: int, window: int | None, mask: jax.Array | None) -> jax.Array:
+    """``[B or 1, 1, Q, K]``: key ``k`` is visible to a query at position ``p`` when ``k <= p`` (and within the
+    window, and not padding)."""
+    query, key = query[:, None, :, None], jnp.arange(keys)[None, None, None, :]
     allowed = key <= query
     if window is not None:
         allowed &= key > query - window
     if mask is not None:
         allowed = allowed & mask
-    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    return attend(probs, v, dropout)
+    return allowed
 
 
-def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
-    """The hidden state of each row's last token, ``[B, T, H] -> [B, H]``, found as transformers does.
+def last_token(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:
+    """The position of each row's last token, ``[B]``, found as transformers does: the row the sequence head reads.
 
     With a ``pad_token_id``: the rightmost token that is not padding (``argmax(index * (ids != pad))``), exactly
     transformers' rule. Without one, transformers only accepts batches of one and takes the last position; here the
@@ -72,6 +85,5 @@ def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Arra
     elif attention_mask is not None:
         keep = attention_mask.astype(bool)
     else:
-        return hidden[:, -1]
-    index = jnp.argmax(jnp.arange(input_ids.shape[1]) * keep, axis=-1)
-    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+        return jnp.full(input_ids.shape[:1], input_ids.shape[1] - 1)
+    return jnp.argmax(jnp.arange(input_ids.shape[1]) * keep, axis=-1)

@@ -68,23 +68,36 @@ def run_layers(layers: Sequence[nnx.Module], x: Any, *args: Any, remat: bool = F
     return x
 
 
-def head_rows(layers: Sequence[nnx.Module], x: Any, *args: Any, first: int | None, remat: bool = False) -> Any:
-    """``x`` through each layer in turn; with ``first``, only the first ``first`` positions' outputs of the last layer.
+def head_rows(
+    layers: Sequence[nnx.Module],
+    x: Any,
+    *args: Any,
+    first: int | None = None,
+    rows: Any = None,
+    remat: bool = False,
+) -> Any:
+    """``x`` through each layer in turn; with ``first`` or ``rows``, the last layer computes only the rows a head reads.
 
-    For a head that reads the first token(s) alone (BERT's pooler, RoBERTa's and DistilBERT's classifiers, ViT's
-    class token): the last layer still takes its keys and values from every position, but its query projection,
-    attention output, feed-forward block and norms run on ``first`` rows instead of all of them, forward and
-    backward. The head's input is the same (within float rounding). For all-MiniLM-L6-v2 (6 layers) with a
-    classifier that is about a seventh less matrix-product work per step; the README's "Performance" section has the
-    measured step times. Each layer takes ``(x, *args, queries)``, ``queries`` being the rows of ``x`` to compute.
+    For a head that reads one token: the first (BERT's pooler, RoBERTa's and DistilBERT's classifiers, ViT's class
+    token: ``first=1``) or each row's last (the decoders' sequence classifiers: ``rows``, ``[B]`` positions). The
+    last layer still takes its keys and values from every position, but its query projection, attention output,
+    feed-forward block and norms run on those rows alone, forward and backward. The head's input is the same
+    (within float rounding). For all-MiniLM-L6-v2 (6 layers) with a classifier that is about a seventh less
+    matrix-product work per step; the README's "Performance" section has the measured step times.
+
+    Each layer takes ``(x, *args, queries)`` with ``first``, ``(x, *args, queries, positions)`` with ``rows``:
+    ``queries`` (``[B, Q, H]``) are the rows of ``x`` to compute, ``positions`` (``[B, Q]``) where they sit.
 
     Returns:
-      ``[B, T, H]`` with ``first=None``, else ``[B, first, H]``.
+      ``[B, T, H]`` with neither, ``[B, first, H]`` with ``first``, ``[B, 1, H]`` with ``rows``.
     """
-    if first is None or not len(layers):
+    if (first is None and rows is None) or not len(layers):
         return run_layers(layers, x, *args, remat=remat)
     x = run_layers(list(layers)[:-1], x, *args, remat=remat)
-    return run_layers(list(layers)[-1:], x, *args, x[:, :first], remat=remat)
+    if rows is None:
+        return run_layers(list(layers)[-1:], x, *args, x[:, :first], remat=remat)
+    queries = jax.numpy.take_along_axis(x, rows[:, None, None], axis=1)
+    return run_layers(list(layers)[-1:], x, *args, queries, rows[:, None], remat=remat)
 
 
 def _call(traced: Callable[..., Any], layer: nnx.Module, x: Any, *args: Any) -> Any:

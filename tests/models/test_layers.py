@@ -149,38 +149,59 @@ def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_tra
 
 
 SIZES = {"hidden_size": WIDTH, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "intermediate_size": INTERMEDIATE}
-HEAD_CONFIGS = {  # classifiers that read the first token: the last layer computes that row alone
-    "bert": (CONFIGS["bert"], "text-classification"),
+DECODER = {"vocab_size": 64, "num_key_value_heads": 2, "pad_token_id": 0, **SIZES}
+HEADS = {  # sequence classifiers that read one token: the first, or (decoders) each row's last
+    "bert": (CONFIGS["bert"], "text-classification", bert_modeling),
     "roberta": (
         lambda: transformers.RobertaConfig(vocab_size=64, max_position_embeddings=24, pad_token_id=1, **SIZES),
         "text-classification",
+        bert_modeling,
     ),
     "distilbert": (
         lambda: transformers.DistilBertConfig(
             vocab_size=64, dim=WIDTH, n_layers=LAYERS, n_heads=4, hidden_dim=INTERMEDIATE, max_position_embeddings=24
         ),
         "text-classification",
+        bert_modeling,
     ),
     "vit": (
         lambda: transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **SIZES),
         "image-classification",
+        vit_modeling,
     ),
+    "gpt2": (
+        lambda: transformers.GPT2Config(
+            vocab_size=64, n_embd=WIDTH, n_layer=LAYERS, n_head=4, n_inner=INTERMEDIATE, n_positions=16, pad_token_id=0
+        ),
+        "text-classification",
+        gpt2_modeling,
+    ),
+    "llama": (lambda: transformers.LlamaConfig(**DECODER), "text-classification", llama_modeling),
+    "mistral": (lambda: transformers.MistralConfig(sliding_window=3, **DECODER), "text-classification", llama_modeling),
 }
 
 
-@pytest.mark.parametrize("arch", sorted(HEAD_CONFIGS))
-def test_a_first_token_head_gets_the_full_models_outputs_and_gradients_for_less_work(arch, monkeypatch):
-    config, task = HEAD_CONFIGS[arch]
+def every_row(layers, x, *args, first=None, rows=None, remat=False):
+    """The whole last layer, then the rows the head reads: what the models computed before `head_rows`."""
+    out = layers_lib.run_layers(layers, x, *args, remat=remat)
+    if rows is not None:
+        return jnp.take_along_axis(out, rows[:, None, None], axis=1)
+    return out if first is None else out[:, :first]
+
+
+@pytest.mark.parametrize("arch", sorted(HEADS))
+def test_a_one_token_head_gets_the_full_models_outputs_and_gradients_for_less_work(arch, monkeypatch):
+    config, task, module = HEADS[arch]
     model = finetune.from_config(config(), task=task, num_labels=3)
     model.module.set_attributes(deterministic=True, raise_if_not_found=False)
     rng = np.random.default_rng(3)
     if arch == "vit":
         inputs = {"pixel_values": jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)}
-    else:
-        lengths = np.array([9, 4, 6])
+    else:  # right padding (id 0 or 1) after 9, 4 and 6 tokens: the decoders read positions 8, 3 and 5
+        real = np.arange(9)[None] < np.array([9, 4, 6])[:, None]
         inputs = {
-            "input_ids": jnp.asarray(rng.integers(3, 64, (3, 9)), jnp.int32),
-            "attention_mask": jnp.asarray(np.arange(9)[None] < lengths[:, None], jnp.int32),
+            "input_ids": jnp.asarray(np.where(real, rng.integers(3, 64, (3, 9)), 1 if arch == "roberta" else 0)),
+            "attention_mask": jnp.asarray(real, jnp.int32),
         }
     graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -193,8 +214,7 @@ def test_a_first_token_head_gets_the_full_models_outputs_and_gradients_for_less_
         return logits, jax.grad(loss)(params), jax.jit(loss).lower(params).cost_analysis()["flops"]
 
     ours = run()
-    every_row = lambda layers, x, *args, first, remat=False: layers_lib.run_layers(layers, x, *args, remat=remat)  # noqa: E731
-    monkeypatch.setattr(vit_modeling if arch == "vit" else bert_modeling, "head_rows", every_row)
+    monkeypatch.setattr(module, "head_rows", every_row)
     full = run()
     np.testing.assert_allclose(ours[0], full[0], rtol=0, atol=1e-6)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full[1]))

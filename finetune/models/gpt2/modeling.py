@@ -20,7 +20,7 @@ from finetune.errors import ConfigError, LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear, recomputed, run_layers
+from finetune.models.layers import Linear, head_rows, recomputed
 
 Dtype = Any
 
@@ -115,11 +115,15 @@ class Attention(nnx.Module):
         scale = (width // cfg.num_heads) ** -0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (index + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, queries=None, positions=None) -> jax.Array:
+        """``queries`` (``[B, Q, H]``, at ``positions`` ``[B, Q]``): the rows whose outputs are computed (all of
+        ``x`` by default); keys and values always come from all of ``x``."""
         b, t, width = x.shape
-        q, k, v = (proj(x).reshape(b, t, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = causal_attention(q, k, v, mask, scale=self.scale, dropout=self.attention_dropout)
-        return self.dropout(self.o_proj(out.reshape(b, t, width)))
+        queries = x if queries is None else queries
+        q = self.q_proj(queries).reshape(b, queries.shape[1], self.num_heads, -1)
+        k, v = (proj(x).reshape(b, t, self.num_heads, -1) for proj in (self.k_proj, self.v_proj))
+        out = causal_attention(q, k, v, mask, scale=self.scale, dropout=self.attention_dropout, positions=positions)
+        return self.dropout(self.o_proj(out.reshape(b, queries.shape[1], width)))
 
 
 class MLP(nnx.Module):
@@ -146,8 +150,12 @@ class Block(nnx.Module):
         self.ln_2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = x + self.attention(self.ln_1(x), mask)
+    def __call__(self, x: jax.Array, mask: jax.Array | None, queries=None, positions=None) -> jax.Array:
+        """``x`` through the block; with ``queries`` (rows of ``x`` at ``positions``) only their outputs."""
+        if queries is None:
+            x = x + self.attention(self.ln_1(x), mask)
+        else:
+            x = queries + self.attention(self.ln_1(x), mask, self.ln_1(queries), positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -206,8 +214,10 @@ class GPT2(nnx.Module):
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        rows: jax.Array | None = None,
     ) -> jax.Array:
-        """The final hidden states ``[B, T, hidden]`` (after ``ln_f``).
+        """The final hidden states ``[B, T, hidden]`` (after ``ln_f``); with ``rows`` (``[B]`` positions) only
+        theirs, ``[B, 1, hidden]`` (see `head_rows`).
 
         ``token_type_ids``, as in transformers, are embedded with the token table ``wte`` and added.
         """
@@ -223,7 +233,7 @@ class GPT2(nnx.Module):
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.dropout(x)
-        return self.ln_f(run_layers(self.layers, x, mask, remat=self.remat))
+        return self.ln_f(head_rows(self.layers, x, mask, rows=rows, remat=self.remat))
 
     def __call__(
         self,
@@ -233,11 +243,12 @@ class GPT2(nnx.Module):
         token_type_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Logits of the task head (hidden states for ``feature-extraction``); arguments as in transformers."""
+        if self.task == "text-classification":  # the score reads each row's last token: the last layer computes it
+            rows = last_token(input_ids, attention_mask, self.pad_token_id)
+            return self.score(self.hidden_states(input_ids, attention_mask, position_ids, token_type_ids, rows)[:, 0])
         x = self.hidden_states(input_ids, attention_mask, position_ids, token_type_ids)
         if self.task == "causal-lm":
             return self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
-        if self.task == "text-classification":
-            return self.score(last_token(x, input_ids, attention_mask, self.pad_token_id))
         if self.task == "token-classification":
             return self.classifier(self.head_dropout(x))
         return x

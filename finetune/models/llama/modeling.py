@@ -27,7 +27,7 @@ from finetune.errors import LoadError
 from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
 from finetune.models.decoder import causal_attention, check_task, last_token
 from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear, recomputed, run_layers
+from finetune.models.layers import Linear, head_rows, recomputed
 from finetune.models.llama.rope import Rope, apply_rope, rope_tables
 
 Dtype = Any
@@ -177,16 +177,26 @@ class Attention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.window = window
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x, cos, sin, mask, queries=None, positions=None) -> jax.Array:
+        """``x`` ``[B, T, H]`` with its rotary tables ``cos``/``sin`` and padding ``mask``. ``queries`` (``[B, Q, H]``,
+        at ``positions`` ``[B, Q]``): the rows whose outputs are computed (all of ``x`` by default); keys and values
+        always come from all of ``x``."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
+        queries = x if queries is None else queries
+        q = self.q_proj(queries).reshape(b, queries.shape[1], -1, self.head_dim)
         k = self.k_proj(x).reshape(b, t, -1, self.head_dim)
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v, mask, window=self.window, dropout=self.dropout)
-        return self.o_proj(out.reshape(b, t, -1))
+        q_cos, q_sin = cos, sin
+        if positions is not None:  # the queries' own rows of the tables
+            q_cos, q_sin = (
+                jnp.take_along_axis(jnp.broadcast_to(c, (b, *c.shape[1:])), positions[..., None], axis=1)
+                for c in (cos, sin)
+            )
+        q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
+        out = causal_attention(q, k, v, mask, window=self.window, dropout=self.dropout, positions=positions)
+        return self.o_proj(out.reshape(b, queries.shape[1], -1))
 
 
 class MLP(nnx.Module):
@@ -215,8 +225,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = x + self.attention(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, queries=None, positions=None) -> jax.Array:
+        """``x`` through the layer; with ``queries`` (rows of ``x`` at ``positions``) only their outputs."""
+        if queries is None:
+            x = x + self.attention(self.input_layernorm(x), cos, sin, mask)
+        else:
+            normed = self.input_layernorm(x)
+            x = queries + self.attention(normed, cos, sin, mask, self.input_layernorm(queries), positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -272,15 +287,20 @@ class Llama(nnx.Module):
         self.dropout = Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
 
     def hidden_states(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        rows: jax.Array | None = None,
     ) -> jax.Array:
-        """The final normalised hidden states ``[B, T, hidden]``."""
+        """The final normalised hidden states ``[B, T, hidden]``; with ``rows`` (``[B]`` positions) only theirs,
+        ``[B, 1, hidden]`` (see `head_rows`)."""
         if position_ids is None:
             position_ids = jnp.arange(input_ids.shape[1])[None, :]
         cos, sin = rope_tables(self.rope, self.head_dim, position_ids)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         x = self.embed_tokens(input_ids)
-        return self.norm(run_layers(self.layers, x, cos, sin, mask, remat=self.remat))
+        return self.norm(head_rows(self.layers, x, cos, sin, mask, rows=rows, remat=self.remat))
 
     def __call__(
         self,
@@ -294,11 +314,12 @@ class Llama(nnx.Module):
         ``token_type_ids`` are accepted and ignored: these models have no segment embedding, but tokenizers loaded
         as a generic ``PreTrainedTokenizerFast`` (many Llama 3 repositories) still return them.
         """
+        if self.task == "text-classification":  # the score reads each row's last token: the last layer computes it
+            rows = last_token(input_ids, attention_mask, self.pad_token_id)
+            return self.score(self.hidden_states(input_ids, attention_mask, position_ids, rows)[:, 0])
         x = self.hidden_states(input_ids, attention_mask, position_ids)
         if self.task == "causal-lm":
             return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        if self.task == "text-classification":
-            return self.score(last_token(x, input_ids, attention_mask, self.pad_token_id))
         if self.task == "token-classification":
             return self.score(self.dropout(x))
         return x
