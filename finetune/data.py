@@ -15,8 +15,8 @@ sequence, so only a few shapes are ever compiled. The buckets are fitted to the 
 as many as powers of two from 16 up to ``max_length`` would use, at the multiples of 8 that leave the fewest padding
 tokens. Every batch has the same number of rows: the last partial batch is padded with rows whose ``example_mask``
 is 0, so it is neither dropped nor recompiled, and padding (rows and tokens) never counts in the loss or the
-metrics. Batches are prepared on a
-background thread and put on device ahead of the step that needs them (`prefetch`).
+metrics. Batches are prepared on a background thread and put on device ahead of the step that needs them
+(`prefetch`).
 """
 
 from __future__ import annotations

@@ -32,5 +32,5 @@ def test_minilm_on_rotten_tomatoes_beats_the_majority_baseline_by_15_points():
           f"shapes {history.compiled_shapes}")  # fmt: skip
     assert model.id2label == {0: "rotten", 1: "fresh"}
     assert accuracy >= majority + 0.15
-    widths = {shape[1] for shape in history.compiled_shapes}  # fitted buckets: no more than 16 and 32 would be
+    widths = {shape[1] for shape in history.compiled_shapes}  # fitted buckets: no more shapes than 16 and 32
     assert len(widths) <= 2 and max(widths) <= 32

@@ -1,6 +1,6 @@
 """Building blocks of every architecture: the dense layer, the feed-forward activation recomputed in the backward pass,
 the layer stack with optional rematerialisation (`finetune.Recipe.remat`), and the stack whose last layer computes
-only the rows a first-token head reads (`head_rows`)."""
+only the row a one-token head reads (`head_rows`)."""
 
 from __future__ import annotations
 

@@ -115,7 +115,13 @@ class Attention(nnx.Module):
         scale = (width // cfg.num_heads) ** -0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (index + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None, queries=None, positions=None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        queries: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """``queries`` (``[B, Q, H]``, at ``positions`` ``[B, Q]``): the rows whose outputs are computed (all of
         ``x`` by default); keys and values always come from all of ``x``."""
         b, t, width = x.shape
@@ -150,7 +156,13 @@ class Block(nnx.Module):
         self.ln_2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None, queries=None, positions=None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        queries: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """``x`` through the block; with ``queries`` (rows of ``x`` at ``positions``) only their outputs."""
         if queries is None:
             x = x + self.attention(self.ln_1(x), mask)

@@ -177,7 +177,15 @@ class Attention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.window = window
 
-    def __call__(self, x, cos, sin, mask, queries=None, positions=None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        queries: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """``x`` ``[B, T, H]`` with its rotary tables ``cos``/``sin`` and padding ``mask``. ``queries`` (``[B, Q, H]``,
         at ``positions`` ``[B, Q]``): the rows whose outputs are computed (all of ``x`` by default); keys and values
         always come from all of ``x``."""
@@ -225,7 +233,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask, queries=None, positions=None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        queries: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """``x`` through the layer; with ``queries`` (rows of ``x`` at ``positions``) only their outputs."""
         if queries is None:
             x = x + self.attention(self.input_layernorm(x), cos, sin, mask)
