@@ -54,44 +54,6 @@ def test_freed_compiler_memory_goes_back_once_per_compiled_program(monkeypatch):
     assert len(calls) == model._trainer.program.programs() == 3  # + one evaluation and one prediction program
 
 
-_SCRATCH_PROBE = """
-import json, resource, statistics
-import finetune  # first, as in a user's script: its allocator settings must precede JAX's threads
-import jax, jax.numpy as jnp
-
-@jax.jit
-def step(x, w):  # the [8192, 2048] product (64 MB) is scratch: neither an input nor an output
-    return (jnp.tanh(x @ w) @ w.T).sum()
-
-x, w = jnp.ones((8192, 64)) / 64, jnp.ones((64, 2048)) / 64
-faults = []
-for _ in range(8):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step(x, w).block_until_ready()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps(statistics.median(faults[2:])))
-"""
-
-
-@pytest.mark.skipif(
-    __import__("platform").libc_ver()[0] != "glibc", reason="the allocator settings are glibc's (mallopt)"
-)
-def test_a_steps_scratch_memory_is_reused_by_the_next_step_not_faulted_in_again():
-    import os
-    import subprocess
-    import sys
-
-    def faults_per_call(**env):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "FINETUNE_COMPILATION_CACHE": "0", **env}
-        out = subprocess.run([sys.executable, "-c", _SCRATCH_PROBE], env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    pages = 8192 * 2048 * 4 // 4096  # the scratch block, in 4 KB pages
-    assert faults_per_call(FINETUNE_XLA_DEFAULTS="0") > pages // 2  # glibc's default: mmap'ed and faulted every call
-    assert faults_per_call() < pages // 20  # finetune's default: the same pages, kept
-
-
 def test_the_optimizer_step_is_traced_once_for_every_batch_shape(monkeypatch):
     from finetune import optim
 
