@@ -166,7 +166,14 @@ class ArrayData:
         return -(-self.size // batch_size)
 
     def batches(
-        self, batch_size: int, *, seed: int | None = 0, epoch: int = 0, start: int = 0, group: bool = False
+        self,
+        batch_size: int,
+        *,
+        seed: int | None = 0,
+        epoch: int = 0,
+        start: int = 0,
+        group: bool = False,
+        pack: bool = False,
     ) -> Iterator[Batch]:
         """The batches of one epoch, from batch ``start`` on, in the order ``(seed, epoch)`` decides.
 
@@ -174,20 +181,83 @@ class ArrayData:
         the same batches, so a run resumed at a step sees exactly the data it would have seen. ``group`` (with a seed,
         for token sequences) groups examples of similar length into batches, as the Trainer's ``group_by_length``:
         the shuffled data is cut into runs of `GROUP_BATCHES` batches, each run sorted by length and cut into
-        batches, and the batches shuffled; batches then pad to a smaller bucket (less compute per example).
+        batches, and the batches shuffled; batches then pad to a smaller bucket (less compute per example). ``pack``
+        (for token sequences; ``group`` is then moot) packs each batch's examples several to a row (`take_packed`):
+        one shape for the whole epoch, and about as little padding as grouping gives.
         """
-        rng = None if seed is None else np.random.default_rng([seed, epoch])
-        order = np.arange(self.size) if rng is None else rng.permutation(self.size)
-        if group and rng is not None and self.lengths is not None:
-            slices = _grouped_by_length(order, self.lengths, batch_size, rng)
-        else:
-            slices = [order[first : first + batch_size] for first in range(0, self.size, batch_size)]
-        for index in slices[start:]:
+        if pack and self.sequences:
+            rows = self.packed_rows(batch_size, seed)
+            for index in self._slices(batch_size, seed, epoch, group=False)[start:]:
+                batch = self.take_packed(index, rows, batch_size)
+                self.shapes.add(_shape(batch))
+                yield batch
+            return
+        for index in self._slices(batch_size, seed, epoch, group)[start:]:
             batch = self.take(index)
             batch["example_mask"] = np.ones(len(index), np.float32)
             batch = pad(batch, batch_size)
             self.shapes.add(_shape(batch))
             yield batch
+
+    def _slices(self, batch_size: int, seed: int | None, epoch: int, group: bool) -> list[np.ndarray]:
+        rng = None if seed is None else np.random.default_rng([seed, epoch])
+        order = np.arange(self.size) if rng is None else rng.permutation(self.size)
+        if group and rng is not None and self.lengths is not None:
+            return _grouped_by_length(order, self.lengths, batch_size, rng)
+        return [order[first : first + batch_size] for first in range(0, self.size, batch_size)]
+
+    def packed_rows(self, batch_size: int, seed: int | None) -> int:
+        """Rows of a packed batch (`take_packed`): the most that a batch of the first epochs needs (up to
+        `PACK_EPOCHS`, and no more than `PACK_BATCHES` batches looked at), so that one shape serves them all; a later
+        batch that needs more takes more, rounded up to a multiple of 4 (one more compiled shape)."""
+        key = (batch_size, seed)
+        cached = self.__dict__.setdefault("_packed_rows", {})
+        if key not in cached:
+            width, need, looked = self.buckets[-1], 1, 0
+            for epoch in range(PACK_EPOCHS):
+                for index in self._slices(batch_size, seed, epoch, False):
+                    need, looked = max(need, len(_first_fit(self.lengths[index], width)[0])), looked + 1
+                if looked >= PACK_BATCHES:
+                    break
+            cached[key] = need
+        return cached[key]
+
+    def take_packed(self, index: np.ndarray, rows: int, batch_size: int) -> Batch:
+        """The examples at ``index`` packed several to a row: ``[rows, width]`` token arrays, ``width`` the longest
+        bucket, with each example's tokens kept whole in one row (first fit, longest first).
+
+        Besides the sequences (``input_ids``...), the batch has ``segment_ids`` (``[rows, width]``: 1, 2... for the
+        examples of a row, 0 on padding; attention stays within a segment), ``position_ids`` (each example's own
+        positions, from 0), and per example (``[batch_size]``, padded like every per-example column)
+        ``example_rows`` and ``example_cols``: where its first token sits. A model that supports packing (its
+        ``supports_packing``) computes for each example exactly what it computes unpacked.
+        """
+        width = self.buckets[-1]
+        lengths = self.lengths[index]
+        used, where = _first_fit(lengths, width)
+        if len(used) > rows:
+            rows = -(-len(used) // 4) * 4
+        row, col = where[:, 0], where[:, 1]
+        batch = {k: np.asarray(v[index]) for k, v in self.columns.items()}
+        batch["example_mask"] = np.ones(len(index), np.float32)
+        batch["example_rows"], batch["example_cols"] = row.astype(np.int32), col.astype(np.int32)
+        batch = pad(batch, batch_size)
+        token_rows = np.repeat(row, lengths)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        token_cols = np.repeat(col, lengths) + within
+        for name, (values, offsets) in self.sequences.items():
+            out = np.full((rows, width), self.pad_values.get(name, 0), values.dtype)
+            out[token_rows, token_cols] = values[np.repeat(offsets[index], lengths) + within]
+            batch[name] = out
+        segment = np.zeros((rows, width), np.int32)
+        order = np.lexsort((col, row))  # examples by (row, column): a row's segments numbered left to right
+        number = np.empty(len(index), np.int32)
+        number[order] = np.arange(len(index)) - np.searchsorted(row[order], row[order])  # 0, 1... within a row
+        segment[token_rows, token_cols] = np.repeat(number + 1, lengths)
+        positions = np.zeros((rows, width), np.int32)
+        positions[token_rows, token_cols] = within
+        batch["segment_ids"], batch["position_ids"] = segment, positions
+        return batch
 
     def take(self, index: np.ndarray) -> Batch:
         """The examples at ``index``; sequences padded to the smallest bucket that holds the longest of them."""
@@ -216,9 +286,16 @@ class BatchIterable:
         return len(self.source) if hasattr(self.source, "__len__") else None
 
     def batches(
-        self, batch_size: int, *, seed: int | None = 0, epoch: int = 0, start: int = 0, group: bool = False
+        self,
+        batch_size: int,
+        *,
+        seed: int | None = 0,
+        epoch: int = 0,
+        start: int = 0,
+        group: bool = False,
+        pack: bool = False,
     ) -> Iterator[Batch]:
-        del seed, epoch, group  # ready batches keep their order and shapes
+        del seed, epoch, group, pack  # ready batches keep their order and shapes
         for i, b in enumerate(self.source):
             if i < start:
                 continue
@@ -237,6 +314,22 @@ class BatchIterable:
             yield batch
 
 
+def _first_fit(lengths: np.ndarray, width: int) -> tuple[list[int], np.ndarray]:
+    """Examples of ``lengths`` into rows of ``width`` tokens, longest first, each into the first row with room
+    (first-fit decreasing). Returns the tokens used per row and ``[n, 2]`` (row, first column) per example."""
+    used: list[int] = []
+    where = np.zeros((len(lengths), 2), np.int64)
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        n = int(lengths[i])
+        row = next((r for r, u in enumerate(used) if u + n <= width), len(used))
+        if row == len(used):
+            used.append(0)
+        where[i] = row, used[row]
+        used[row] += n
+    return used, where
+
+
+PACK_EPOCHS, PACK_BATCHES = 4, 20_000  # how far `ArrayData.packed_rows` looks ahead for the rows a batch needs
 GROUP_BATCHES = 50  # batches sorted together by `ArrayData.batches(group=True)` (the Trainer's megabatch size)
 
 

@@ -172,7 +172,10 @@ def prepare(
     sequences = {n: ragged(out, n) for n in names}
     if packing:
         if task != "causal-lm":
-            raise DataError(f"`packing` applies to task 'causal-lm'; received packing=True with task={task!r}.")
+            raise DataError(
+                f"`packing` applies to tasks 'causal-lm' (rows joined here) and 'text-classification' (batches packed "
+                f"by fit); received packing=True with task={task!r}. Pass packing=False for this task."
+            )
         sequences = pack(sequences, max_length)
     pad_values = {"input_ids": pad_id, "labels": IGNORE}
     fixed = {}

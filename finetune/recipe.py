@@ -42,10 +42,14 @@ class Recipe:
       batch_size: Examples per micro-batch.
       max_length: Longest token sequence (longer texts are truncated).
       columns: ``{role: column}`` naming data columns when detection is not enough, e.g. ``{"text": "review"}``.
-      packing: Causal LM: join short examples into rows of up to ``max_length`` tokens.
-      group_by_length: Training batches of token sequences group examples of similar length (shuffled data sorted
-        in runs of 50 batches, then the batches shuffled, as the Trainer's ``group_by_length``), so batches pad to
-        smaller length buckets. False: batches of uniformly shuffled examples.
+      packing: Causal LM: join short examples into rows of up to ``max_length`` tokens (True; default off).
+        Text classification: pack each batch's examples several to a row, each attending only to itself, so the
+        whole epoch runs one compiled shape with little padding; results are those of unpacked batches (within
+        float rounding). None (the default) packs where the architecture supports it (BERT, RoBERTa) on one host
+        without a mesh; False pads batches to length buckets instead.
+      group_by_length: Training batches of token sequences that are not packed group examples of similar length
+        (shuffled data sorted in runs of 50 batches, then the batches shuffled, as the Trainer's
+        ``group_by_length``), so batches pad to smaller length buckets. False: batches of uniformly shuffled examples.
       precision: ``float32`` or ``bfloat16`` compute (parameters stay float32).
       remat: Rematerialisation, trading compute for memory: the backward pass keeps only each layer's input and
         recomputes the layer's forward, one layer at a time. (Policies that keep the matmul outputs saved nothing
@@ -89,7 +93,7 @@ class Recipe:
     batch_size: int = 32
     max_length: int | None = None
     columns: Mapping[str, str] | None = None
-    packing: bool = False
+    packing: bool | None = None
     group_by_length: bool = True
     precision: str = "float32"
     remat: bool = False
@@ -111,6 +115,10 @@ class Recipe:
             raise ConfigError(
                 f"`steps_per_execution` must be an int >= 1 or 'auto'; received steps_per_execution={spe!r}. Use 1 "
                 "for one step per call, or 'auto' to let fit choose."
+            )
+        if self.packing not in (None, True, False):
+            raise ConfigError(
+                f"`packing` must be None (pack where supported), True or False; received packing={self.packing!r}."
             )
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(

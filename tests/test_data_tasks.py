@@ -93,7 +93,7 @@ def _compiled(model, batch_size=16, **kw):
 
 def test_text_classification_learns_sets_label_names_and_compiles_one_shape_per_bucket(dirs):
     train, test = datasets.Dataset.from_dict(reviews(256)), datasets.Dataset.from_dict(reviews(64, seed=1))
-    model = _compiled(ft.load(dirs["seq"], task="text-classification", num_labels=2), max_length=32)
+    model = _compiled(ft.load(dirs["seq"], task="text-classification", num_labels=2), max_length=32, packing=False)
     history = model.fit(train, test, epochs=4, verbose=0)
     assert model.id2label == {0: "neg", 1: "pos"} and model.hf_config.label2id == {"neg": 0, "pos": 1}
     assert history.history["val_accuracy"][-1] >= 0.9

@@ -215,8 +215,10 @@ class Trainer:
         if per_epoch and not steps and epochs * per_epoch < accumulate:
             raise ConfigError(f"Training is {epochs * per_epoch} micro-batches, fewer than `accumulate`={accumulate}.")
         epochs = epochs if not steps else (-(-micro_total // per_epoch) if per_epoch else 1 << 30)
+        pack = self._packs(run.source)
         self.build(
-            next(run.source.batches(run.batch_size, seed=self.recipe.seed)), total_steps=micro_total // accumulate
+            next(run.source.batches(run.batch_size, seed=self.recipe.seed, pack=pack)),
+            total_steps=micro_total // accumulate,
         )
         first_epoch, start, done = run.epoch, 0, 0
         if run.resume_meta is not None:
@@ -231,7 +233,12 @@ class Trainer:
                     cb.on_epoch_begin(epoch)
                 epoch_acc = self.program.zero_metrics()
                 batches = run.source.batches(
-                    run.batch_size, seed=self.recipe.seed, epoch=epoch, start=start, group=self.recipe.group_by_length
+                    run.batch_size,
+                    seed=self.recipe.seed,
+                    epoch=epoch,
+                    start=start,
+                    group=self.recipe.group_by_length,
+                    pack=pack,
                 )
                 stream = enumerate(self._prefetch(batches), start=start)
                 for index, n, batch in self._units(run, stream, done, micro_total):
@@ -402,8 +409,27 @@ class Trainer:
             return batches
         return data_lib.prefetch(map(self.layout.put_batch, batches), sharding=self.layout.batch)
 
+    def _packs(self, source: Any) -> bool:
+        """Whether training batches are packed (`finetune.Recipe.packing`; causal LM packs its rows beforehand)."""
+        wanted, task = self.recipe.packing, self.model.task
+        if wanted is False or task != "text-classification":
+            return False
+        module = self.model.module
+        reasons = [
+            (not getattr(module, "supports_packing", False), f"the {type(module).__name__} architecture lacks it"),
+            (not getattr(source, "sequences", None), "the training data are not token sequences tokenized by finetune"),
+            (self.layout is not None or jax.process_count() > 1, "training is sharded over a mesh or several hosts"),
+        ]
+        reason = next((why for failed, why in reasons if failed), None)
+        if reason is not None and wanted is True:
+            raise ConfigError(
+                f"packing=True cannot be used here: {reason}. Pass packing=None (the default: packed where supported) "
+                "or packing=False (batches padded to length buckets)."
+            )
+        return reason is None
+
     def _source(self, data: Any, **options: Any) -> Any:
-        if options.get("stage") == "fit" and self.recipe.packing:
+        if options.get("stage") == "fit" and self.recipe.packing and self.model.task != "text-classification":
             options["packing"] = True
         return data_lib.as_source(
             data,

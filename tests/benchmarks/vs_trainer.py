@@ -10,10 +10,14 @@ Configurations:
   frozen-seq128                      backbone frozen (finetune: no gradients for it; Trainer: requires_grad=False)
   bf16-seq128                        finetune bfloat16 compute on float32 params vs Trainer bf16 autocast
   real-epoch                         one epoch over 2,000 variable-length reviews from raw text (tokenizing included),
-                                     each side with its normal padding (finetune: length buckets, batches grouped by
-                                     length; Trainer: DataCollatorWithPadding), then accuracy on 1,000 held-out
-                                     reviews. finetune runs twice: with an empty compile cache (compilation inside
-                                     the epoch), then again with that cache (a second run of the same recipe)
+                                     each side with its normal padding (finetune: each batch packed several examples
+                                     to a row, one shape; Trainer: DataCollatorWithPadding), then accuracy on 1,000
+                                     held-out reviews. finetune runs twice: with an empty compile cache (compilation
+                                     inside the epoch), then again with that cache (a second run of the same recipe).
+                                     Repeat r trains both sides with seed r (data order, dropout, head init): the
+                                     accuracy of one seed moves by several points, so the mean over seeds is compared
+  real-epoch-buckets                 the same, finetune with packing=False: batches grouped by length and padded to
+                                     fitted length buckets (one compiled shape per bucket)
   startup                            finetune only: time to the first step, first run vs second run (compile cache)
 
     python tests/benchmarks/vs_trainer.py [--configs full-f32-seq64,frozen-seq128] [--repeats 2] [--steps 30]
@@ -40,6 +44,7 @@ CONFIGS = (
     "frozen-seq128",
     "bf16-seq128",
     "real-epoch",
+    "real-epoch-buckets",
 )
 BATCH, LR, TRAIN_N, TEST_N = 32, 5e-5, 2000, 1000
 
@@ -79,7 +84,7 @@ def imported() -> dict:
     return {"torch_imported": torch_imported()}
 
 
-def run_finetune(config: str, steps: int, warmup: int) -> dict:
+def run_finetune(config: str, steps: int, warmup: int, seed: int = 0) -> dict:
     import finetune as ft
 
     t0 = time.perf_counter()
@@ -95,12 +100,20 @@ def run_finetune(config: str, steps: int, warmup: int) -> dict:
         def on_step_end(self, step, logs=None):
             marks.append((step, time.perf_counter()))
 
-    if config == "real-epoch":
+    if config.startswith("real-epoch"):
         from finetune.datasets import rotten_tomatoes
 
         ds = rotten_tomatoes()
+        packing = {"packing": False} if config == "real-epoch-buckets" else {}
         model.compile(
-            optimizer="adamw", learning_rate=LR, schedule="linear", clip_norm=1.0, max_length=128, log_every=10
+            optimizer="adamw",
+            learning_rate=LR,
+            schedule="linear",
+            clip_norm=1.0,
+            max_length=128,
+            log_every=10,
+            seed=seed,
+            **packing,
         )
         start = time.perf_counter()
         history = model.fit(ds["train"].select(range(TRAIN_N)), epochs=1, batch_size=BATCH, verbose=0)
@@ -133,7 +146,7 @@ def run_startup() -> dict:
 
 
 # ----------------------------------------------------------------------------- Trainer side
-def run_trainer(config: str, steps: int, warmup: int) -> dict:
+def run_trainer(config: str, steps: int, warmup: int, seed: int = 0) -> dict:
     import numpy as np
     import torch
     from transformers import (
@@ -145,7 +158,7 @@ def run_trainer(config: str, steps: int, warmup: int) -> dict:
         TrainingArguments,
     )
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2)
     if config.startswith("frozen"):
         for p in model.bert.parameters():
@@ -172,8 +185,9 @@ def run_trainer(config: str, steps: int, warmup: int) -> dict:
         dataloader_num_workers=0,
         bf16=config.startswith("bf16"),
         disable_tqdm=True,
+        seed=seed,
     )
-    if config == "real-epoch":
+    if config.startswith("real-epoch"):
         from finetune.datasets import rotten_tomatoes
 
         tok = AutoTokenizer.from_pretrained(model_path())
@@ -199,7 +213,7 @@ def run_trainer(config: str, steps: int, warmup: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def worker(side: str, config: str, steps: int, warmup: int) -> dict:
+def worker(side: str, config: str, steps: int, warmup: int, seed: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,
@@ -212,6 +226,8 @@ def worker(side: str, config: str, steps: int, warmup: int) -> dict:
         str(steps),
         "--warmup",
         str(warmup),
+        "--seed",
+        str(seed),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -222,9 +238,10 @@ def worker(side: str, config: str, steps: int, warmup: int) -> dict:
 def summarise(config: str, ours: list[dict], theirs: list[dict]) -> dict:
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     out = {"finetune": ours, "trainer": theirs}
-    if config == "real-epoch":
+    if config.startswith("real-epoch"):
+        mean = lambda rows: statistics.mean(r["accuracy"] for r in rows)  # noqa: E731
         out["epoch_time_ratio_finetune_over_trainer"] = med(ours, "epoch_s") / med(theirs, "epoch_s")
-        out["accuracy"] = {"finetune": med(ours, "accuracy"), "trainer": med(theirs, "accuracy")}
+        out["accuracy_mean_over_seeds"] = {"finetune": mean(ours), "trainer": mean(theirs)}
     else:
         ex = {s: BATCH / med(rows, "s_per_step") for s, rows in (("finetune", ours), ("trainer", theirs))}
         out["examples_per_s"] = ex
@@ -240,13 +257,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--worker", choices=["finetune", "trainer", "startup"])
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # a worker's seed (real-epoch)
     args = parser.parse_args()
     if args.worker:
         if args.worker == "startup":
             result = run_startup()
         else:
             run = run_finetune if args.worker == "finetune" else run_trainer
-            result = run(args.configs, args.steps, args.warmup)
+            result = run(args.configs, args.steps, args.warmup, args.seed)
         print(json.dumps(result))
         return
     results = {}
@@ -260,16 +278,17 @@ def main() -> None:
             results["startup"] = {"first_run_s": first["first_step_s"], "second_run_s": second["first_step_s"]}
             continue
         ours, theirs, warm = [], [], []
-        for _ in range(args.repeats):
-            if config == "real-epoch":  # compilation included: an empty compile cache, then the same cache again
+        for repeat in range(args.repeats):
+            seed = repeat if config.startswith("real-epoch") else 0
+            if config.startswith("real-epoch"):  # compilation included: an empty compile cache, then that cache
                 with tempfile.TemporaryDirectory() as cache:
                     os.environ["FINETUNE_COMPILATION_CACHE"] = cache
-                    ours.append(worker("finetune", config, args.steps, args.warmup))
-                    warm.append(worker("finetune", config, args.steps, args.warmup))
+                    ours.append(worker("finetune", config, args.steps, args.warmup, seed))
+                    warm.append(worker("finetune", config, args.steps, args.warmup, seed))
                     os.environ.pop("FINETUNE_COMPILATION_CACHE")
             else:
                 ours.append(worker("finetune", config, args.steps, args.warmup))
-            theirs.append(worker("trainer", config, args.steps, args.warmup))
+            theirs.append(worker("trainer", config, args.steps, args.warmup, seed))
         results[config] = summarise(config, ours, theirs)
         if warm:
             results[config]["finetune_second_run"] = warm

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune.errors import LoadError
+from finetune.errors import ConfigError, LoadError
 from finetune.models.dropout import Dropout, attend
-from finetune.models.layers import Linear, head_rows, recomputed
+from finetune.models.layers import Linear, head_rows, recomputed, run_layers
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -148,13 +148,18 @@ class Attention(nnx.Module):
         self.output = dense(width, width, ("heads", "embed"), **kw)
         self.dropout = Dropout(cfg.attention_dropout, rngs=rngs)
 
-    def __call__(self, x, mask, queries=None):
+    def __call__(self, x, mask, queries=None, rows=None):
         """``x``: ``[B, T, H]``; ``mask`` hides keys. ``queries`` (``[B, Q, H]``, default ``x``) are the positions
-        whose outputs are computed: keys and values always come from all of ``x``."""
-        b, t, width = x.shape
+        whose outputs are computed: keys and values always come from all of ``x``. With ``rows`` (``[E]``), query
+        ``e`` (``queries`` then ``[E, Q, H]``) takes its keys and values from row ``rows[e]`` of ``x`` (packed
+        examples: `finetune.data.ArrayData.take_packed`)."""
+        r, t, width = x.shape
         queries = x if queries is None else queries
+        b = queries.shape[0]
         q = self.query(queries).reshape(b, queries.shape[1], self.num_heads, -1)
-        k, v = (proj(x).reshape(b, t, self.num_heads, -1) for proj in (self.key, self.value))
+        k, v = (proj(x).reshape(r, t, self.num_heads, -1) for proj in (self.key, self.value))
+        if rows is not None:
+            k, v = k[rows], v[rows]
         if self.dropout.deterministic or self.dropout.rate == 0:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:  # the fused kernel has no dropout; spell the attention out when training
@@ -177,10 +182,11 @@ class Layer(nnx.Module):
         self.dropout = Dropout(cfg.hidden_dropout, rngs=rngs)
         self.activation = ACTIVATIONS[cfg.hidden_act]
 
-    def __call__(self, x, mask, queries=None):
-        """``x`` through the layer; with ``queries`` (``[B, Q, H]`` rows of ``x``) only their outputs are computed."""
+    def __call__(self, x, mask, queries=None, rows=None):
+        """``x`` through the layer; with ``queries`` (``[B, Q, H]`` rows of ``x``) only their outputs are computed
+        (with ``rows``, query ``e`` attends within row ``rows[e]`` of ``x``: see `Attention`)."""
         queries = x if queries is None else queries
-        x = self.attention_norm(queries + self.dropout(self.attention(x, mask, queries)))
+        x = self.attention_norm(queries + self.dropout(self.attention(x, mask, queries, rows)))
         h = self.output(recomputed(self.activation, self.intermediate(x)))
         return self.output_norm(x + self.dropout(h))
 
@@ -192,9 +198,21 @@ class Encoder(nnx.Module):
         )
         self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
 
-    def __call__(self, x, mask, first: int | None = None):
-        """The last hidden state; with ``first``, only that of the first ``first`` positions (see `head_rows`)."""
-        return head_rows(self.layers, x, mask, first=first, remat=self.remat)
+    def __call__(self, x, mask, first: int | None = None, packed: tuple | None = None):
+        """The last hidden state; with ``first``, only that of the first ``first`` positions (see `head_rows`).
+
+        ``packed``: ``(segment_ids, rows, cols)`` of a packed batch (`finetune.data.ArrayData.take_packed`); ``mask``
+        is then ignored, attention stays within each segment, and the result is ``[E, 1, H]``: the last layer
+        computes only each example's first token (at ``rows[e], cols[e]``), from the keys of its own segment.
+        """
+        if packed is None:
+            return head_rows(self.layers, x, mask, first=first, remat=self.remat)
+        segments, rows, cols = packed
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)  # [R, T, T]
+        x = run_layers(list(self.layers)[:-1], x, same[:, None], remat=self.remat)
+        queries = x[rows, cols][:, None]  # [E, 1, H]
+        keys = same[rows, cols][:, None, None]  # [E, 1, 1, T]: the keys of each example's own segment
+        return run_layers(list(self.layers)[-1:], x, keys, queries, rows, remat=self.remat)
 
 
 class Pooler(nnx.Module):
@@ -251,7 +269,20 @@ class Bert(nnx.Module):
             self.dropout = Dropout(rate, rngs=rngs)
             self.classifier = dense(cfg.hidden_size, num_labels, ("embed", "classes"), **kw)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+    supports_packing = True  # text classification on packed batches (`finetune.data.ArrayData.take_packed`)
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        segment_ids=None,
+        example_rows=None,
+        example_cols=None,
+    ):
+        if segment_ids is not None:
+            return self._packed(input_ids, token_type_ids, position_ids, segment_ids, example_rows, example_cols)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
@@ -266,3 +297,21 @@ class Bert(nnx.Module):
         if self.task == "token-classification":
             return self.classifier(self.dropout(x))
         return x
+
+    def _packed(self, input_ids, token_type_ids, position_ids, segment_ids, rows, cols):
+        """Text classification of examples packed several to a row: ``[E, num_labels]``, one row per example."""
+        x = packed_encoding(self, input_ids, token_type_ids, position_ids, segment_ids, rows, cols)
+        return self.classifier(self.dropout(self.pooler(x)))
+
+
+def packed_encoding(model, input_ids, token_type_ids, position_ids, segment_ids, rows, cols):
+    """``model``'s embeddings and encoder on a packed batch: ``[E, 1, H]``, each example's first token."""
+    if model.task != "text-classification" or rows is None or cols is None:
+        raise ConfigError(
+            f"Packed batches (segment_ids) need task 'text-classification' and example_rows / example_cols; "
+            f"received task={model.task!r}. Train other tasks with packing=False."
+        )
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    x = model.embeddings(input_ids, token_type_ids, position_ids)
+    return model.encoder(x, None, packed=(segment_ids, rows, cols))

@@ -127,14 +127,27 @@ class Roberta(nnx.Module):
             self.dropout = Dropout(classifier_dropout(config.bert), rngs=rngs)
             self.classifier = bert.dense(config.bert.hidden_size, num_labels, ("embed", "classes"), **kw)
 
+    supports_packing = True  # text classification on packed batches (`finetune.data.ArrayData.take_packed`)
+
     def __call__(
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        example_rows: jax.Array | None = None,
+        example_cols: jax.Array | None = None,
     ) -> jax.Array:
-        """``[B, T]`` integer inputs under Hugging Face names; position ids default to `create_position_ids`'s."""
+        """``[B, T]`` integer inputs under Hugging Face names; position ids default to `create_position_ids`'s.
+
+        A packed batch (``segment_ids``, ``example_rows``, ``example_cols``: `bert.Bert`) counts its
+        ``position_ids`` from 0 in each example; RoBERTa's start after the padding id, as `create_position_ids`'s.
+        """
+        if segment_ids is not None:
+            positions = position_ids + self.pad_token_id + 1
+            args = (input_ids, token_type_ids, positions, segment_ids, example_rows, example_cols)
+            return self.classifier(bert.packed_encoding(self, *args))
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
