@@ -204,3 +204,13 @@ def test_resuming_a_checkpoint_from_before_the_newer_recipe_fields():
         old.pop(field)
     assert _recipe_changes(old, Recipe(group_by_length=False).to_dict()) == []  # the old behaviour: resumable
     assert _recipe_changes(old, Recipe().to_dict()) == ["group_by_length"]  # the data order would change
+
+
+def test_a_checkpoint_from_before_default_packing_resumes_where_nothing_is_packed():
+    from finetune.recipe import Recipe
+    from finetune.training.trainer import _recipe_changes, _with_packing
+
+    old, new = Recipe(packing=False).to_dict(), Recipe().to_dict()  # the default was False, is now None
+    assert _recipe_changes(*(_with_packing(r, False) for r in (old, new))) == []  # e.g. images, or DistilBERT
+    assert _recipe_changes(*(_with_packing(r, True) for r in (old, new))) == ["packing"]  # BERT: another order
+    assert _recipe_changes(*(_with_packing(r, True) for r in (new, new))) == []

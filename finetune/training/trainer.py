@@ -222,7 +222,7 @@ class Trainer:
         )
         first_epoch, start, done = run.epoch, 0, 0
         if run.resume_meta is not None:
-            first_epoch, start, done = self._restore(run)
+            first_epoch, start, done = self._restore(run, pack)
         if run.verbose:
             print(self.model.summary(recipe=self.recipe, trainer=self, printed=False))
         bar = tqdm(total=micro_total, initial=done, disable=run.verbose == 0, unit="step", dynamic_ncols=True)
@@ -333,8 +333,10 @@ class Trainer:
         }
         run.checkpointer.save(run.step, self.state, meta, metrics)
 
-    def _restore(self, run: _Run) -> tuple[int, int, int]:
-        """Loads the checkpoint into the freshly built state; returns ``(epoch, batch, micro-steps done)``."""
+    def _restore(self, run: _Run, pack: bool) -> tuple[int, int, int]:
+        """Loads the checkpoint into the freshly built state; returns ``(epoch, batch, micro-steps done)``.
+
+        ``pack``: whether this run packs its batches, which is what a recipe's ``packing=None`` means here."""
         meta = run.resume_meta
         if meta["fingerprint"] != fingerprint(self.state):
             raise ConfigError(
@@ -342,7 +344,8 @@ class Trainer:
                 "(other parameter names, shapes or frozen groups). Resume with the same model and recipe, or use a "
                 "new checkpoint_dir."
             )
-        changed = _recipe_changes(meta["recipe"], self.recipe.to_dict())
+        saved, current = (_with_packing(r, pack) for r in (meta["recipe"], self.recipe.to_dict()))
+        changed = _recipe_changes(saved, current)
         if changed:
             raise ConfigError(
                 f"Cannot resume from {str(run.checkpointer.directory)!r}: the recipe differs in {', '.join(changed)}. "
@@ -503,6 +506,14 @@ _RESUMABLE_CHANGES = {"epochs", "steps", "log_every", "steps_per_execution", "de
 
 # Recipe fields added after checkpoints were first written, with the behaviour of runs from before them.
 _FIELDS_BEFORE_THEY_EXISTED = {"remat": False, "group_by_length": False}
+
+
+def _with_packing(recipe: dict, pack: bool) -> dict:
+    """``recipe`` with ``packing`` as the run applies it: ``None`` (the default) packs or not as this run does, so a
+    checkpoint written before the default (``False``) resumes wherever nothing is packed, and is refused where the
+    batches would now be packed (another data order)."""
+    packing = recipe.get("packing", False)
+    return {**recipe, "packing": pack if packing is None else bool(packing)}
 
 
 def _recipe_changes(saved: dict, current: dict) -> list[str]:
