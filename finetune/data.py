@@ -151,6 +151,7 @@ class ArrayData:
         if self.size == 0:
             raise DataError("The data set is empty (0 examples). Pass a data set with at least one example.")
         self.shapes: set[tuple[int, ...]] = set()  # input shapes handed out so far (the compiled shapes)
+        self._packed_rows: dict[tuple, int] = {}  # `packed_rows` by (batch size, seed)
 
     def __len__(self) -> int:
         return self.size
@@ -212,21 +213,20 @@ class ArrayData:
         compiled shape at most every 4 rows); sizing every batch for the worst batch of several epochs would cost
         more (2,000 reviews, seed 0: 17 rows in the first epoch, 21 in the worst batch of four epochs)."""
         key = (batch_size, seed)
-        cached = self.__dict__.setdefault("_packed_rows", {})
-        if key not in cached:
+        if key not in self._packed_rows:
             width = self.buckets[-1]
             need = [len(_first_fit(self.lengths[i], width)[0]) for i in self._slices(batch_size, seed, 0, False)]
-            cached[key] = max(need, default=1)
-        return cached[key]
+            self._packed_rows[key] = max(need, default=1)
+        return self._packed_rows[key]
 
     def take_packed(self, index: np.ndarray, rows: int, batch_size: int) -> Batch:
         """The examples at ``index`` packed several to a row: ``[rows, width]`` token arrays, ``width`` the longest
         bucket, with each example's tokens kept whole in one row (first fit, longest first).
 
-        Besides the sequences (``input_ids``...), the batch has ``segment_ids`` (``[rows, width]``: 1, 2... for the
-        examples of a row, 0 on padding; attention stays within a segment), ``position_ids`` (each example's own
-        positions, from 0), and per example (``[batch_size]``, padded like every per-example column)
-        ``example_rows`` and ``example_cols``: where its first token sits. A model that supports packing (its
+        Besides the sequences (``input_ids``...), the batch has ``segment_ids`` (``[rows, width]``: each token's
+        example, numbered from 1 in the batch, 0 on padding; attention stays within a segment), ``position_ids``
+        (each example's own positions, from 0), and per example (``[batch_size]``, padded like every per-example
+        column) ``example_rows`` and ``example_cols``: where its first token sits. A model that supports packing (its
         ``supports_packing``) computes for each example exactly what it computes unpacked.
         """
         width = self.buckets[-1]
@@ -247,10 +247,7 @@ class ArrayData:
             out[token_rows, token_cols] = values[np.repeat(offsets[index], lengths) + within]
             batch[name] = out
         segment = np.zeros((rows, width), np.int32)
-        order = np.lexsort((col, row))  # examples by (row, column): a row's segments numbered left to right
-        number = np.empty(len(index), np.int32)
-        number[order] = np.arange(len(index)) - np.searchsorted(row[order], row[order])  # 0, 1... within a row
-        segment[token_rows, token_cols] = np.repeat(number + 1, lengths)
+        segment[token_rows, token_cols] = np.repeat(np.arange(1, len(index) + 1, dtype=np.int32), lengths)
         positions = np.zeros((rows, width), np.int32)
         positions[token_rows, token_cols] = within
         batch["segment_ids"], batch["position_ids"] = segment, positions
