@@ -45,8 +45,8 @@ class Recipe:
       packing: Causal LM: join short examples into rows of up to ``max_length`` tokens (True; default off).
         Text classification: pack each batch's examples several to a row, each attending only to itself, so the
         whole epoch runs one compiled shape with little padding; results are those of unpacked batches (within
-        float rounding). None (the default) packs where the architecture supports it (BERT, RoBERTa) on one host
-        without a mesh; False pads batches to length buckets instead.
+        float rounding). None (the default) packs where the architecture supports it (BERT, RoBERTa, DistilBERT)
+        on one host without a mesh; False pads batches to length buckets instead.
       group_by_length: Training batches of token sequences that are not packed group examples of similar length
         (shuffled data sorted in runs of 50 batches, then the batches shuffled, as the Trainer's
         ``group_by_length``), so batches pad to smaller length buckets. False: batches of uniformly shuffled examples.

@@ -11,7 +11,7 @@ from flax import nnx
 import finetune as ft
 from finetune import data as data_lib
 from finetune.models.dropout import Dropout
-from tests.test_data_tasks import bert_dir, reviews
+from tests.test_data_tasks import PIECES, WORDS, bert_dir, reviews
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,14 @@ def _roberta():
     return Roberta(config, task="text-classification", num_labels=3, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("build", [_bert, _roberta], ids=["bert", "roberta"])
+def _distilbert():
+    from finetune.models.distilbert.modeling import Config, DistilBert
+
+    config = Config(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=128)
+    return DistilBert(config, task="text-classification", num_labels=3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("build", [_bert, _roberta, _distilbert], ids=["bert", "roberta", "distilbert"])
 def test_each_packing_architecture_gives_every_example_its_unpacked_logits(build):
     module = nnx.view(build(), deterministic=True, raise_if_not_found=False)
     data, _, _ = ragged(40, seed=3, longest=30)
@@ -146,6 +153,23 @@ def test_fit_packs_text_classification_by_default_and_learns(seq_dir):
     assert all(s[0] == 16 for s in shapes)
 
 
+def test_fit_packs_distilbert_too(tmp_path):
+    import transformers
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *PIECES]
+    config = transformers.DistilBertConfig(
+        dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=len(vocab), max_position_embeddings=64
+    )
+    transformers.DistilBertForSequenceClassification(config).save_pretrained(str(tmp_path))
+    transformers.DistilBertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(str(tmp_path))
+    train, test = datasets.Dataset.from_dict(reviews(256)), datasets.Dataset.from_dict(reviews(64, seed=1))
+    model = ft.load(str(tmp_path), task="text-classification", num_labels=2)
+    model.compile(optimizer="adamw", learning_rate=2e-3, batch_size=16, max_length=32)
+    history = model.fit(train, test, epochs=3, verbose=0)
+    assert history.compiled_shapes[0][0] < 16  # packed: fewer rows than examples
+    assert history.history["val_accuracy"][-1] >= 0.9
+
+
 def test_packing_where_it_cannot_apply_says_why(seq_dir):
     model = ft.load(seq_dir, task="text-classification", num_labels=2)
     model.compile(optimizer="adamw", batch_size=4, packing=True)
@@ -156,3 +180,23 @@ def test_packing_where_it_cannot_apply_says_why(seq_dir):
     assert model.fit(ready, epochs=1, verbose=0).compiled_shapes == [(4, 6)]
     with pytest.raises(ft.ConfigError, match="`packing` must be None .* received packing='yes'"):
         ft.Recipe(packing="yes")
+
+
+def test_a_checkpoint_of_a_run_that_did_not_pack_is_refused_once_its_architecture_packs(seq_dir, tmp_path, monkeypatch):
+    from finetune.models.bert.modeling import Bert
+
+    train = datasets.Dataset.from_dict(reviews(64))
+    recipe = {"optimizer": "adamw", "batch_size": 16, "max_length": 32}
+    model = ft.load(seq_dir, task="text-classification", num_labels=2)
+    model.compile(**recipe)
+    monkeypatch.setattr(Bert, "supports_packing", False)  # as a release before BERT packed
+    shapes = model.fit(train, epochs=1, verbose=0, checkpoint_dir=tmp_path / "c").compiled_shapes
+    assert all(s[0] == 16 for s in shapes)  # not packed; the recipe says packing=None all the same
+    monkeypatch.undo()
+    resumed = ft.load(seq_dir, task="text-classification", num_labels=2)
+    resumed.compile(**recipe)  # now packs: the rest of the run would see other batches
+    with pytest.raises(ft.ConfigError, match="the recipe differs in packing"):
+        resumed.fit(train, epochs=2, verbose=0, checkpoint_dir=tmp_path / "c", resume=True)
+    resumed.compile(**recipe, packing=False)  # what that run did: resumes
+    history = resumed.fit(train, epochs=2, verbose=0, checkpoint_dir=tmp_path / "c", resume=True)
+    assert len(history.history["loss"]) == 2 and all(s[0] == 16 for s in history.compiled_shapes)

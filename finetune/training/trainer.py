@@ -215,14 +215,14 @@ class Trainer:
         if per_epoch and not steps and epochs * per_epoch < accumulate:
             raise ConfigError(f"Training is {epochs * per_epoch} micro-batches, fewer than `accumulate`={accumulate}.")
         epochs = epochs if not steps else (-(-micro_total // per_epoch) if per_epoch else 1 << 30)
-        pack = self._packs(run.source)
+        run.packed = self._packs(run.source)
         self.build(
-            next(run.source.batches(run.batch_size, seed=self.recipe.seed, pack=pack)),
+            next(run.source.batches(run.batch_size, seed=self.recipe.seed, pack=run.packed)),
             total_steps=micro_total // accumulate,
         )
         first_epoch, start, done = run.epoch, 0, 0
         if run.resume_meta is not None:
-            first_epoch, start, done = self._restore(run, pack)
+            first_epoch, start, done = self._restore(run)
         if run.verbose:
             print(self.model.summary(recipe=self.recipe, trainer=self, printed=False))
         bar = tqdm(total=micro_total, initial=done, disable=run.verbose == 0, unit="step", dynamic_ncols=True)
@@ -238,7 +238,7 @@ class Trainer:
                     epoch=epoch,
                     start=start,
                     group=self.recipe.group_by_length,
-                    pack=pack,
+                    pack=run.packed,
                 )
                 stream = enumerate(self._prefetch(batches), start=start)
                 for index, n, batch in self._units(run, stream, done, micro_total):
@@ -328,15 +328,17 @@ class Trainer:
             "done": done,
             "step": run.step,
             "recipe": self.recipe.to_dict(),
+            "packed": run.packed,  # what `packing=None` meant for this run (the architectures that pack may grow)
             "history": run.history.to_dict(),
             "fingerprint": fingerprint(self.state),
         }
         run.checkpointer.save(run.step, self.state, meta, metrics)
 
-    def _restore(self, run: _Run, pack: bool) -> tuple[int, int, int]:
+    def _restore(self, run: _Run) -> tuple[int, int, int]:
         """Loads the checkpoint into the freshly built state; returns ``(epoch, batch, micro-steps done)``.
 
-        ``pack``: whether this run packs its batches, which is what a recipe's ``packing=None`` means here."""
+        A recipe's ``packing=None`` means what each run did with it: ``run.packed`` here, the checkpoint's ``packed``
+        there."""
         meta = run.resume_meta
         if meta["fingerprint"] != fingerprint(self.state):
             raise ConfigError(
@@ -344,7 +346,8 @@ class Trainer:
                 "(other parameter names, shapes or frozen groups). Resume with the same model and recipe, or use a "
                 "new checkpoint_dir."
             )
-        saved, current = (_with_packing(r, pack) for r in (meta["recipe"], self.recipe.to_dict()))
+        saved = _with_packing(meta["recipe"], meta.get("packed", run.packed))
+        current = _with_packing(self.recipe.to_dict(), run.packed)
         changed = _recipe_changes(saved, current)
         if changed:
             raise ConfigError(
@@ -492,6 +495,7 @@ class _Run:
     logs: int = 0  # host reads so far
     chunk: int = 1  # steps per call of the compiled program
     chunk_decided: bool = False
+    packed: bool = False  # whether this run packs its training batches (`Trainer._packs`)
     pending: Any = None  # a log interval being read: ((flat values, zeroed sums), step in phase, global step)
     interrupts: signals.Interrupts = dataclasses.field(default_factory=signals.Interrupts)
 
@@ -509,9 +513,10 @@ _FIELDS_BEFORE_THEY_EXISTED = {"remat": False, "group_by_length": False}
 
 
 def _with_packing(recipe: dict, pack: bool) -> dict:
-    """``recipe`` with ``packing`` as the run applies it: ``None`` (the default) packs or not as this run does, so a
-    checkpoint written before the default (``False``) resumes wherever nothing is packed, and is refused where the
-    batches would now be packed (another data order)."""
+    """``recipe`` with ``packing`` as the run applies it: ``None`` (the default) packs or not as the run did
+    (``pack``: the checkpoint's ``packed``, or for checkpoints from before that record, as this run does). So a
+    checkpoint written before the default (``False``) resumes wherever nothing is packed, and one whose run did not
+    pack is refused once its architecture packs (another data order), naming ``packing``."""
     packing = recipe.get("packing", False)
     return {**recipe, "packing": pack if packing is None else bool(packing)}
 

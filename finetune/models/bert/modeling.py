@@ -300,18 +300,18 @@ class Bert(nnx.Module):
 
     def _packed(self, input_ids, token_type_ids, position_ids, segment_ids, rows, cols):
         """Text classification of examples packed several to a row: ``[E, num_labels]``, one row per example."""
-        x = packed_encoding(self, input_ids, token_type_ids, position_ids, segment_ids, rows, cols)
-        return self.classifier(self.dropout(self.pooler(x)))
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        return self.classifier(self.dropout(self.pooler(packed_encoding(self, x, segment_ids, rows, cols))))
 
 
-def packed_encoding(model, input_ids, token_type_ids, position_ids, segment_ids, rows, cols):
-    """``model``'s embeddings and encoder on a packed batch: ``[E, 1, H]``, each example's first token."""
+def packed_encoding(model, x, segment_ids, rows, cols):
+    """``model``'s encoder on the embeddings ``x`` (``[R, T, H]``) of a packed batch: ``[E, 1, H]``, each example's
+    first token. For the architectures that reuse BERT's `Encoder` (RoBERTa, DistilBERT)."""
     if model.task != "text-classification" or rows is None or cols is None:
         raise ConfigError(
             f"Packed batches (segment_ids) need task 'text-classification' and example_rows / example_cols; "
             f"received task={model.task!r}. Train other tasks with packing=False."
         )
-    if token_type_ids is None:
-        token_type_ids = jnp.zeros_like(input_ids)
-    x = model.embeddings(input_ids, token_type_ids, position_ids)
     return model.encoder(x, None, packed=(segment_ids, rows, cols))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.errors import ConfigError, LoadError
-from finetune.models.bert.modeling import ACTIVATIONS, Encoder, dense, embed, layer_norm
+from finetune.models.bert.modeling import ACTIVATIONS, Encoder, dense, embed, layer_norm, packed_encoding
 from finetune.models.dropout import Dropout
 
 Dtype = Any
@@ -85,8 +85,8 @@ class Embeddings(nnx.Module):
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
         self.dropout = Dropout(config.hidden_dropout, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+    def __call__(self, input_ids: jax.Array, position_ids: jax.Array | None = None) -> jax.Array:
+        positions = jnp.arange(input_ids.shape[1])[None, :] if position_ids is None else position_ids
         return self.dropout(self.norm(self.word_embeddings(input_ids) + self.position_embeddings(positions)))
 
 
@@ -137,22 +137,37 @@ class DistilBert(nnx.Module):
             self.dropout = Dropout(rate, rngs=rngs)
             self.classifier = dense(config.hidden_size, num_labels, ("embed", "classes"), **kw)
 
+    supports_packing = True  # text classification on packed batches (`finetune.data.ArrayData.take_packed`)
+
     def __call__(
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        example_rows: jax.Array | None = None,
+        example_cols: jax.Array | None = None,
     ) -> jax.Array:
         """``input_ids`` and ``attention_mask``: ``[B, T]``. ``token_type_ids`` is accepted and ignored (DistilBERT
-        has no segment embeddings), so batches built for BERT run unchanged."""
+        has no segment embeddings), so batches built for BERT run unchanged. A packed batch (``segment_ids``,
+        ``example_rows``, ``example_cols``, with ``position_ids`` from 0 in each example) gives ``[E, num_labels]``,
+        as `finetune.models.bert.modeling.Bert`."""
         del token_type_ids
+        if segment_ids is not None:
+            x = packed_encoding(self, self.embeddings(input_ids, position_ids), segment_ids, example_rows, example_cols)
+            return self._classify(x[:, 0])
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
         first = 1 if self.task == "text-classification" else None  # the head reads the first token only
-        x = self.encoder(self.embeddings(input_ids), mask, first)
+        x = self.encoder(self.embeddings(input_ids, position_ids), mask, first)
         if self.task == "text-classification":
-            return self.classifier(self.dropout(jax.nn.relu(self.pre_classifier(x[:, 0]))))
+            return self._classify(x[:, 0])
         if self.task == "token-classification":
             return self.classifier(self.dropout(x))
         return x
+
+    def _classify(self, first: jax.Array) -> jax.Array:
+        """The sequence classifier on each example's first token (``[B, H]``)."""
+        return self.classifier(self.dropout(jax.nn.relu(self.pre_classifier(first))))

@@ -145,9 +145,9 @@ class Roberta(nnx.Module):
         ``position_ids`` from 0 in each example; RoBERTa's start after the padding id, as `create_position_ids`'s.
         """
         if segment_ids is not None:
-            positions = position_ids + self.pad_token_id + 1
-            args = (input_ids, token_type_ids, positions, segment_ids, example_rows, example_cols)
-            return self.classifier(bert.packed_encoding(self, *args))
+            types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = self.embeddings(input_ids, types, position_ids + self.pad_token_id + 1)
+            return self.classifier(bert.packed_encoding(self, x, segment_ids, example_rows, example_cols))
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
