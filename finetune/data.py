@@ -26,6 +26,8 @@ import copy
 import logging
 import os
 import pathlib
+import queue
+import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -578,6 +580,57 @@ def prefetch(batches: Iterator[Batch], *, size: int = 2, sharding: Any = None) -
             yield ahead.popleft()
     while ahead:
         yield ahead.popleft()
+
+
+def prefetch_on_thread(batches: Iterator[Batch], *, size: int = 2, put: Any = None) -> Iterator[Batch]:
+    """``batches`` made ``size`` ahead of the consumer on a background thread, each passed through ``put`` there.
+
+    For synchronous dispatch (JAX on CPU as finetune sets it up: `finetune._xla`), where a step call returns only
+    once the step is done, so the host work of the next batch (gathering, padding, packing, images) would otherwise
+    wait for it; the thread does that work while the step runs, as asynchronous dispatch did. An error in the
+    thread is raised here, in order; closing the iterator stops the thread.
+
+    Example:
+      >>> for batch in prefetch_on_thread(source.batches(32, seed=0)):
+      ...     state = train_step(state, batch)
+    """
+    ahead: queue.Queue = queue.Queue(maxsize=size)
+    stop, end = threading.Event(), object()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not offer(put(batch) if put is not None else batch):
+                    return
+            offer(end)
+        except BaseException as error:  # handed to the consumer, which raises it
+            offer(_Failed(error))
+
+    thread = threading.Thread(target=work, name="finetune-batches", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not end:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+class _Failed:
+    """An error raised while making batches on `prefetch_on_thread`'s thread."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 def count_labels(ds: Any, task: str, columns: Mapping[str, str] | None = None) -> int | None:

@@ -231,3 +231,123 @@ def test_remat_trains_the_same_and_keeps_less_for_the_backward_pass(tmp_path):
     # Per layer, only its input is kept; the rest is recomputed. (XLA:CPU's scratch memory shrinks much less than
     # this: see the README's "Performance" section.)
     assert other_kept < 0.3 * base_kept
+
+
+def _faults_of_a_reused_block(size=256 << 20) -> int:
+    """Minor page faults of touching a block of ``size`` bytes allocated right after one of that size was freed."""
+    import ctypes
+    import resource
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    for _ in range(2):  # the second block's faults
+        block = libc.malloc(size)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(block, 1, size)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        libc.free(block)
+    return faults
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="the C allocator settings are glibc's (Linux)"
+)
+def test_a_freed_scratch_block_is_kept_for_the_next_call_only_inside_finetunes_loops():
+    from finetune import _xla
+
+    pages = (256 << 20) // 4096
+    assert jax.config.read("jax_cpu_enable_async_dispatch") is False  # set by `import finetune`
+    assert _faults_of_a_reused_block() > pages // 2  # by default a block this big is a fresh mmap each time
+    _xla.keep(True)
+    assert _faults_of_a_reused_block() > pages // 2  # outside fit, evaluate and predict: nothing changes
+    with _xla.kept_scratch() as applies:
+        assert applies
+        _xla.keep(True)
+        with _xla.kept_scratch():  # re-entrant: evaluation inside fit
+            assert _faults_of_a_reused_block() < pages // 50
+        assert _faults_of_a_reused_block() < pages // 50  # still kept: the outer block runs
+        _xla.keep(False)  # as before a call of a new shape
+        assert _faults_of_a_reused_block() > pages // 2
+        _xla.keep(True)
+    assert _faults_of_a_reused_block() > pages // 2  # the defaults are back
+
+
+def test_batches_are_made_on_a_thread_and_steps_run_on_the_calling_one(monkeypatch):
+    import threading
+
+    from finetune import data as data_lib
+
+    made_on, plain = [], data_lib.ArrayData.batches
+
+    def batches(self, *args, **kwargs):
+        for batch in plain(self, *args, **kwargs):
+            made_on.append(threading.current_thread().name)
+            yield batch
+
+    monkeypatch.setattr(data_lib.ArrayData, "batches", batches)
+    x, y = blobs(8192)  # batches of 4096 x 8 floats, 128 KB: put on the device and waited for before the step
+    model = _model(steps_per_execution=1)
+    model.fit((x, y), epochs=3, batch_size=4096, verbose=0)
+    assert set(made_on[1:]) == {"finetune-batches"}  # the first builds the step, on the calling thread
+    assert model.evaluate((x, y), batch_size=4096)["accuracy"] > 0.9
+
+
+def test_an_error_while_making_batches_on_the_thread_reaches_the_caller():
+    from finetune.data import prefetch_on_thread
+
+    def broken():
+        yield {"x": np.zeros(3)}
+        raise ft.DataError("row 7 has no label")
+
+    got = prefetch_on_thread(broken())
+    assert next(got)["x"].shape == (3,)
+    with pytest.raises(ft.DataError, match="row 7 has no label"):
+        next(got)
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="the C allocator settings are glibc's (Linux)"
+)
+def test_fit_steps_reuse_their_scratch_memory_instead_of_faulting_it_in_again(monkeypatch):
+    import contextlib
+    import resource
+
+    from finetune import _xla
+
+    x, y = blobs(8192 * 6, features=64, classes=2)  # batches of 2 MB; the step's scratch is about 420 MB
+
+    def step_faults() -> list[int]:
+        counts = []
+
+        class Faults(Callback):
+            def on_step_end(self, step, logs=None):
+                counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+        model = ft.Model(TinyClassifier(features=64, hidden=1024, classes=2), task="text-classification")
+        model.compile(optimizer="adamw", learning_rate=1e-3, log_every=1, steps_per_execution=1)
+        model.fit((x, y), epochs=1, batch_size=8192, verbose=0, callbacks=[Faults()])
+        return np.diff(counts)[2:].tolist()  # steps 4 to 6: past the compile and the first placement
+
+    kept = step_faults()
+    monkeypatch.setattr(_xla, "kept_scratch", lambda: contextlib.nullcontext(False))
+    fresh = step_faults()
+    assert min(fresh) > 50_000  # each step maps its scratch afresh: 4 KB pages
+    assert max(kept) < 5_000, kept
+
+
+@pytest.mark.parametrize(
+    ("setting", "asynchronous"),
+    [({}, False), ({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"}, True), ({"FINETUNE_XLA_DEFAULTS": "0"}, True)],
+    ids=["default", "user-set", "opted-out"],
+)
+def test_import_turns_asynchronous_dispatch_on_cpu_off_unless_told_otherwise(setting, asynchronous):
+    import os
+    import subprocess
+    import sys
+
+    code = "import finetune, jax; print(jax.config.read('jax_cpu_enable_async_dispatch'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_CPU_ENABLE_ASYNC_DISPATCH", "FINETUNE_XLA_DEFAULTS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **setting}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(asynchronous)

@@ -85,6 +85,7 @@ class Trainer:
         self.schedules: dict = {}
         self.stop_training = False
         self._programs = 0  # programs compiled so far (see _after_call)
+        self._last_call: tuple = ()  # the program and batch shapes of the last step call (see _before_call)
 
     # ---------------------------------------------------------------- building
     def build(self, sample: dict, *, total_steps: int | None, train: bool = True) -> None:
@@ -132,12 +133,23 @@ class Trainer:
         if train:  # what each log reads (traced once, into the compiled read)
             self._log_values = lambda s: (s["acc"], optim.nonfinite_counts(s["opt"]), optim.current_lrs(s["opt"]))
 
+    def _before_call(self, kind: str, batch: dict) -> None:
+        """Before a step call of another program or batch shape than the last (which may compile, or need scratch
+        of another size): the C allocator's defaults, and what it holds free goes back (`finetune._xla.keep`). Kept
+        scratch is for runs of calls of one shape; across shapes it would pile up."""
+        call = (kind, *((k, np.shape(v)) for k, v in batch.items()))
+        if call != self._last_call:
+            self._last_call = call
+            _xla.keep(False)
+
     def _after_call(self) -> None:
-        """After a step call that compiled a new program: the compiler's freed memory goes back to the OS."""
+        """After a step call: a compiled new program's freed memory goes back to the OS; the next call's scratch
+        will be kept (`finetune._xla.keep`, inside fit, evaluate and predict)."""
         programs = self.program.programs()
         if programs != self._programs:
             self._programs = programs
             _xla.release_freed_memory()
+        _xla.keep(True)
 
     def sync_model(self) -> None:
         """Writes the trained state back into the NNX module."""
@@ -185,6 +197,7 @@ class Trainer:
         phases = [(p["epochs"], _phase_recipe(base, p)) for p in base.phases] + [(epochs, base)]
         with contextlib.ExitStack() as stack:
             run.interrupts = stack.enter_context(signals.deferred(run.checkpointer is not None))
+            stack.enter_context(_xla.kept_scratch())
             stack.callback(self._finish, run)
             for i, (phase_epochs, recipe) in enumerate(phases):
                 if run.resume_meta is not None and i < run.resume_meta["phase"]:
@@ -243,6 +256,7 @@ class Trainer:
                 stream = enumerate(self._prefetch(batches), start=start)
                 for index, n, batch in self._units(run, stream, done, micro_total):
                     step = self.program.train_step if n == 1 else self.program.train_steps
+                    self._before_call("train", batch)
                     self.state = step(self.state, batch)
                     self._after_call()
                     done += n
@@ -410,10 +424,14 @@ class Trainer:
 
         On one device the host arrays go straight into the compiled step, whose argument handling moves them (in
         compiled code: cheaper than a separate `jax.device_put`, which costs more than a small model's whole step).
+        Where steps run on the calling thread (CPU, `finetune._xla`), batches are made on a background thread, and
+        there too their big arrays are put on the device and waited for (`_ready`).
         """
-        if self.layout is None:
-            return batches
-        return data_lib.prefetch(map(self.layout.put_batch, batches), sharding=self.layout.batch)
+        if self.layout is not None:
+            return data_lib.prefetch(map(self.layout.put_batch, batches), sharding=self.layout.batch)
+        if _xla.runs_inline():  # steps run on this thread: the next batch is made meanwhile on another
+            return data_lib.prefetch_on_thread(batches, put=_ready)
+        return batches
 
     def _packs(self, source: Any) -> bool:
         """Whether training batches are packed (`finetune.Recipe.packing`; causal LM packs its rows beforehand)."""
@@ -451,9 +469,11 @@ class Trainer:
         if self.program is None:
             self.build(next(source.batches(batch_size, seed=None)), total_steps=None, train=False)
         acc = self.program.zero_metrics()
-        for batch in self._prefetch(source.batches(batch_size, seed=None)):
-            acc = self.program.eval_step(self.state, acc, batch)
-            self._after_call()
+        with _xla.kept_scratch():
+            for batch in self._prefetch(source.batches(batch_size, seed=None)):
+                self._before_call("eval", batch)
+                acc = self.program.eval_step(self.state, acc, batch)
+                self._after_call()
         return metrics_lib.results(self.program.metrics, jax.device_get(acc), prefix)
 
     def predict(self, data: Any, *, batch_size: int) -> np.ndarray:
@@ -464,11 +484,25 @@ class Trainer:
         if self.program is None:
             self.build(first, total_steps=None, train=False)
         outs = []
-        for batch in self._prefetch(source.batches(batch_size, seed=None)):
-            logits = self.program.predict_step(self.state, batch)
-            self._after_call()
-            outs.append((logits, batch["example_mask"]))
+        with _xla.kept_scratch():
+            for batch in self._prefetch(source.batches(batch_size, seed=None)):
+                self._before_call("predict", batch)
+                logits = self.program.predict_step(self.state, batch)
+                self._after_call()
+                outs.append((logits, batch["example_mask"]))
         return np.concatenate([np.asarray(lg)[np.asarray(m) > 0] for lg, m in outs])
+
+
+# XLA:CPU copies a host array of this many bytes or more into a step's arguments on a worker thread, and a step
+# whose argument is not ready yet runs on that thread too, where its scratch memory cannot be kept (`_xla`).
+_INLINE_COPY_BYTES = 100 * 1024
+
+
+def _ready(batch: dict) -> dict:
+    """``batch`` with its arrays of `_INLINE_COPY_BYTES` or more on the device, copied (smaller ones are copied at
+    once when the step is called)."""
+    big = {k: v for k, v in batch.items() if getattr(v, "nbytes", 0) >= _INLINE_COPY_BYTES}
+    return {**batch, **jax.block_until_ready(jax.device_put(big))} if big else batch
 
 
 @dataclasses.dataclass
