@@ -90,6 +90,8 @@ _lock = threading.Lock()
 _depth = 0  # kept_scratch blocks running
 _keeping = False  # whether the settings that keep scratch are on
 _kept_top: int | None = None  # free bytes at the heap's top after the first kept call of a run (see `keep`)
+_faults = 0  # the process's minor page faults at the end of the last kept call
+_FRESH_PAGES = 4096  # a call that faulted in more pages (16 MB) did not find its scratch kept
 
 
 @contextlib.contextmanager
@@ -132,25 +134,43 @@ def keep(on: bool) -> None:
     the top, and two scratch blocks would be resident at once: MiniLM at 32 x 128 tokens reached 2.46 GB of peak
     memory (vs 1.90 GB unkept) that way in two runs of three. With the trim, such a step faults its scratch in as
     without keeping, and no free block below the top stays resident; nor does more at the top than the first kept
-    call of the run left there (two such blocks, merged into the top, had the same effect).
+    call of the run left there (two such blocks, merged into the top, had the same effect), nor anything when the
+    call faulted 16 MB or more in (its scratch came from elsewhere, and the top would be held beside the next one).
     """
-    global _keeping, _kept_top
+    global _kept_top, _faults
     libc = _glibc()
     with _lock:
         if libc is None or (on and _depth == 0):
             return
         if on and _keeping:  # after a kept call: only the heap's top stays, where the freed scratch is, and at
-            top = _free_at_top(libc)  # most as much of it as the first kept call left there
-            _kept_top = top if _kept_top is None else _kept_top
-            libc.malloc_trim(ctypes.c_size_t(min(top, _kept_top)))
+            top, faults = _free_at_top(libc), _minor_faults()  # most what the first kept call left there; and
+            if _kept_top is None:  # nothing when a later call did not find its scratch there (then start again)
+                _kept_top, pad = top, top
+            elif faults - _faults < _FRESH_PAGES:
+                pad = min(top, _kept_top)
+            else:
+                _kept_top, pad = None, 0
+            libc.malloc_trim(ctypes.c_size_t(pad))
+            _faults = faults
             return
-        if on == _keeping:
-            return
-        _keeping, _kept_top = on, None
-        libc.mallopt(_M_MMAP_MAX, 0 if on else _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO if on else _DEFAULT_TRIM_THRESHOLD)
-        if not on:
-            libc.malloc_trim(0)
+        if on != _keeping:
+            _set(libc, on)
+
+
+def _set(libc, on: bool) -> None:
+    """glibc's settings that keep scratch (``on``), or its defaults with what is free handed back."""
+    global _keeping, _kept_top, _faults
+    _keeping, _kept_top, _faults = on, None, _minor_faults()
+    libc.mallopt(_M_MMAP_MAX, 0 if on else _DEFAULT_MMAP_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO if on else _DEFAULT_TRIM_THRESHOLD)
+    if not on:
+        libc.malloc_trim(0)
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class _MallInfo2(ctypes.Structure):
