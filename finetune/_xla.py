@@ -168,6 +168,7 @@ def _set(libc, on: bool) -> None:
 
 
 def _minor_faults() -> int:
+    """The process's minor page faults so far (a page mapped in on first touch)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
