@@ -143,14 +143,13 @@ def keep(on: bool) -> None:
         if libc is None or (on and _depth == 0):
             return
         if on and _keeping:  # after a kept call: only the heap's top stays, where the freed scratch is, and at
-            top, faults = _free_at_top(libc), _minor_faults()  # most what the first kept call left there; and
-            if _kept_top is None:  # nothing when a later call did not find its scratch there (then start again)
-                _kept_top, pad = top, top
-            elif faults - _faults < _FRESH_PAGES:
-                pad = min(top, _kept_top)
-            else:
-                _kept_top, pad = None, 0
-            libc.malloc_trim(ctypes.c_size_t(pad))
+            faults = _minor_faults()  # most what the first kept call left there; and nothing when a later call
+            if _kept_top is None:  # did not find its scratch there (then start again). A call that faulted
+                _kept_top = _free_at_top(libc)  # nothing in added no resident memory: nothing to trim (and tiny
+                libc.malloc_trim(ctypes.c_size_t(_kept_top))  # steps pay one getrusage, not a trim)
+            elif faults - _faults >= _FRESH_PAGES:
+                _kept_top = None
+                libc.malloc_trim(0)
             _faults = faults
             return
         if on != _keeping:
