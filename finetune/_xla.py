@@ -128,8 +128,9 @@ def keep(on: bool) -> None:
     ``malloc_trim`` hands back what is free. glibc's trim threshold then stays at its initial 128 KB rather than
     adapting, as setting it once does. Outside `kept_scratch` (or where it does not apply) this does nothing.
 
-    Called on after every kept call, it hands back the pages of every free block but the heap's top, where the
-    freed scratch is when all goes well. Otherwise (something small was allocated above the scratch, so it is a free
+    Called on after the first kept call, it hands back the pages of every free block but the heap's top, where the
+    freed scratch is when all goes well; after a later call that faulted 16 MB or more in, everything free.
+    Otherwise (something small was allocated above the scratch, so it is a free
     block below the top) glibc would serve the next call's aligned request, a little larger than the block, from
     the top, and two scratch blocks would be resident at once: MiniLM at 32 x 128 tokens reached 2.46 GB of peak
     memory (vs 1.90 GB unkept) that way in two runs of three. With the trim, such a step faults its scratch in as
