@@ -114,7 +114,8 @@ def kept_scratch() -> Iterator[bool]:
     finally:
         with _lock:
             _depth -= 1
-        if _depth == 0:
+            last = _depth == 0
+        if last:  # read under the lock: another thread's block may start meanwhile
             keep(False)
 
 
