@@ -35,23 +35,43 @@ def test_compiles_once_across_epochs_with_a_ragged_last_batch():
     assert history.steps[-1]["step"] == 14
 
 
-def test_freed_compiler_memory_goes_back_once_per_compiled_program(monkeypatch):
+class _Noted(TinyClassifier):
+    """TinyClassifier that notes each run of its forward pass (a host callback inside the compiled step)."""
+
+    def __init__(self, events: list, **kwargs):
+        super().__init__(**kwargs)
+        self.events = events
+
+    def __call__(self, x):
+        jax.debug.callback(lambda: self.events.append("run"))
+        return super().__call__(x)
+
+
+def test_the_compilers_freed_memory_goes_back_before_each_new_program_first_runs(monkeypatch):
     import platform
 
     from finetune import _xla
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert _xla.release_freed_memory() is True  # glibc's malloc_trim was found and called
-    calls = []
-    monkeypatch.setattr(_xla, "release_freed_memory", lambda: calls.append(1) or True)
+    events = []
+    monkeypatch.setattr(_xla, "release_freed_memory", lambda: events.append("trim") or True)
+    jax.jit(lambda v: v * 3.0)(jnp.ones(5))
+    assert events == []  # outside finetune's loops, compiles are left alone
     x, y = blobs(100)
-    model = _model(steps_per_execution=1)
+    model = ft.Model(_Noted(events, classes=3), task="text-classification")
+    model.compile(optimizer="adamw", learning_rate=1e-2, steps_per_execution=1)
     model.fit((x, y), epochs=3, batch_size=16, verbose=0)
-    assert len(calls) == 1  # one train step compiled, 21 steps called
-    model.evaluate((x, y), batch_size=16)
-    model.evaluate((x, y), batch_size=16)
-    model.predict((x, y), batch_size=16)
-    assert len(calls) == model._trainer.program.programs() == 3  # + one evaluation and one prediction program
+    runs = [i for i, e in enumerate(events) if e == "run"]
+    assert len(runs) == 21  # 7 steps an epoch
+    assert "trim" in events[: runs[0]]  # after the train step's compile, before its first run
+    assert events[runs[0] :].count("trim") <= 3  # the programs that read logs compile once; no trim per step
+    for call, compiles in ((model.evaluate, True), (model.evaluate, False), (model.predict, True)):
+        del events[:]
+        call((x, y), batch_size=16)
+        first = events.index("run")
+        assert ("trim" in events[:first]) is compiles  # once before the first run of a new program, else never
+        assert "trim" not in events[first:]
 
 
 def test_the_optimizer_step_is_traced_once_for_every_batch_shape(monkeypatch):

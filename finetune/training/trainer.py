@@ -84,7 +84,6 @@ class Trainer:
         self.state: dict | None = None
         self.schedules: dict = {}
         self.stop_training = False
-        self._programs = 0  # programs compiled so far (see _after_call)
         self._last_call: tuple = ()  # the program and batch shapes of the last step call (see _before_call)
 
     # ---------------------------------------------------------------- building
@@ -143,12 +142,8 @@ class Trainer:
             _xla.keep(False)
 
     def _after_call(self) -> None:
-        """After a step call: a compiled new program's freed memory goes back to the OS; the next call's scratch
-        will be kept (`finetune._xla.keep`, inside fit, evaluate and predict)."""
-        programs = self.program.programs()
-        if programs != self._programs:
-            self._programs = programs
-            _xla.release_freed_memory()
+        """After a step call: the next call's scratch will be kept (`finetune._xla.keep`, inside fit, evaluate and
+        predict). A compile's freed memory went back to the OS before the program first ran (`_xla.kept_scratch`)."""
         _xla.keep(True)
 
     def sync_model(self) -> None:
