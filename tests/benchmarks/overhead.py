@@ -3,9 +3,11 @@
 Prints JSON: steps/s of each, and their ratio (fit / bare), for a tiny NNX classifier and for all-MiniLM-L6-v2
 (22.7M parameters) with a 2-way classifier. The bare loop runs the optax transformation fit() builds (so the ratio is
 the cost of fit()'s loop: data, logging, callbacks); a second bare loop with a plain `optax.adamw` shows what the
-non-finite skipping and parameter groups cost on top. Every side times the same steps after the same warm-up (fit:
-from a host sync to a host sync), so compilation is excluded. fit() runs with its defaults (steps_per_execution
-'auto', log_every 10).
+non-finite skipping and parameter groups cost on top. The bare loops keep their scratch memory between steps as fit()
+does on CPU (`finetune._xla.kept_scratch`, with `keep(True)` after each call): without it, each of their steps would
+page-fault its scratch in again, and the ratio would measure the allocator rather than fit()'s loop. Every side times
+the same steps after the same warm-up (fit: from a host sync to a host sync), so compilation is excluded. fit() runs
+with its defaults (steps_per_execution 'auto', log_every 10).
 
     python tests/benchmarks/overhead.py [--steps 60] [--repeats 3] [--only tiny|minilm]
 """
@@ -23,7 +25,7 @@ import optax
 from flax import nnx
 
 import finetune as ft
-from finetune import optim
+from finetune import _xla, optim
 from finetune.callbacks import Callback
 
 WARMUP = 30  # steps before timing starts, on both sides: compilation (of fit's stacked steps too) is excluded
@@ -63,7 +65,8 @@ def fit_optimizer(model: ft.Model, data: dict, lr: float) -> optax.GradientTrans
 
 def bare_loop(model: ft.Model, data: dict, steps: int, lr: float, plain: bool = False) -> float:
     """A hand-written loop: split once, jit a pure step with donation, one step per call, the batch already on
-    device, no logging; the same optimizer as fit() (``plain``: a bare `optax.adamw` instead)."""
+    device, no logging, the scratch kept as in fit(); the same optimizer as fit() (``plain``: a bare `optax.adamw`
+    instead)."""
     tx = optax.adamw(lr) if plain else fit_optimizer(model, data, lr)
     graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -85,14 +88,17 @@ def bare_loop(model: ft.Model, data: dict, steps: int, lr: float, plain: bool = 
 
     step = jax.jit(step, donate_argnums=0)
     state = (jax.tree.map(lambda a: a.copy(), params), tx.init(params), rest)
-    for _ in range(WARMUP):
-        state, loss = step(state, inputs, batch["labels"])
-    loss.block_until_ready()
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, loss = step(state, inputs, batch["labels"])
-    loss.block_until_ready()
-    return steps / (time.perf_counter() - start)
+    with _xla.kept_scratch():  # the scratch memory kept between steps, as in fit() (see the module's docstring)
+        for _ in range(WARMUP):
+            state, loss = step(state, inputs, batch["labels"])
+            _xla.keep(True)
+        loss.block_until_ready()
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, loss = step(state, inputs, batch["labels"])
+            _xla.keep(True)
+        loss.block_until_ready()
+        return steps / (time.perf_counter() - start)
 
 
 class _Clock(Callback):

@@ -18,6 +18,9 @@ Variants (environment of the worker process):
   bf16             bfloat16 compute on float32 parameters (does any XLA:CPU path make bf16 pay here?)
   bf16_highest     bf16 compute with jax_default_matmul_precision=highest
   bf16_onednn      bf16 compute with oneDNN dots (the CPU has AVX512_BF16)
+  ynn_dot          YNNPACK's "dot" fusions (a dot with the elementwise work around it) instead of single dots
+  bf16_ynn_dot     bf16 compute with YNNPACK's "dot" fusions, which take bf16 operands as they are (the single-dot
+                   fusions of the default convert them to f32 first)
 
     python tests/benchmarks/step_variants.py [--variants baseline,rbg] [--seq 128] [--steps 15] [--repeats 2]
 """
@@ -60,6 +63,8 @@ ENV = {
         "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type= "
         "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
     },
+    "ynn_dot": {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
+    "bf16_ynn_dot": {"VARIANT_BF16": "1", "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
 }
 
 
