@@ -3,9 +3,9 @@ settings while finetune's loops run.
 
 On CPU, XLA's default "concurrency optimized" scheduler orders a train step for parallelism at the cost of memory.
 The plain scheduler made the all-MiniLM-L6-v2 train step (batch 32, sequence 128) need 1,264 MB of scratch memory
-instead of 1,525 MB, and was not slower (2.80 against 2.95 s/step on 2 cores): see the README's "Performance"
-section. The option is read only from ``XLA_FLAGS`` (per-function compiler options do not reach the scheduler), so
-it is appended there; flags the user set win.
+instead of 1,525 MB, and was not slower (2.80 against 2.95 s/step on 2 cores): see docs/performance.md. The
+option is read only from ``XLA_FLAGS`` (per-function compiler options do not reach the scheduler), so it is appended
+there; flags the user set win.
 
 Each call of a compiled program on CPU allocates its scratch memory (hundreds of MB for a train step) and frees it
 at the end. glibc serves a block that large with a fresh ``mmap`` and gives it back with ``munmap``, so every step
@@ -15,7 +15,7 @@ the thread that calls the program (glibc's other threads' arenas map any block a
 so finetune also turns JAX's asynchronous dispatch on CPU off at import: the program then runs on the calling
 thread, and the trainer makes the next batch on a background thread meanwhile (`finetune.data.prefetch_on_thread`),
 as asynchronous dispatch let it do before. Measured on that step: 0 faults and 0.75-0.86 s (vs 0.90-1.06 s); at
-32 x 128 tokens 1.81 s (vs 2.18 s) with the same peak memory. See the README's "Performance" section.
+32 x 128 tokens 1.81 s (vs 2.18 s) with the same peak memory. See docs/performance.md.
 Opt out of all of this with ``FINETUNE_XLA_DEFAULTS=0``; ``JAX_CPU_ENABLE_ASYNC_DISPATCH``, if you set it, wins.
 """
 

@@ -55,7 +55,7 @@ class Recipe:
         recomputes the layer's forward, one layer at a time. (Policies that keep the matmul outputs saved nothing
         over no remat on XLA:CPU, so only the full form is offered.) Without it, every architecture already
         recomputes its feed-forward activation and its attention dropout mask; on XLA:CPU that leaves remat little
-        to save (README, "Performance").
+        to save (docs/performance.md).
       max_nonfinite: Consecutive non-finite steps (skipped) after which training stops with an error.
       seed: Data order and dropout seed.
       log_every: Steps between host reads of the metrics (progress bar, callbacks, step history).

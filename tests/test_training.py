@@ -249,7 +249,7 @@ def test_remat_trains_the_same_and_keeps_less_for_the_backward_pass(tmp_path):
     for name in base:  # dropout draws included: the recomputed forward is the same forward
         np.testing.assert_allclose(other[name], base[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # Per layer, only its input is kept; the rest is recomputed. (XLA:CPU's scratch memory shrinks much less than
-    # this: see the README's "Performance" section.)
+    # this: see docs/performance.md.)
     assert other_kept < 0.3 * base_kept
 
 

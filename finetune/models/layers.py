@@ -44,8 +44,8 @@ def recomputed(activation: Callable[..., Any], *inputs: Any) -> Any:
     keeps its intermediates for the backward pass (GELU's erf or tanh terms, SiLU's sigmoid), each a
     ``[tokens, intermediate]`` array per layer; recomputed, only its inputs are kept (its output is kept either way,
     for the next product's gradient), at the cost of one more elementwise pass. On MiniLM's train step at batch 32 x
-    128 tokens: 258 MB less scratch memory (1,268 to 1,010 MB), and no measurable change in time (README,
-    "Performance"). Results and gradients are unchanged.
+    128 tokens: 258 MB less scratch memory (1,268 to 1,010 MB), and no measurable change in time
+    (docs/performance.md). Results and gradients are unchanged.
 
     Example:
       >>> import jax.numpy as jnp
@@ -83,7 +83,7 @@ def head_rows(
     last layer still takes its keys and values from every position, but its query projection, attention output,
     feed-forward block and norms run on those rows alone, forward and backward. The head's input is the same
     (within float rounding). For all-MiniLM-L6-v2 (6 layers) with a classifier that is about a seventh less
-    matrix-product work per step; the README's "Performance" section has the measured step times.
+    matrix-product work per step; docs/performance.md has the measured step times.
 
     Each layer takes ``(x, *args, queries)`` with ``first``, ``(x, *args, queries, positions)`` with ``rows``:
     ``queries`` (``[B, Q, H]``) are the rows of ``x`` to compute, ``positions`` (``[B, Q]``) where they sit.
