@@ -138,24 +138,27 @@ def keep(on: bool) -> None:
 
     Called on after the first kept call, it hands back the pages of every free block but the heap's top, where the
     freed scratch is when all goes well; after a later call that faulted 16 MB or more in, everything free.
-    Otherwise (something small was allocated above the scratch, so it is a free
-    block below the top) glibc would serve the next call's aligned request, a little larger than the block, from
-    the top, and two scratch blocks would be resident at once: MiniLM at 32 x 128 tokens reached 2.46 GB of peak
-    memory (vs 1.90 GB unkept) that way in two runs of three. With the trim, such a step faults its scratch in as
-    without keeping, and no free block below the top stays resident; nor does more at the top than the first kept
-    call of the run left there (two such blocks, merged into the top, had the same effect), nor anything when the
-    call faulted 16 MB or more in (its scratch came from elsewhere, and the top would be held beside the next one).
+    Otherwise (something small was allocated above the scratch, so it is a free block below the top) glibc would
+    serve the next call's aligned request, a little larger than the block, from the top, and two scratch blocks
+    would be resident at once: MiniLM at 32 x 128 tokens reached 2.46 GB of peak memory (vs 1.90 GB unkept) that way
+    in two runs of three. With the trim, such a step faults its scratch in as without keeping, and no free block
+    below the top stays resident; nor does more at the top than the first kept call of the run left there (two such
+    blocks, merged into the top, had the same effect), nor anything when the call faulted 16 MB or more in (its
+    scratch came from elsewhere, and the top would be held beside the next one).
     """
     global _kept_top, _faults
     libc = _glibc()
     with _lock:
         if libc is None or (on and _depth == 0):
             return
-        if on and _keeping:  # after a kept call: only the heap's top stays, where the freed scratch is, and at
-            faults = _minor_faults()  # most what the first kept call left there; and nothing when a later call
-            if _kept_top is None:  # did not find its scratch there (then start again). A call that faulted
-                _kept_top = _free_at_top(libc)  # nothing in added no resident memory: nothing to trim (and tiny
-                libc.malloc_trim(ctypes.c_size_t(_kept_top))  # steps pay one getrusage, not a trim)
+        if on and _keeping:
+            # After a kept call: only the heap's top stays, where the freed scratch is, and at most what the first
+            # kept call left there; nothing when a later call did not find its scratch there (then start again). A
+            # call that faulted nothing in added no resident memory: nothing to trim (tiny steps pay one getrusage).
+            faults = _minor_faults()
+            if _kept_top is None:
+                _kept_top = _free_at_top(libc)
+                libc.malloc_trim(ctypes.c_size_t(_kept_top))
             elif faults - _faults >= _FRESH_PAGES:
                 _kept_top = None
                 libc.malloc_trim(0)

@@ -154,7 +154,3 @@ class Program:
     def compilations(self) -> int:
         """How many shapes the train step (single, or several per call) has been compiled for."""
         return self.train_step._cache_size() + self.train_steps._cache_size()
-
-    def programs(self) -> int:
-        """How many programs the steps (train, evaluation, prediction) have been compiled into so far."""
-        return self.compilations() + self.eval_step._cache_size() + self.predict_step._cache_size()
