@@ -38,3 +38,8 @@ class HubError(FinetuneError, RuntimeError):
 
 class CheckpointError(FinetuneError, OSError):
     """A checkpoint could not be written (disk full, unwritable directory); the previous one is intact."""
+
+
+class ExportError(FinetuneError, OSError):
+    """An export (`save_pretrained`, `save_adapter`, `push_to_hub`) that could not be written; the target directory
+    holds what it held before (a complete earlier export, or nothing)."""
