@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
 from finetune import optim
-from finetune.rules import flatten
+from finetune.rules import decay_mask, flatten
+
+# The optimizer's state has the same shapes whatever the training length; schedules only need one that no warmup or
+# decay given in steps exceeds.
+_ANY_LENGTH = 1 << 30
 
 
 def _bytes(n: int) -> str:
@@ -31,16 +36,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def group_report(model: Any, *, recipe: Any = None, trainer: Any = None, paths: bool = False) -> str:
-    """Per group: parameters, bytes, learning rate, weight decay, trainable, and optimizer-state bytes once built."""
+    """Per group: parameters, bytes, learning rate, weight decay, trainable, and optimizer-state bytes.
+
+    The optimizer-state bytes are the trainer's once it has built its state, else those of the optimizer the recipe
+    builds, worked out from shapes alone (nothing is allocated).
+    """
     from finetune.recipe import Recipe
     from finetune.training.trainer import plan
 
     recipe = recipe or Recipe()
     assignment = trainer.assignment if trainer is not None else plan(model, recipe)
     flat = flatten(nnx.to_pure_dict(nnx.state(model.module, nnx.Param)))
-    opt_bytes = {}
     if trainer is not None and trainer.state is not None and trainer.state.get("opt") is not None:
         opt_bytes = optim.state_bytes(trainer.state["opt"])
+    else:
+        opt_bytes = planned_state_bytes(model, recipe, assignment)
     rows, total = [], [0, 0, 0]
     for name, group in assignment.groups.items():
         members = assignment.paths_in(name)
@@ -63,3 +73,17 @@ def group_report(model: Any, *, recipe: Any = None, trainer: Any = None, paths: 
         ]
         text += "\n\n" + _table(["path", "group", "rule", "shape"], detail)
     return text
+
+
+def planned_state_bytes(model: Any, recipe: Any, assignment: Any) -> dict[str, int]:
+    """Optimizer-state bytes per trainable group of the optimizer ``fit`` would build under ``recipe``, from
+    `jax.eval_shape` of its ``init`` (no array is allocated); empty when no group is trainable."""
+    from finetune.training.step import split
+
+    trainable = {p for p in assignment.group_of if assignment.trainable(p)}
+    if not trainable:
+        return {}
+    params = split(model.module, trainable)[2]
+    decay = decay_mask(flatten(params), recipe.decay_rules)
+    tx, _ = optim.build(assignment, decay, recipe.optimizer_spec(), total_steps=_ANY_LENGTH)
+    return optim.state_bytes(jax.eval_shape(tx.init, params))

@@ -20,6 +20,10 @@ import subprocess
 import sys
 import time
 
+# Run as a file, Python puts only tests/benchmarks/ on the path: the repository root goes first, so that `tests.*`
+# imports and the benchmark measures this checkout's finetune rather than whichever one is installed.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
 # "finetune" and "finetune-text-classification" first start jax's CPU backend and read the config and tokenizer once
 # (which imports transformers, and with it torch), so they measure the load itself; "finetune-cold" pays for all of
 # that too, as a fresh user process does.
