@@ -28,7 +28,10 @@ def fit(
       task: The task when loading by name.
       preset: A recipe name; None uses the `finetune.Recipe` defaults.
       validation_data: Evaluated after every epoch.
-      num_labels: Number of classes when loading by name (None: from the data or the checkpoint).
+      num_labels: Number of classes when loading by name. None takes them from ``train``: the names of a
+        ``ClassLabel`` feature, else the sorted distinct label strings as names, else ``max + 1`` for class ids, and
+        one output (regression) for non-integer float labels; data whose labels cannot be seen before batching
+        (ready batches) keeps the checkpoint's labels (see `finetune.labels.from_data`).
       callbacks: Callbacks for `Model.fit`.
       verbose: 0 is silent.
       mesh: Spread training over devices (see `Model.fit`).
@@ -42,7 +45,24 @@ def fit(
     else:
         from finetune.loading import load
 
-        model = load(model_or_name, task=task or "text-classification", num_labels=num_labels)
+        task = task or "text-classification"
+        id2label = None
+        if num_labels is None:
+            num_labels, names = _labels_from_data(train, task, preset, overrides)
+            id2label = dict(enumerate(names)) if names else None
+        model = load(model_or_name, task=task, num_labels=num_labels, id2label=id2label)
     model.compile(preset, **overrides)
     history = model.fit(train, validation_data, callbacks=callbacks, verbose=verbose, mesh=mesh)
     return model, history
+
+
+def _labels_from_data(train: Any, task: str, preset: str | None, overrides: dict) -> tuple[int | None, list | None]:
+    """``(num_labels, names)`` from the training data, its label column found with the recipe's ``columns``."""
+    from finetune import labels
+
+    columns = overrides.get("columns")
+    if columns is None and preset is not None:
+        from finetune import presets
+
+        columns = presets.get(preset).columns
+    return labels.from_data(train, task, columns)

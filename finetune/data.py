@@ -636,23 +636,7 @@ class _Failed:
 def count_labels(ds: Any, task: str, columns: Mapping[str, str] | None = None) -> int | None:
     """How many classes a `datasets.Dataset` has for ``task`` (for sizing a new head); None when it has no labels.
 
-    ``ClassLabel`` features give their size; otherwise the distinct values (lists count their items) are counted,
-    and float labels of a one-output head are regression (1).
+    ``ClassLabel`` features give their size; otherwise `finetune.labels.from_data`'s rules (names: their count; ids:
+    ``max + 1``; non-integer floats of a one-output head: regression, 1).
     """
-    from finetune.preprocess import find_columns
-
-    if task not in ("text-classification", "token-classification", "image-classification"):
-        return None
-    role = "tags" if task == "token-classification" else "label"
-    column = find_columns(ds.column_names, task, columns).get(role)
-    if column is None:
-        return None
-    feature = ds.features[column]
-    inner = getattr(feature, "feature", feature)
-    if hasattr(inner, "num_classes"):
-        return int(inner.num_classes)
-    values = ds[column]
-    flat = [v for row in values for v in row] if values and isinstance(values[0], list) else values
-    if flat and all(isinstance(v, float) for v in flat) and not all(float(v).is_integer() for v in flat):
-        return 1
-    return len(set(flat))
+    return labels_lib.from_data(ds, task, columns)[0]

@@ -16,8 +16,9 @@ they end up in exported configs.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,3 +179,69 @@ def _multi_hot(values: Sequence[Any], *, model: Any, column: str, stage: str, na
     rows = np.repeat(np.arange(len(values)), [len(v) for v in values])
     out[rows, flat.astype(np.int64)] = 1.0
     return out
+
+
+def from_data(data: Any, task: str, columns: Mapping[str, str] | None = None) -> tuple[int | None, list[str] | None]:
+    """``(num_labels, names)`` that ``data`` implies for a new head of ``task``, by the rules of this module.
+
+    Names come from a ``ClassLabel`` feature, else from the sorted distinct label strings; integer class ids give
+    ``max + 1`` outputs (``-100``, "no label", aside) and no names; non-integer floats are regression (one output);
+    lists of floats per example are multi-hot rows of their width. ``(None, None)`` for data that carries no labels
+    this function can see (ready batches, a task without labels).
+
+    Args:
+      data: What `Model.fit` takes: a `datasets.Dataset`, a file path, raw or numeric columns, rows, ``(x, y)``.
+      task: The model's task.
+      columns: Explicit column names by role (the recipe's ``columns``).
+
+    Example:
+      >>> from_data({"text": ["good", "bad", "fine"], "label": ["pos", "neg", "pos"]}, "text-classification")
+      (2, ['neg', 'pos'])
+    """
+    if task not in CLASSIFICATION_TASKS:
+        return None, None
+    values, feature = _label_column(data, task, columns)
+    if values is None:
+        return None, None
+    inner = getattr(feature, "feature", feature)  # a Sequence(ClassLabel) of token tags, or the ClassLabel itself
+    if getattr(inner, "names", None):
+        return len(inner.names), [str(n) for n in inner.names]
+    rows = list(values)
+    nested = bool(rows) and isinstance(rows[0], list | tuple | np.ndarray)
+    flat = np.asarray([v for row in rows for v in row] if nested else rows)
+    if flat.size == 0:
+        return None, None
+    if flat.dtype.kind in "USO":
+        names = sorted(set(flat.astype(str).tolist()))
+        return len(names), names
+    if flat.dtype.kind == "f" and nested and task != "token-classification":
+        return len(rows[0]), None  # multi-hot rows, one 0/1 per label
+    if flat.dtype.kind == "f" and not np.all(np.mod(flat, 1) == 0):
+        return 1, None
+    real = flat[flat != -100].astype(np.int64)
+    return (int(real.max()) + 1, None) if real.size and real.min() >= 0 else (None, None)
+
+
+def _label_column(data: Any, task: str, columns: Mapping[str, str] | None) -> tuple[Any, Any]:
+    """``(label values, datasets feature or None)`` of the data's label column, as `finetune.data.as_source` finds
+    it; ``(None, None)`` when there is none."""
+    import datasets
+
+    from finetune.data import _is_row, load_file, rows_to_columns
+    from finetune.preprocess import RAW_COLUMNS, find_columns
+
+    if isinstance(data, str | os.PathLike):
+        data = load_file(data)
+    if isinstance(data, tuple) and len(data) == 2:
+        return data[1], None
+    if isinstance(data, list) and data and all(_is_row(x) for x in data):
+        data = rows_to_columns(data)
+    if isinstance(data, Mapping):
+        if "labels" in data and not RAW_COLUMNS & set(data):  # numeric model inputs, labels as they are
+            return data["labels"], None
+        data = datasets.Dataset.from_dict({k: list(v) for k, v in data.items()})
+    if not isinstance(data, datasets.Dataset):
+        return None, None
+    role = "tags" if task == "token-classification" else "label"
+    column = find_columns(data.column_names, task, columns, need_labels=False).get(role)
+    return (None, None) if column is None else (data[column], data.features[column])
