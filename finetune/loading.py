@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune import hub, sharding, weights
+from finetune import hub, pooling, sharding, weights
 from finetune._torch import deferred
 from finetune.errors import ConfigError, LoadError
 from finetune.model import Model
@@ -194,6 +194,8 @@ def load(
         num_layers=arch.num_layers(cfg),
     )
     model.layout = layout
+    if task == "feature-extraction":  # a sentence-transformers checkpoint says how its embeddings are pooled
+        model.pooling = pooling.read(directory)
     return model
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from finetune.errors import ConfigError
 from finetune.models.registry import TASKS
+from finetune.pooling import Pooling
 
 
 class Model:
@@ -83,6 +84,7 @@ class Model:
         self._trainer = None
         self.last_metrics: dict[str, float] | None = None
         self.family: str | None = None  # single / multi / regression / token / lm, known once data was seen
+        self.pooling: Pooling | None = None  # feature-extraction embeddings (`predict`); None: mean over the tokens
 
     def __call__(self, **inputs: Any) -> jax.Array:
         """Runs the model in inference mode (no dropout) on one batch of keyword arrays; returns the logits."""
@@ -249,17 +251,44 @@ class Model:
         self.last_metrics = trainer.evaluate(data, batch_size=batch_size or trainer.recipe.batch_size)
         return self.last_metrics
 
-    def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Predictions for every example: ``logits`` and, per task, ``labels`` + ``probabilities``, or
-        ``predictions`` (regression); ``hidden_states`` for feature-extraction."""
-        from finetune.training.tasks import kind, predictions
+    def predict(
+        self, data: Any, *, batch_size: int | None = None, outputs: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """Predictions for every example (inference mode, padding ignored), as numpy arrays with one row per example.
 
+        Per task, by default:
+
+        * classification: ``logits``, ``labels`` (class ids; 0/1 per label for multi-label) and ``probabilities``
+          (softmax; sigmoid for multi-label); regression heads: ``logits`` and ``predictions`` [N].
+          Token classification gives them per token, ``[N, T, ...]`` padded to the longest example.
+        * ``causal-lm``: ``log_likelihood`` [N] (the summed log-probability of each example's scored tokens: every
+          token after the first, or the completion of prompt / completion data, as the loss scores them),
+          ``num_tokens`` [N] (how many were scored), ``perplexity`` [N] (``exp(-log_likelihood / num_tokens)``) and
+          ``next_token_ids`` [N, T] (the most likely token after each position; -100 on padding). The
+          ``[N, T, vocab]`` logits come only when asked (``outputs=["logits", ...]``). Text generation is not
+          part of `predict`.
+        * ``feature-extraction``: ``embeddings`` [N, D], one sentence embedding per example, pooled as the
+          checkpoint's sentence-transformers config says (``1_Pooling/config.json``, and unit length when
+          ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.pooling`);
+          ``outputs=["embeddings", "token_embeddings"]`` adds the token states as a list of ``[T_i, H]`` arrays,
+          one per example, without padding.
+
+        Args:
+          data: What `evaluate` takes; labels, when present, are ignored.
+          batch_size: Examples per batch (default: the recipe's).
+          outputs: Names of the outputs to return instead of the task's defaults (above).
+
+        Returns:
+          ``{name: array}`` (``token_embeddings``: a list of arrays).
+
+        Example:
+          >>> model = finetune.load("sentence-transformers/all-MiniLM-L6-v2")
+          >>> model.predict(["a sentence", "another one"])["embeddings"].shape
+          (2, 384)
+        """
         trainer = self._eval_trainer()
-        logits = trainer.predict(data, batch_size=batch_size or trainer.recipe.batch_size)
-        if self.task == "feature-extraction":
-            return {"hidden_states": logits}
-        family = self.family or kind(self.task, logits.shape, None)
-        return {"logits": logits, **{k: np.asarray(v) for k, v in predictions(family, jnp.asarray(logits)).items()}}
+        batch_size = batch_size or trainer.recipe.batch_size
+        return trainer.predict(data, batch_size=batch_size, outputs=outputs, pooling=self.pooling or Pooling())
 
     def summary(self, *, paths: bool = False, recipe: Any = None, trainer: Any = None, printed: bool = True) -> str:
         """The parameter-group report: per group the parameter count, bytes, LR, weight decay and trainable.

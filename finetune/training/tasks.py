@@ -7,14 +7,17 @@ Every loss is a weighted mean whose weights are 0 on padding, so padding never m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from finetune.errors import ConfigError
+from finetune.pooling import pool
 
 IGNORE = -100  # label id of positions that carry no label (sub-tokens, padding), as in transformers
 NOT_INPUTS = frozenset({"labels", "example_mask", "loss_mask"})
@@ -96,13 +99,112 @@ class Scored(NamedTuple):
     losses: jax.Array
 
 
-def predictions(family: str, logits: jax.Array) -> dict[str, jax.Array]:
-    """What `predict` returns per item: ``labels`` and ``probabilities`` (``predictions`` for regression)."""
+# What `predict` returns per family: (the default outputs, every output it can give). Causal LMs and feature extractors
+# never return a [N, T, vocab] or padded [N, T, H] tensor unless asked.
+PREDICT_OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "single": (("logits", "labels", "probabilities"),) * 2,
+    "multi": (("logits", "labels", "probabilities"),) * 2,
+    "token": (("logits", "labels", "probabilities"),) * 2,
+    "regression": (("logits", "predictions"),) * 2,
+    "lm": (
+        ("log_likelihood", "num_tokens", "perplexity", "next_token_ids"),
+        ("log_likelihood", "num_tokens", "perplexity", "next_token_ids", "logits"),
+    ),
+    "features": (("embeddings",), ("embeddings", "token_embeddings")),
+}
+
+
+def predict_family(task: str, num_outputs: int, known: str | None) -> str:
+    """The family whose outputs `predict` gives: ``features`` for feature extraction, else the loss family (the one
+    training saw when known, else from the head's width)."""
+    if task == "feature-extraction":
+        return "features"
+    return known or kind(task, (num_outputs,), None)
+
+
+def output_names(family: str, outputs: Sequence[str] | None) -> tuple[str, ...]:
+    """The outputs to compute: the family's defaults, or ``outputs`` checked against what the family gives."""
+    default, allowed = PREDICT_OUTPUTS[family]
+    if outputs is None:
+        return default
+    names = (outputs,) if isinstance(outputs, str) else outputs
+    if not isinstance(names, Sequence) or not names or any(n not in allowed for n in names):
+        raise ConfigError(
+            f"`outputs` must be a list of names from {', '.join(allowed)} for this model; received "
+            f"outputs={outputs!r}. Pass some of them, or None for {', '.join(default)}."
+        )
+    return tuple(dict.fromkeys(names))
+
+
+@functools.partial(jax.jit, static_argnames=("family", "names", "pooling"))
+def predictions(
+    logits: jax.Array, batch: Mapping[str, Any], *, family: str, names: tuple[str, ...], pooling: Any = None
+) -> dict[str, jax.Array]:
+    """The outputs ``names`` of one batch, computed on the device (so only they travel to the host).
+
+    Per family: ``logits``, ``labels`` and ``probabilities`` (softmax; sigmoid for multi-label), or ``predictions``
+    (regression); for causal LMs (`_lm_outputs`) the log-likelihood of each example's scored tokens, their number,
+    the perplexity and the argmax next-token ids; for feature extraction the pooled ``embeddings`` (`pooling`) and
+    the ``token_embeddings`` with their ``token_mask``.
+    """
+    if family == "features":
+        mask = batch.get("attention_mask")
+        mask = jnp.ones(logits.shape[:2], jnp.int32) if mask is None else mask
+        out = {"embeddings": logits.astype(jnp.float32) if logits.ndim == 2 else pool(logits, mask, pooling)}
+        if "token_embeddings" in names:
+            out.update(token_embeddings=logits.astype(jnp.float32), token_mask=mask)
+        return {k: v for k, v in out.items() if k in names or k == "token_mask"}
+    if family == "lm":
+        out = _lm_outputs(logits, batch)
+    else:
+        out = {"logits": logits, **_class_outputs(family, logits)}
+    return {k: v for k, v in out.items() if k in names}
+
+
+def _class_outputs(family: str, logits: jax.Array) -> dict[str, jax.Array]:
     logits = logits.astype(jnp.float32)
     if family == "regression":
         return {"predictions": logits[..., 0]}
     if family == "multi":
         probs = jax.nn.sigmoid(logits)
         return {"labels": (probs > 0.5).astype(jnp.int32), "probabilities": probs}
-    probs = jax.nn.softmax(logits, -1)
-    return {"labels": jnp.argmax(logits, -1), "probabilities": probs}
+    return {"labels": jnp.argmax(logits, -1), "probabilities": jax.nn.softmax(logits, -1)}
+
+
+def _lm_outputs(logits: jax.Array, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The tokens the loss scores (`targets`: after the first, on ``loss_mask`` when given, else the real tokens):
+    their summed log-probability, count and perplexity; and the argmax id of the token after every position (-100
+    on padding)."""
+    flat_logits, labels, weights = targets("lm", logits, batch)
+    items = per_item_loss("lm", flat_logits, labels).reshape(logits.shape[0], -1)
+    weights = weights.reshape(items.shape)
+    count = weights.sum(1)
+    log_likelihood = -(items * weights).sum(1)
+    mask = batch.get("attention_mask", jnp.ones(logits.shape[:2], jnp.int32))
+    return {
+        "logits": logits,
+        "log_likelihood": log_likelihood,
+        "num_tokens": count.astype(jnp.int32),
+        "perplexity": jnp.where(count > 0, jnp.exp(-log_likelihood / jnp.maximum(count, 1.0)), jnp.nan),
+        "next_token_ids": jnp.where(mask > 0, jnp.argmax(logits, -1), IGNORE).astype(jnp.int32),
+    }
+
+
+def collect(parts: Sequence[tuple[Mapping[str, Any], Any]]) -> dict[str, Any]:
+    """The per-batch outputs of `predictions` (on the host, with each batch's ``example_mask``) as one result: padding
+    rows dropped, batches of other widths padded to the widest (-100 for ids, 0 otherwise), and
+    ``token_embeddings`` as a list of ``[T_i, H]`` arrays, one per example, without padding."""
+    out: dict[str, Any] = {}
+    for name in parts[0][0] if parts else ():
+        arrays = [np.asarray(values[name])[np.asarray(example) > 0] for values, example in parts]
+        width = max(a.shape[1] for a in arrays) if arrays[0].ndim > 1 else None
+        if width is not None and any(a.shape[1] != width for a in arrays):
+            fill = IGNORE if arrays[0].dtype.kind in "iu" and name != "token_mask" else 0
+            arrays = [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+                      for a in arrays]  # fmt: skip
+        out[name] = np.concatenate(arrays)
+    if "token_embeddings" in out:
+        mask = out.pop("token_mask").astype(bool)
+        out["token_embeddings"] = [states[m] for states, m in zip(out["token_embeddings"], mask, strict=True)]
+    out.pop("token_mask", None)
+    return out

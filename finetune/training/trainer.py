@@ -28,7 +28,7 @@ from finetune.training import signals
 from finetune.training.callbacks import Callback
 from finetune.training.history import History
 from finetune.training.step import Program, split
-from finetune.training.tasks import kind, loss_fn
+from finetune.training.tasks import collect, kind, loss_fn, output_names, predict_family, predictions
 
 
 def plan(model: Any, recipe: Recipe) -> Assignment:
@@ -87,8 +87,10 @@ class Trainer:
         self._last_call: tuple = ()  # the program and batch shapes of the last step call (see _before_call)
 
     # ---------------------------------------------------------------- building
-    def build(self, sample: dict, *, total_steps: int | None, train: bool = True) -> None:
-        """Splits the model, builds the optimizer over the trainable parameters, and the steps (not yet compiled)."""
+    def build(self, sample: dict, *, total_steps: int | None, train: bool = True, predicting: bool = False) -> None:
+        """Splits the model, builds the optimizer over the trainable parameters, and the steps (not yet compiled).
+
+        ``predicting``: for `predict` alone, which models without a loss (feature extraction) may serve too."""
         trainable = {p for p in self.assignment.group_of if self.assignment.trainable(p)}
         if train and not trainable:
             raise ConfigError("Every parameter group is frozen (trainable=False), so there is nothing to train.")
@@ -106,10 +108,13 @@ class Trainer:
                 self.assignment, decay, self.recipe.optimizer_spec(), total_steps=total_steps
             )
         logits = jax.eval_shape(lambda: nnx.merge(eval_graphdef, params, frozen, rest)(**_inputs(sample)))
-        family = kind(self.model.task, logits.shape, sample.get("labels"))
+        if predicting and self.model.task == "feature-extraction":  # no loss: a program with no metrics
+            family, names = "features", ()
+        else:
+            family = kind(self.model.task, logits.shape, sample.get("labels"))
+            names = self.recipe.metrics or metrics_lib.DEFAULT_METRICS[family]
         if sample.get("labels") is not None:
             _record_problem_type(self.model, family)
-        names = self.recipe.metrics or metrics_lib.DEFAULT_METRICS[family]
         self.program = Program(
             graphdef,
             eval_graphdef,
@@ -471,21 +476,27 @@ class Trainer:
                 self._after_call()
         return metrics_lib.results(self.program.metrics, jax.device_get(acc), prefix)
 
-    def predict(self, data: Any, *, batch_size: int) -> np.ndarray:
-        """Logits of every real example (padding rows dropped), concatenated on the host."""
+    def predict(
+        self, data: Any, *, batch_size: int, outputs: Sequence[str] | None = None, pooling: Any = None
+    ) -> dict[str, Any]:
+        """The task's outputs (`finetune.training.tasks.predictions`) for every real example, computed on the device
+        batch by batch, padding rows dropped, gathered on the host."""
         token_level = self.model.task in ("token-classification", "causal-lm", "feature-extraction")
         source = self._source(data, stage="predict", padding="longest" if token_level else "buckets")
         first = next(source.batches(batch_size, seed=None))
         if self.program is None:
-            self.build(first, total_steps=None, train=False)
-        outs = []
+            self.build(first, total_steps=None, train=False, predicting=True)
+        family = predict_family(self.model.task, self.program.num_classes, self.model.family)
+        names = output_names(family, outputs)
+        parts = []
         with _xla.kept_scratch():
             for batch in self._prefetch(source.batches(batch_size, seed=None)):
                 self._before_call("predict", batch)
                 logits = self.program.predict_step(self.state, batch)
+                values = predictions(logits, batch, family=family, names=names, pooling=pooling)
                 self._after_call()
-                outs.append((logits, batch["example_mask"]))
-        return np.concatenate([np.asarray(lg)[np.asarray(m) > 0] for lg, m in outs])
+                parts.append((values, batch["example_mask"]))
+        return collect([(jax.device_get(values), np.asarray(mask)) for values, mask in parts])
 
 
 # XLA:CPU copies a host array of this many bytes or more into a step's arguments on a worker thread, and a step
