@@ -256,3 +256,16 @@ def test_feature_extraction_still_refuses_fit_and_evaluate_after_predict(bert_ba
     ):
         with pytest.raises(ft.ConfigError, match="feature-extraction.*use `predict`"):
             call()
+
+
+def test_predict_on_ready_batches_of_different_widths_pads_per_token_outputs_to_the_widest(gpt2):
+    from tests.models.reference import padded_text_batch
+
+    batches = []
+    for lengths in ((5, 3), (7,)):
+        input_ids, attention_mask = padded_text_batch(256, lengths=lengths, seed=len(lengths))
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    out = ft.load(gpt2[1], task="causal-lm").predict(batches, outputs=["next_token_ids", "num_tokens"])
+    assert out["next_token_ids"].shape == (3, 7) and out["num_tokens"].tolist() == [4, 2, 6]
+    assert (out["next_token_ids"][0, 5:] == -100).all() and (out["next_token_ids"][1, 3:] == -100).all()
+    assert (out["next_token_ids"][2] >= 0).all()

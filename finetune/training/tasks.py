@@ -197,14 +197,19 @@ def collect(parts: Sequence[tuple[Mapping[str, Any], Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in parts[0][0] if parts else ():
         arrays = [np.asarray(values[name])[np.asarray(example) > 0] for values, example in parts]
-        width = max(a.shape[1] for a in arrays) if arrays[0].ndim > 1 else None
-        if width is not None and any(a.shape[1] != width for a in arrays):
-            fill = IGNORE if arrays[0].dtype.kind in "iu" and name != "token_mask" else 0
-            arrays = [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-                      for a in arrays]  # fmt: skip
-        out[name] = np.concatenate(arrays)
+        fill = IGNORE if arrays[0].dtype.kind in "iu" and name != "token_mask" else 0
+        out[name] = np.concatenate(_same_width(arrays, fill))
     if "token_embeddings" in out:
         mask = out.pop("token_mask").astype(bool)
         out["token_embeddings"] = [states[m] for states, m in zip(out["token_embeddings"], mask, strict=True)]
-    out.pop("token_mask", None)
     return out
+
+
+def _same_width(arrays: list[np.ndarray], fill: int) -> list[np.ndarray]:
+    """Per-token arrays of batches padded to one width (ready batches may each have their own)."""
+    if arrays[0].ndim < 2:
+        return arrays
+    width = max(a.shape[1] for a in arrays)
+    return [
+        np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill) for a in arrays
+    ]
