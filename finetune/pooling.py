@@ -37,6 +37,8 @@ class Pooling:
       modes: Pooling modes, concatenated in this order: any of ``cls``, ``max``, ``mean``, ``mean_sqrt_len``,
         ``weightedmean``, ``lasttoken``.
       normalize: Scale every embedding to unit L2 norm (sentence-transformers' ``Normalize`` module).
+      max_length: Longer texts are truncated to this many tokens before pooling (sentence-transformers'
+        ``max_seq_length``), unless the recipe sets ``max_length``; None: the recipe's default.
 
     Example:
       >>> model.pooling = finetune.pooling.Pooling(modes=("cls",), normalize=True)
@@ -44,6 +46,7 @@ class Pooling:
 
     modes: tuple[str, ...] = ("mean",)
     normalize: bool = False
+    max_length: int | None = None
 
     def __post_init__(self):
         modes = tuple(self.modes) if isinstance(self.modes, list | tuple) else None
@@ -54,12 +57,17 @@ class Pooling:
             )
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"`normalize` must be a bool; received normalize={self.normalize!r}. Pass True or False.")
+        if not (self.max_length is None or (type(self.max_length) is int and self.max_length >= 1)):
+            raise ConfigError(
+                f"`max_length` must be an int >= 1 or None; received max_length={self.max_length!r}. Pass a token "
+                "count, or None for the recipe's."
+            )
         object.__setattr__(self, "modes", modes)
 
 
 def read(directory: str | os.PathLike) -> Pooling:
-    """The pooling a checkpoint directory declares (``modules.json`` and its Pooling module's ``config.json``), or
-    mean pooling when it declares none.
+    """The pooling a sentence-transformers checkpoint directory declares (``modules.json``, its Pooling module's
+    ``config.json``, ``max_seq_length`` of ``sentence_bert_config.json``), or mean pooling when it declares none.
 
     Raises:
       LoadError: ``modules.json`` or the pooling config is not valid JSON, or names no known pooling mode.
@@ -68,21 +76,21 @@ def read(directory: str | os.PathLike) -> Pooling:
     modules = _json(directory / "modules.json")
     if not isinstance(modules, list):
         return Pooling()
+    settings = _json(directory / "sentence_bert_config.json")
+    max_length = settings.get("max_seq_length") if isinstance(settings, dict) else None
+    max_length = max_length if isinstance(max_length, int) and not isinstance(max_length, bool) else None
     types = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules if isinstance(m, dict)}
     normalize = "Normalize" in types
-    if "Pooling" not in types:
-        return Pooling(normalize=normalize)
-    path = directory / str(types["Pooling"].get("path", "")) / "config.json"
-    config = _json(path)
+    config = _json(directory / str(types["Pooling"].get("path", "")) / "config.json") if "Pooling" in types else None
     if not isinstance(config, dict):
-        return Pooling(normalize=normalize)
+        return Pooling(normalize=normalize, max_length=max_length)
     modes = tuple(mode for mode, key in MODES.items() if config.get(key) is True)
     if not modes:
         raise LoadError(
-            f"The pooling config {path} turns on no pooling mode (keys {', '.join(MODES.values())}). Set one of "
-            "them to true, or delete the file for mean pooling."
+            f"The pooling config of {directory} ({types['Pooling'].get('path')}/config.json) turns on no pooling mode "
+            f"(keys {', '.join(MODES.values())}). Set one of them to true, or delete the file for mean pooling."
         )
-    return Pooling(modes=modes, normalize=normalize)
+    return Pooling(modes=modes, normalize=normalize, max_length=max_length)
 
 
 def _json(path: pathlib.Path):

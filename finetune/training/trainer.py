@@ -452,14 +452,15 @@ class Trainer:
             )
         return reason is None
 
-    def _source(self, data: Any, **options: Any) -> Any:
+    def _source(self, data: Any, *, max_length: int | None = None, **options: Any) -> Any:
+        """The data as a source of batches; ``max_length``: the truncation when the recipe sets none."""
         if options.get("stage") == "fit" and self.recipe.packing and self.model.task != "text-classification":
             options["packing"] = True
         return data_lib.as_source(
             data,
             task=self.model.task,
             model=self.model,
-            max_length=self.recipe.max_length,
+            max_length=self.recipe.max_length or max_length,
             columns=self.recipe.columns,
             **options,
         )
@@ -482,7 +483,8 @@ class Trainer:
         """The task's outputs (`finetune.training.tasks.predictions`) for every real example, computed on the device
         batch by batch, padding rows dropped, gathered on the host."""
         token_level = self.model.task in ("token-classification", "causal-lm", "feature-extraction")
-        source = self._source(data, stage="predict", padding="longest" if token_level else "buckets")
+        padding = "longest" if token_level else "buckets"
+        source = self._source(data, stage="predict", padding=padding, max_length=getattr(pooling, "max_length", None))
         first = next(source.batches(batch_size, seed=None))
         if self.program is None:
             self.build(first, total_steps=None, train=False, predicting=True)
