@@ -22,7 +22,7 @@ from flax import nnx
 from finetune import optim
 from finetune.rules import path_str
 from finetune.training import metrics as metrics_lib
-from finetune.training.tasks import model_inputs
+from finetune.training.tasks import model_inputs, predictions
 
 State = dict[str, Any]
 
@@ -52,7 +52,7 @@ class Program:
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.train_steps = jax.jit(self._train_steps, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, donate_argnums=1)
-        self.predict_step = jax.jit(self._predict_step)
+        self._predictors: dict[tuple, Callable] = {}  # predict steps by outputs (`predictor`)
         self._zeros = jax.jit(self._zero_metrics)  # one call, not one per metric sum
         # The optimizer step as a nested jit: traced once, then reused by the train step of every batch shape (it
         # does not depend on the batch); XLA inlines it, so each compiled step is what a flat trace gives.
@@ -79,7 +79,7 @@ class Program:
         self.shardings = shardings
         self.train_step = jax.jit(self._train_step, donate_argnums=0, out_shardings=shardings)
         self.eval_step = jax.jit(self._eval_step, donate_argnums=1, out_shardings=shardings["acc"])
-        self.predict_step = jax.jit(self._predict_step, out_shardings=shardings["step"])  # gathered: host-readable
+        self._predictors = {}  # rebuilt with the shardings: their outputs gathered, host-readable
         opt = jax.jit(self.tx.init, out_shardings=shardings["opt"])(params) if self.tx is not None else None
         step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])()
         self._zeros = jax.jit(self._zero_metrics, out_shardings=shardings["acc"])
@@ -118,9 +118,19 @@ class Program:
         _, scored = self.loss(logits, batch)
         return metrics_lib.update(self.metrics, acc, scored)
 
-    def _predict_step(self, state: State, batch: dict) -> jax.Array:
-        logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
-        return logits
+    def predictor(self, **options: Any) -> Callable[[State, dict], dict[str, jax.Array]]:
+        """The predict step: the forward pass and `finetune.training.tasks.predictions` (``options``: ``family``,
+        ``names``, ``pooling``) in one compiled program per batch shape, returning only the requested outputs."""
+        key = tuple(sorted(options.items()))
+        if key not in self._predictors:
+
+            def step(state: State, batch: dict) -> dict[str, jax.Array]:
+                logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
+                return predictions(logits, batch, **options)
+
+            out = None if self.shardings is None else self.shardings["step"]  # replicated: host-readable
+            self._predictors[key] = jax.jit(step, out_shardings=out)
+        return self._predictors[key]
 
     def start_read(self, state: State, select: Callable[[State], Any]) -> tuple[jax.Array, dict]:
         """``(select(state) packed on device, zeroed metric sums)``, in one asynchronous call; see `finish_read`.

@@ -7,7 +7,6 @@ Every loss is a weighted mean whose weights are 0 on padding, so padding never m
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -136,11 +135,10 @@ def output_names(family: str, outputs: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-@functools.partial(jax.jit, static_argnames=("family", "names", "pooling"))
 def predictions(
     logits: jax.Array, batch: Mapping[str, Any], *, family: str, names: tuple[str, ...], pooling: Any = None
 ) -> dict[str, jax.Array]:
-    """The outputs ``names`` of one batch, computed on the device (so only they travel to the host).
+    """The outputs ``names`` of one batch, traced into the predict step (so only they travel to the host).
 
     Per family: ``logits``, ``labels`` and ``probabilities`` (softmax; sigmoid for multi-label), or ``predictions``
     (regression); for causal LMs (`_lm_outputs`) the log-likelihood of each example's scored tokens, their number,

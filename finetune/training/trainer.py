@@ -28,7 +28,7 @@ from finetune.training import signals
 from finetune.training.callbacks import Callback
 from finetune.training.history import History
 from finetune.training.step import Program, split
-from finetune.training.tasks import collect, kind, loss_fn, output_names, predict_family, predictions
+from finetune.training.tasks import collect, kind, loss_fn, output_names, predict_family
 
 
 def plan(model: Any, recipe: Recipe) -> Assignment:
@@ -490,12 +490,11 @@ class Trainer:
             self.build(first, total_steps=None, train=False, predicting=True)
         family = predict_family(self.model.task, self.program.num_classes, self.model.family)
         names = output_names(family, outputs)
-        parts = []
+        step, parts = self.program.predictor(family=family, names=names, pooling=pooling), []
         with _xla.kept_scratch():
             for batch in self._prefetch(source.batches(batch_size, seed=None)):
                 self._before_call("predict", batch)
-                logits = self.program.predict_step(self.state, batch)
-                values = predictions(logits, batch, family=family, names=names, pooling=pooling)
+                values = step(self.state, batch)
                 self._after_call()
                 parts.append((values, batch["example_mask"]))
         return collect([(jax.device_get(values), np.asarray(mask)) for values, mask in parts])
