@@ -22,6 +22,7 @@ from typing import Any
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors
 from flax import nnx
@@ -159,9 +160,61 @@ def pickle_refused(name: str) -> LoadError:
     )
 
 
+def read_json(path: pathlib.Path) -> Any:
+    """The parsed JSON file at ``path``; a `LoadError` naming the file and the line and column where it breaks."""
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise LoadError(
+            f"`{path.name}` in {path.parent} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} "
+            f"(character {e.pos} of {len(e.doc)}). The file is probably truncated or corrupt: download or write it "
+            "again."
+        ) from None
+    except UnicodeDecodeError as e:
+        raise LoadError(
+            f"`{path.name}` in {path.parent} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}"
+            "), so it is not a JSON file. The file is corrupt: download or write it again."
+        ) from None
+
+
+def _allowed_roots(directory: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """Where a shard may resolve to: the model directory, and for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>``) that repository's ``blobs`` folder, which its files link into."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return tuple(roots)
+
+
+def _shard_path(directory: pathlib.Path, index: str, name: Any) -> pathlib.Path:
+    """The shard ``name`` of an index: a relative path that stays inside the model directory, links included."""
+    roots = _allowed_roots(directory)
+    path = directory / name if isinstance(name, str) else None
+    inside = (
+        path is not None
+        and not pathlib.PurePath(name).is_absolute()
+        and ".." not in pathlib.PurePath(name).parts
+        and any(path.resolve().is_relative_to(root) for root in roots)
+    )
+    if not inside:
+        raise LoadError(
+            f"The index `{index}` in {directory} names the shard {name!r}, which lies outside the model directory "
+            "(an absolute path, a `..` step or a link that leads out of it). A shard must lie inside the model "
+            "directory: finetune reads no file outside it. Fix the index's `weight_map`, or put the shards in the "
+            "directory."
+        )
+    return path
+
+
 def _shards(directory: pathlib.Path, index: str) -> tuple[pathlib.Path, ...]:
-    weight_map = json.loads((directory / index).read_text())["weight_map"]
-    files = tuple(directory / name for name in dict.fromkeys(weight_map.values()))
+    weight_map = read_json(directory / index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LoadError(
+            f"The index `{index}` in {directory} has no `weight_map` (a mapping of tensor names to shard files). "
+            "The file is incomplete: download the checkpoint's index again."
+        )
+    files = tuple(_shard_path(directory, index, name) for name in dict.fromkeys(weight_map.values()))
     absent = [f.name for f in files if not f.is_file()]
     if absent:
         raise LoadError(
@@ -228,33 +281,111 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def _unreadable(file: pathlib.Path, fmt: str, error: BaseException) -> LoadError:
+    """The error for a weights file its format's reader cannot parse (empty, truncated, corrupt)."""
+    size = file.stat().st_size if file.exists() else 0
+    # torch's messages can suggest weights_only=False (running the file's code): such advice is never passed on.
+    detail = type(error).__name__ + ("" if "weights_only" in str(error) else f": {error}")
+    return LoadError(
+        f"`{file.name}` in {file.parent} ({size:,} bytes) is not a readable {fmt} file: {detail}. The file is "
+        "probably empty, truncated or corrupt: download it again (all of it), or export the model again."
+    )
+
+
+def _guarded(file: pathlib.Path, fmt: str, read: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """``read`` whose failure (a tensor whose bytes are missing or corrupt) is a `LoadError` naming the file."""
+
+    def guarded() -> np.ndarray:
+        try:
+            return read()
+        except LoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- each reader has its own exception types; all mean a bad file
+            raise _unreadable(file, fmt, e) from None
+
+    return guarded
+
+
+def _open_safetensors(stack: contextlib.ExitStack, file: pathlib.Path) -> dict[str, Callable[[], np.ndarray]]:
+    f = stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
+    return {key: functools.partial(f.get_tensor, key) for key in f.keys()}  # noqa: SIM118
+
+
+def _open_msgpack(file: pathlib.Path) -> dict[str, Callable[[], np.ndarray]]:
+    tree = flax.serialization.msgpack_restore(file.read_bytes())
+    if not isinstance(tree, dict):
+        raise TypeError(f"its content is a {type(tree).__name__}, not a mapping of parameter names to arrays")
+    arrays = _flax_to_torch(tree["params"] if set(tree) == {"params"} else tree)
+    return {key: functools.partial(arrays.pop, key) for key in arrays}
+
+
+_REFUSED = object()
+
+
+def _open_pickle(file: pathlib.Path) -> dict[str, Callable[[], np.ndarray]]:
+    """A PyTorch ``.bin``, unpickled with ``weights_only=True`` (tensors and plain containers only). Zip files
+    (``torch.save`` since 1.6) are memory-mapped; the legacy format cannot be, so it is read whole."""
+    import pickle
+    import zipfile
+
+    try:
+        import torch
+    except ImportError as e:
+        raise LoadError(
+            f"Reading `{file.name}` needs PyTorch, which is not installed. Run `pip install torch` "
+            "(the CPU build is enough), or convert the checkpoint to safetensors."
+        ) from e
+    try:
+        tensors = torch.load(str(file), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError:
+        tensors = _REFUSED  # raised outside the handler, so that torch's error is not even the context
+    if tensors is _REFUSED:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never pass that on.
+        raise LoadError(
+            f"`{file.name}` in {file.parent} holds Python objects other than tensors, which finetune does not "
+            "unpickle even with allow_pickle=True: unpickling them could run arbitrary code. Convert the checkpoint "
+            "to safetensors with code you trust (e.g. load it in transformers and `save_pretrained(..., "
+            "safe_serialization=True)`), or use a checkpoint that has `model.safetensors`."
+        )
+    if not isinstance(tensors, Mapping) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        kind = f"a {type(tensors).__name__}" + (
+            " whose values are not all tensors" if isinstance(tensors, Mapping) else ""
+        )
+        raise LoadError(
+            f"`{file.name}` in {file.parent} holds {kind}, not a mapping of parameter names to tensors (a state "
+            "dict), so it is not a Hugging Face weights file. Use the checkpoint's weights file, or save "
+            "`model.state_dict()` to safetensors."
+        )
+    return {key: functools.partial(_torch_to_numpy, t) for key, t in tensors.items()}
+
+
 @contextlib.contextmanager
 def open_checkpoint(checkpoint: Checkpoint) -> Iterator[dict[str, Callable[[], np.ndarray]]]:
     """Opens a checkpoint lazily: yields ``{key: read}``, where ``read()`` returns that one tensor as numpy.
 
     Safetensors are memory-mapped and read one tensor at a time; msgpack files are read whole (the format has no
-    index); pickle files are memory-mapped by ``torch.load(mmap=True, weights_only=True)``.
+    index); pickle files are memory-mapped by ``torch.load(mmap=True, weights_only=True)`` (the legacy non-zip
+    format is read whole). A file that its reader cannot parse (empty, truncated, corrupt) is a `LoadError` naming
+    the file, whether that shows on opening it or on reading one of its tensors.
+
+    Raises:
+      LoadError: A weights file that cannot be read, or a pickle holding anything but tensors.
     """
     with contextlib.ExitStack() as stack:
         readers: dict[str, Callable[[], np.ndarray]] = {}
         for file in checkpoint.files:
-            if checkpoint.format == "safetensors":
-                f = stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
-                readers.update({key: functools.partial(f.get_tensor, key) for key in f.keys()})  # noqa: SIM118
-            elif checkpoint.format == "msgpack":
-                tree = flax.serialization.msgpack_restore(file.read_bytes())
-                arrays = _flax_to_torch(tree["params"] if set(tree) == {"params"} else tree)
-                readers.update({key: functools.partial(arrays.pop, key) for key in arrays})
-            else:
-                try:
-                    import torch
-                except ImportError as e:
-                    raise LoadError(
-                        f"Reading `{file.name}` needs PyTorch, which is not installed. Run `pip install torch` "
-                        "(the CPU build is enough), or convert the checkpoint to safetensors."
-                    ) from e
-                tensors = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-                readers.update({key: functools.partial(_torch_to_numpy, t) for key, t in tensors.items()})
+            try:
+                if checkpoint.format == "safetensors":
+                    opened = _open_safetensors(stack, file)
+                elif checkpoint.format == "msgpack":
+                    opened = _open_msgpack(file)
+                else:
+                    opened = _open_pickle(file)
+            except LoadError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- safetensors, msgpack and torch each raise their own types
+                raise _unreadable(file, checkpoint.format, e) from None
+            readers.update({key: _guarded(file, checkpoint.format, read) for key, read in opened.items()})
         yield readers
 
 
@@ -322,6 +453,7 @@ class _Fill:
         self.unused: list[str] = []
         self.mismatched: list[str] = []
         self.replaced: list[str] = []
+        self.non_finite: list[str] = []  # checkpoint keys holding NaN or inf (after the cast to the parameter dtype)
 
     def run(self, readers: Mapping[str, Callable[[], np.ndarray]], rows, ignored: Sequence[re.Pattern]) -> None:
         for key, read in readers.items():
@@ -347,6 +479,8 @@ class _Fill:
             self.wrong.add(path)
             return
         value = np.asarray(array, dtype=want.dtype)
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(value).all():
+            self.non_finite.append(f"{key} ({np.count_nonzero(~np.isfinite(value)):,} of {value.size:,} values)")
         if self.shardings:  # straight into its sharding: only this device's shard of it is copied to each device
             self.variables[path].set_value(sharding_lib.put(value, self.shardings[path]))
         else:
@@ -372,6 +506,13 @@ class _Fill:
             )
         for problem in self.replaced:
             logger.warning("Re-initialising a head parameter: %s.", problem)
+        if self.non_finite:
+            logger.warning(
+                "The checkpoint %s has non-finite values (NaN or inf) in %s. Predictions and gradients through them "
+                "will be NaN: use an intact copy of the checkpoint, or reinitialise those tensors.",
+                where,
+                ", ".join(self.non_finite),
+            )
         return tuple(new)
 
 

@@ -91,11 +91,6 @@ class Config:
             )
         num_heads = hf.num_attention_heads
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
-        if num_heads % num_kv_heads:
-            raise LoadError(
-                f"`num_attention_heads` must be a multiple of `num_key_value_heads`; the config has {num_heads} and "
-                f"{num_kv_heads}. Check the checkpoint's config.json."
-            )
         bias = bool(getattr(hf, "attention_bias", False))
         family = {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
         family.update({k: v for k, v in FAMILIES[hf.model_type].items() if k != "hf_prefix"})
