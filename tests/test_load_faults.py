@@ -283,3 +283,54 @@ def test_finite_checkpoint_loads_without_a_non_finite_warning(bert, caplog):
     with caplog.at_level(logging.WARNING, logger="finetune"):
         finetune.load(bert, task="text-classification")
     assert "non-finite" not in caplog.text
+
+
+# Config options finetune refuses (README, "Config options finetune refuses"): (id, model_type, option values,
+# fragments). Each is refused at load, before any weights are read, naming the option and its value.
+TINY = {
+    "bert": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+    "gpt2": {"n_embd": 16, "n_layer": 1, "n_head": 2},
+    "llama": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+}
+REFUSED = [
+    ("bert-relative-positions", "bert", {"position_embedding_type": "relative_key"}, ["relative_key"]),
+    ("bert-is-decoder", "bert", {"is_decoder": True}, ["is_decoder=True"]),
+    ("bert-cross-attention", "bert", {"add_cross_attention": True}, ["add_cross_attention=True"]),
+    ("bert-unknown-activation", "bert", {"hidden_act": "gelu_fast"}, ["hidden_act='gelu_fast'"]),
+    ("gpt2-cross-attention", "gpt2", {"add_cross_attention": True}, ["add_cross_attention=True"]),
+    (
+        "llama-longrope",
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "short_factor": [1.0] * 4,
+                "long_factor": [1.0] * 4,
+            }
+        },
+        ["rope_type='longrope'"],
+    ),
+    (
+        "llama-partial-rotary",
+        "llama",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+        ["partial_rotary_factor=0.5"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("model_type", "options", "fragments"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_refused_config_option_is_a_load_error_naming_it(tmp_path, model_type, options, fragments):
+    import transformers
+
+    d = tmp_path / "model"
+    d.mkdir()
+    config = transformers.AutoConfig.for_model(model_type, **TINY[model_type]).to_dict()
+    (d / "config.json").write_text(json.dumps({**config, **options}))
+    before = snapshot(tmp_path)
+    with pytest.raises(LoadError) as e:
+        finetune.load(d)
+    for fragment in fragments:
+        assert fragment in str(e.value), f"{fragment!r} not in: {e.value}"
+    assert_unchanged(before, tmp_path)
