@@ -280,7 +280,8 @@ def from_config(
             f"`task` must be one of {', '.join(arch.tasks)} for {arch.name} models; received task={task!r}."
         )
     num_labels, id2label = resolve_labels(task, hf_config, num_labels, id2label)
-    registry.check_config(arch, hf_config, "the `config` passed to `from_config`", ConfigError)
+    fix = "Pass a config whose values satisfy this."
+    registry.check_config(arch, hf_config, "the `config` passed to `from_config`", ConfigError, fix)
     cfg = arch.config_from_hf(hf_config)
     kw = {"task": task, "num_labels": num_labels, "dtype": dtype, "param_dtype": param_dtype}
     module = arch.build(cfg, **kw, rngs=weights.build_rngs(seed))

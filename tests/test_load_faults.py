@@ -68,6 +68,11 @@ def _zero_byte_shard(d: Path) -> None:
     (d / "model-00001-of-00001.safetensors").write_bytes(b"")
 
 
+def _garbage_msgpack(d: Path) -> None:
+    (d / WEIGHTS).unlink()
+    (d / "flax_model.msgpack").write_bytes(b"\xc1 not msgpack")
+
+
 def _truncated_config(d: Path) -> None:
     _truncate(d / "config.json", 0.5)
 
@@ -145,6 +150,7 @@ CASES = [
     ("L02-zero-byte-safetensors", _zero_bytes, {}, ["`model.safetensors`", "(0 bytes)", "download it again"]),
     ("L02-truncated-safetensors", _truncated_weights, {}, ["`model.safetensors`", "truncated"]),
     ("L02-zero-byte-shard", _zero_byte_shard, {}, ["`model-00001-of-00001.safetensors`", "(0 bytes)"]),
+    ("L02-corrupt-msgpack", _garbage_msgpack, {}, ["`flax_model.msgpack`", "not a readable msgpack file"]),
     ("L03-truncated-config", _truncated_config, {}, ["`config.json`", "line ", "column ", "not valid JSON"]),
     ("L03-truncated-index", _truncated_index, {}, ["`model.safetensors.index.json`", "line ", "column "]),
     (
@@ -334,3 +340,25 @@ def test_refused_config_option_is_a_load_error_naming_it(tmp_path, model_type, o
     for fragment in fragments:
         assert fragment in str(e.value), f"{fragment!r} not in: {e.value}"
     assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "sizes", "fragments"),
+    [
+        ("bert", {"hidden_size": 16, "num_attention_heads": 3}, ["hidden_size=16", "num_attention_heads=3"]),
+        ("gpt2", {"n_embd": 16, "n_head": 3}, ["n_embd=16", "n_head=3"]),
+        ("llama", {"num_attention_heads": 4, "num_key_value_heads": 3}, ["num_key_value_heads=3"]),
+        ("vit", {"num_hidden_layers": -1}, ["num_hidden_layers=-1"]),
+    ],
+    ids=["L05-from-config-bert", "L05-from-config-gpt2", "L05-from-config-llama-groups", "L05-from-config-vit"],
+)
+def test_from_config_checks_the_same_structure_as_a_config_error(model_type, sizes, fragments):
+    import transformers
+
+    base = TINY.get(model_type, {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32})
+    config = transformers.AutoConfig.for_model(model_type, **{**base, **sizes})
+    with pytest.raises(finetune.ConfigError) as e:
+        finetune.from_config(config)
+    assert "`from_config`" in str(e.value)
+    for fragment in fragments:
+        assert fragment in str(e.value), f"{fragment!r} not in: {e.value}"

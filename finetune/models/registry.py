@@ -70,7 +70,12 @@ def _kind_problem(rules: ConfigRules, name: str, value: Any) -> str | None:
     return None
 
 
-def check_config(arch: Architecture, config: Any, where: str, error: type[Exception] = LoadError) -> None:
+CHECKPOINT_FIX = "Fix the config: it must hold the values the checkpoint was trained with."
+
+
+def check_config(
+    arch: Architecture, config: Any, where: str, error: type[Exception] = LoadError, fix: str = CHECKPOINT_FIX
+) -> None:
     """Checks ``config`` (a ``config.json`` mapping or a transformers config object) against ``arch.config_rules``.
 
     Args:
@@ -78,6 +83,7 @@ def check_config(arch: Architecture, config: Any, where: str, error: type[Except
       config: The raw ``config.json`` (a mapping: absent fields are skipped) or a `transformers.PretrainedConfig`.
       where: Where the config comes from, for the message (e.g. "`config.json` in ./model").
       error: The exception class to raise (`LoadError` for a checkpoint's config, `ConfigError` for an argument).
+      fix: The message's last sentence: how to fix it.
 
     Raises:
       error: Naming the first field that is not of its kind, or both fields of a divisibility that fails.
@@ -93,8 +99,7 @@ def check_config(arch: Architecture, config: Any, where: str, error: type[Except
         problem = None if value is _ABSENT else _kind_problem(rules, name, value)
         if problem:
             raise error(
-                f"`{name}` in {where} must be {problem}; received {name}={value!r} ({type(value).__name__}). Fix "
-                f"the config: it must hold the value the {arch.name} model was built with."
+                f"`{name}` in {where} must be {problem}; received {name}={value!r} ({type(value).__name__}). {fix}"
             )
     for name, divisor in rules.divides:
         value, by = get(name), (divisor if _is_int(divisor) else get(divisor))
@@ -105,7 +110,7 @@ def check_config(arch: Architecture, config: Any, where: str, error: type[Except
         raise error(
             f"`{name}` in {where} must be a multiple of {f'`{divisor}`' if named else by}; received {received} "
             f"({value} / {by} = {value / by:g}, not a whole number), so the {arch.name} modules cannot split it "
-            "evenly. Fix the config: it must hold the values the model was built with."
+            f"evenly. {fix}"
         )
 
 

@@ -74,6 +74,8 @@ CASES = [
     ("mistral", "MistralForCausalLM", "causal-lm", {"attention_bias": True, "mlp_bias": True}),
     ("qwen2", "Qwen2Model", "feature-extraction", {"attention_bias": True, "mlp_bias": True}),
     ("llama", "LlamaForCausalLM", "causal-lm", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
+    ("qwen2", "Qwen2ForCausalLM", "causal-lm", {"rope_parameters": YARN, "tie_word_embeddings": True}),
+    ("mistral", "MistralModel", "feature-extraction", {"rope_parameters": LLAMA3, "rms_norm_eps": 1e-3}),
 ]
 
 
