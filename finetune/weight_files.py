@@ -88,11 +88,15 @@ def _allowed_roots(directory: pathlib.Path) -> tuple[pathlib.Path, ...]:
 
 def _shard_path(directory: pathlib.Path, index: str, name: Any) -> pathlib.Path:
     """The shard ``name`` of an index: a relative path that stays inside the model directory, links included."""
+    if not isinstance(name, str) or not name:
+        raise LoadError(
+            f"The index `{index}` in {directory} names the shard {name!r}, which is not a file name. The index is "
+            "corrupt: download the checkpoint's index again."
+        )
     roots = _allowed_roots(directory)
-    path = directory / name if isinstance(name, str) else None
+    path = directory / name
     inside = (
-        path is not None
-        and not pathlib.PurePath(name).is_absolute()
+        not pathlib.PurePath(name).is_absolute()
         and ".." not in pathlib.PurePath(name).parts
         and any(path.resolve().is_relative_to(root) for root in roots)
     )
@@ -114,7 +118,11 @@ def _shards(directory: pathlib.Path, index: str) -> tuple[pathlib.Path, ...]:
             f"The index `{index}` in {directory} has no `weight_map` (a mapping of tensor names to shard files). "
             "The file is incomplete: download the checkpoint's index again."
         )
-    files = tuple(_shard_path(directory, index, name) for name in dict.fromkeys(weight_map.values()))
+    names: list[Any] = []  # the shards in order of first mention (values may be unhashable in a corrupt index)
+    for name in weight_map.values():
+        if name not in names:
+            names.append(name)
+    files = tuple(_shard_path(directory, index, name) for name in names)
     absent = [f.name for f in files if not f.is_file()]
     if absent:
         raise LoadError(

@@ -95,6 +95,13 @@ def _shard_absolute(d: Path) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def _shard_not_a_name(d: Path) -> None:
+    _sharded(d, "model-00001-of-00001.safetensors")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"] = dict.fromkeys(index["weight_map"], ["a"])
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def _shard_link_outside(d: Path) -> None:
     _sharded(d, "model-00001-of-00001.safetensors")
     outside = d.parent / "linked.safetensors"
@@ -185,6 +192,7 @@ CASES = [
     ),
     ("L08-shard-above-the-directory", _shard_outside, {}, ["'../outside/model-00001-of-00001.safetensors'", "inside"]),
     ("L08-shard-absolute-path", _shard_absolute, {}, ["elsewhere.safetensors", "outside the model directory"]),
+    ("L08-shard-not-a-file-name", _shard_not_a_name, {}, ["['a']", "not a file name"]),
     ("L08-shard-link-out", _shard_link_outside, {}, ["'model-00001-of-00001.safetensors'", "a link"]),
     (
         "L11c-pickle-with-objects",
