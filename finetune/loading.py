@@ -11,7 +11,6 @@ replacing the classifier is what fine-tuning for a new label set means.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -36,7 +35,8 @@ PROCESSOR_FILES = ("preprocessor_config.json",)
 
 
 def read_config(directory: pathlib.Path) -> Any:
-    """The checkpoint's `transformers` config; refuses custom-code configs and unsupported model types."""
+    """The checkpoint's `transformers` config; refuses custom-code configs, unsupported model types and configs
+    whose structure the architecture's modules cannot run (`registry.check_config`)."""
     path = directory / "config.json"
     if not path.is_file():
         contents = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
@@ -44,18 +44,33 @@ def read_config(directory: pathlib.Path) -> Any:
             f"No `config.json` in {directory}, so the architecture is unknown. The directory contains: {contents}. "
             "Point to a Hugging Face model directory (one written by `save_pretrained`)."
         )
-    raw = json.loads(path.read_text())
+    raw = weights.read_json(path)
+    if not isinstance(raw, dict):
+        raise LoadError(
+            f"`config.json` in {directory} holds a JSON {type(raw).__name__}, not an object of config fields. "
+            "Write or download the checkpoint's config.json again."
+        )
     if "auto_map" in raw:
         raise LoadError(
             f"The config in {directory} asks for custom modelling code (`auto_map`: {raw['auto_map']}), which "
             "finetune does not run (it never sets trust_remote_code). Pick a checkpoint of a supported architecture: "
             f"{', '.join(sorted(registry.REGISTRY))}."
         )
-    registry.get(raw.get("model_type", "<missing>"))  # a clear error listing the supported types
+    arch = registry.get(raw.get("model_type", "<missing>"))  # a clear error listing the supported types
+    where = f"`config.json` in {directory}"
+    registry.check_config(arch, raw, where)  # before transformers, whose own errors name no file
     with deferred():  # transformers' config modules import torch at module level; finetune never calls it
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        try:
+            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 -- transformers and huggingface_hub validate with their own types
+            raise LoadError(
+                f"transformers cannot read {where}: {type(e).__name__}: {e}. Fix the field it names (the values "
+                "must be those the model was built with), or download the config again."
+            ) from None
+    registry.check_config(arch, config, where)  # with transformers' defaults for the fields the file leaves out
+    return config
 
 
 def resolve_labels(
@@ -85,19 +100,43 @@ def resolve_labels(
     return num_labels, (config_labels if len(config_labels) == num_labels else None)
 
 
+def _check_json_files(directory: pathlib.Path, names: tuple[str, ...]) -> None:
+    """A JSON file among ``names`` that does not parse is a `LoadError` naming it, not a missing tokenizer later."""
+    for name in names:
+        if name.endswith(".json") and (directory / name).is_file():
+            weights.read_json(directory / name)
+
+
 def _auto(directory: pathlib.Path, names: tuple[str, ...], loader_name: str) -> Any:
     if not any((directory / name).is_file() for name in names):
         return None
+    _check_json_files(directory, (*names, "special_tokens_map.json", "added_tokens.json"))
     import transformers
 
     try:
         with deferred():
             return getattr(transformers, loader_name).from_pretrained(str(directory), trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 -- a broken or exotic tokenizer must not block loading the weights
+    except Exception as e:  # noqa: BLE001 -- an exotic tokenizer (a missing optional library) must not block loading
+        if (directory / "tokenizer.json").is_file() and loader_name == "AutoTokenizer":
+            _check_tokenizer_json(directory / "tokenizer.json")
         logger.warning(
             "Could not load the %s from %s (%s: %s); continuing without.", loader_name, directory, type(e).__name__, e
         )
         return None
+
+
+def _check_tokenizer_json(path: pathlib.Path) -> None:
+    """A `LoadError` naming ``tokenizer.json`` when it is valid JSON that the tokenizers library cannot read."""
+    import tokenizers
+
+    try:
+        tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 -- the Rust library raises a bare Exception
+        raise LoadError(
+            f"`{path.name}` in {path.parent} is not a tokenizer the tokenizers library can read: {e}. The file is "
+            "corrupt or was written by another program: download it again, or save the tokenizer again with "
+            "`tokenizer.save_pretrained`."
+        ) from None
 
 
 def default_rules(arch: registry.Architecture, module: nnx.Module, new_paths: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -243,6 +282,8 @@ def from_config(
             f"`task` must be one of {', '.join(arch.tasks)} for {arch.name} models; received task={task!r}."
         )
     num_labels, id2label = resolve_labels(task, hf_config, num_labels, id2label)
+    fix = "Pass a config whose values satisfy this."
+    registry.check_config(arch, hf_config, "the `config` passed to `from_config`", ConfigError, fix)
     cfg = arch.config_from_hf(hf_config)
     kw = {"task": task, "num_labels": num_labels, "dtype": dtype, "param_dtype": param_dtype}
     module = arch.build(cfg, **kw, rngs=weights.build_rngs(seed))

@@ -334,18 +334,38 @@ def _adapter_tensors(layers: Mapping[str, LoRALinear], table: Sequence[Any]) -> 
     return tensors, names
 
 
-def _saved_modules(module: nnx.Module, table: Sequence[Any], trainable: set[str]) -> tuple[dict, list[str]]:
-    """The tensors and names of the Hugging Face modules that own a trainable non-adapter parameter (a new head):
-    PEFT's ``modules_to_save``, stored whole."""
+# The module names PEFT itself adds to ``modules_to_save`` for these task types (``PeftModelForSequenceClassification``,
+# ``...ForTokenClassification``): it wraps them whether or not the adapter trained them, and reads their weights from
+# the adapter file, so those weights must be there (the pretrained ones when the head stayed frozen).
+PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
+def _wrapped(names: set[str], requested: set[str]) -> set[str]:
+    """The modules PEFT wraps for ``modules_to_save=requested``: every module name ending with one of them (PEFT
+    matches plain string suffixes, so ``classifier`` also wraps ``pre_classifier``), outermost only, since a
+    wrapper holds its submodules whole."""
+    matched = {n for n in names if any(n.endswith(r) for r in requested)}
+    return {n for n in matched if not any(n.startswith(f"{m}.") for m in matched)}
+
+
+def _saved_modules(
+    module: nnx.Module, table: Sequence[Any], trainable: set[str], task_type: str | None
+) -> tuple[dict, list[str]]:
+    """PEFT's ``modules_to_save``: the Hugging Face modules that own a trainable non-adapter parameter (a new or
+    trained head), and those PEFT adds by itself for the task type (`PEFT_HEADS`), as the outermost modules PEFT
+    wraps; with the tensors of everything under them, stored whole."""
     params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     keys = {p: _hf_key(table, p) for p in params if not isinstance(params[p], nnx.LoRAParam)}
     owners = {_module_name(keys[p][0]) for p in trainable if keys.get(p) is not None}
+    exported = {k[0]: k for k in keys.values() if k is not None}
+    names = {".".join(key.split(".")[:i]) for key in exported for i in range(1, key.count(".") + 1)}
+    wrapped = _wrapped(names, owners | set(PEFT_HEADS.get(task_type, ())))
     tensors = {}
-    for key, row, paths in {k[0]: k for k in keys.values() if k is not None}.values():
-        if _module_name(key) in owners:
+    for key, row, paths in exported.values():
+        if any(key.startswith(f"{m}.") for m in wrapped):
             arrays = [np.asarray(params[p].get_value()) for p in paths]
             tensors[f"base_model.model.{key}"] = np.ascontiguousarray(row.transform.inverse(arrays))
-    return tensors, sorted(owners)
+    return tensors, sorted(wrapped)
 
 
 def save_adapter(model: Any, directory: str | Path, *, trainable: set[str] | None = None) -> Path:
@@ -380,12 +400,13 @@ def save_adapter(model: Any, directory: str | Path, *, trainable: set[str] | Non
         trainable = {p for p in assignment.group_of if assignment.trainable(p)}
     table = model.architecture.table(model.architecture.config_from_hf(model.hf_config), model.task)
     tensors, names = _adapter_tensors(layers, table)
-    head, saved = _saved_modules(model.module, table, trainable)
+    task_type = PEFT_TASKS.get(model.task)
+    head, saved = _saved_modules(model.module, table, trainable, task_type)
     linears = [_hf_key(table, f"{p}/kernel") for p in _linears(model.module)]
     first = next(iter(layers.values()))
     config = {
         "peft_type": "LORA",
-        "task_type": PEFT_TASKS.get(model.task),
+        "task_type": task_type,
         "base_model_name_or_path": model.source,
         "r": first.rank,
         "lora_alpha": first.alpha,

@@ -8,28 +8,59 @@ array(s) and back.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import itertools
-import json
 import logging
-import os
-import pathlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import flax.serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
-import safetensors
 from flax import nnx
 
 from finetune import sharding as sharding_lib
 from finetune.errors import LoadError
 
+# The reading half lives in weight_files; re-exported (see __all__) since callers import it from here.
+from finetune.weight_files import (
+    FLAX_MSGPACK,
+    PICKLE,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    Checkpoint,
+    find_checkpoint,
+    open_checkpoint,
+    pickle_refused,
+    read_json,
+)
+
 logger = logging.getLogger("finetune")
+
+__all__ = [
+    "Checkpoint",
+    "FLAX_MSGPACK",
+    "IDENTITY",
+    "PICKLE",
+    "Reshape",
+    "Row",
+    "SAFETENSORS",
+    "SAFETENSORS_INDEX",
+    "Split",
+    "TRANSPOSE",
+    "Transform",
+    "Transpose",
+    "build_rngs",
+    "export_weights",
+    "find_checkpoint",
+    "load_weights",
+    "open_checkpoint",
+    "path_str",
+    "pickle_refused",
+    "read_json",
+    "render_key",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,147 +149,6 @@ class Row:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Finding and reading checkpoint files
-# --------------------------------------------------------------------------------------------------------------------
-
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-FLAX_MSGPACK = "flax_model.msgpack"
-PICKLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-# (file, format, whether it is an index of shards), in order of preference.
-_LAYOUTS = (
-    (SAFETENSORS, "safetensors", False),
-    (SAFETENSORS_INDEX, "safetensors", True),
-    (FLAX_MSGPACK, "msgpack", False),
-    (PICKLE, "pickle", False),
-    (PICKLE_INDEX, "pickle", True),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """The weight files of one checkpoint directory.
-
-    Attributes:
-      format: ``"safetensors"``, ``"msgpack"`` (Hugging Face Flax) or ``"pickle"`` (PyTorch ``.bin``).
-      files: The files to read, shards in order.
-    """
-
-    format: str
-    files: tuple[pathlib.Path, ...]
-
-
-def pickle_refused(name: str) -> LoadError:
-    """The error for a checkpoint that only has pickled PyTorch weights while ``allow_pickle`` is False."""
-    return LoadError(
-        f"`allow_pickle` is False, and the only weights in {name} are pickled PyTorch files (`{PICKLE}`). Unpickling "
-        "can execute arbitrary code. Pass allow_pickle=True if you trust this checkpoint, or convert it to "
-        "safetensors first (e.g. `transformers` `save_pretrained(..., safe_serialization=True)` or the "
-        "Hugging Face 'convert to safetensors' space)."
-    )
-
-
-def _shards(directory: pathlib.Path, index: str) -> tuple[pathlib.Path, ...]:
-    weight_map = json.loads((directory / index).read_text())["weight_map"]
-    files = tuple(directory / name for name in dict.fromkeys(weight_map.values()))
-    absent = [f.name for f in files if not f.is_file()]
-    if absent:
-        raise LoadError(
-            f"The index `{index}` in {directory} names shards that are not there: {', '.join(absent)}. "
-            "Download the complete checkpoint (all shards) and try again."
-        )
-    return files
-
-
-def find_checkpoint(directory: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
-    """Picks the weight files of a checkpoint directory: safetensors, else Flax msgpack, else (opt-in) pickle.
-
-    Args:
-      directory: A local checkpoint directory (Hugging Face layout).
-      allow_pickle: Whether ``pytorch_model.bin`` may be read (unpickling can execute code).
-
-    Returns:
-      The `Checkpoint` to pass to `load_weights`.
-
-    Example:
-      >>> find_checkpoint("./my-bert").format
-      'safetensors'
-    """
-    directory = pathlib.Path(directory)
-    for name, fmt, sharded in _LAYOUTS:
-        if (directory / name).is_file():
-            if fmt == "pickle" and not allow_pickle:
-                raise pickle_refused(str(directory))
-            return Checkpoint(fmt, _shards(directory, name) if sharded else (directory / name,))
-    contents = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-    raise LoadError(
-        f"No weights file in {directory}. Expected `{SAFETENSORS}`, `{SAFETENSORS_INDEX}` with its shards, "
-        f"`{FLAX_MSGPACK}` or (with allow_pickle=True) `{PICKLE}`. The directory contains: "
-        f"{', '.join(contents) or 'nothing'}. Point to a complete Hugging Face checkpoint directory."
-    )
-
-
-# Hugging Face Flax leaf names -> PyTorch names, and the layout change for kernels (dense: (in, out) -> (out, in);
-# conv: (h, w, in, out) -> (out, in, h, w)).
-_FLAX_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
-_FLAX_KERNEL_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1)}
-
-
-def _flax_to_torch(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flax_to_torch(value, f"{prefix}{name}."))
-            continue
-        value = np.asarray(value)
-        if name == "kernel" and value.ndim in _FLAX_KERNEL_AXES:
-            value = np.transpose(value, _FLAX_KERNEL_AXES[value.ndim])
-        out[prefix + _FLAX_LEAVES.get(name, name)] = value
-    return out
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-@contextlib.contextmanager
-def open_checkpoint(checkpoint: Checkpoint) -> Iterator[dict[str, Callable[[], np.ndarray]]]:
-    """Opens a checkpoint lazily: yields ``{key: read}``, where ``read()`` returns that one tensor as numpy.
-
-    Safetensors are memory-mapped and read one tensor at a time; msgpack files are read whole (the format has no
-    index); pickle files are memory-mapped by ``torch.load(mmap=True, weights_only=True)``.
-    """
-    with contextlib.ExitStack() as stack:
-        readers: dict[str, Callable[[], np.ndarray]] = {}
-        for file in checkpoint.files:
-            if checkpoint.format == "safetensors":
-                f = stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
-                readers.update({key: functools.partial(f.get_tensor, key) for key in f.keys()})  # noqa: SIM118
-            elif checkpoint.format == "msgpack":
-                tree = flax.serialization.msgpack_restore(file.read_bytes())
-                arrays = _flax_to_torch(tree["params"] if set(tree) == {"params"} else tree)
-                readers.update({key: functools.partial(arrays.pop, key) for key in arrays})
-            else:
-                try:
-                    import torch
-                except ImportError as e:
-                    raise LoadError(
-                        f"Reading `{file.name}` needs PyTorch, which is not installed. Run `pip install torch` "
-                        "(the CPU build is enough), or convert the checkpoint to safetensors."
-                    ) from e
-                tensors = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-                readers.update({key: functools.partial(_torch_to_numpy, t) for key, t in tensors.items()})
-        yield readers
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Loading: eval_shape -> fill one tensor at a time -> init only what is new -> merge
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -322,6 +212,7 @@ class _Fill:
         self.unused: list[str] = []
         self.mismatched: list[str] = []
         self.replaced: list[str] = []
+        self.non_finite: list[str] = []  # checkpoint keys holding NaN or inf (after the cast to the parameter dtype)
 
     def run(self, readers: Mapping[str, Callable[[], np.ndarray]], rows, ignored: Sequence[re.Pattern]) -> None:
         for key, read in readers.items():
@@ -347,6 +238,8 @@ class _Fill:
             self.wrong.add(path)
             return
         value = np.asarray(array, dtype=want.dtype)
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(value).all():
+            self.non_finite.append(f"{key} ({np.count_nonzero(~np.isfinite(value)):,} of {value.size:,} values)")
         if self.shardings:  # straight into its sharding: only this device's shard of it is copied to each device
             self.variables[path].set_value(sharding_lib.put(value, self.shardings[path]))
         else:
@@ -372,6 +265,13 @@ class _Fill:
             )
         for problem in self.replaced:
             logger.warning("Re-initialising a head parameter: %s.", problem)
+        if self.non_finite:
+            logger.warning(
+                "The checkpoint %s has non-finite values (NaN or inf) in %s. Predictions and gradients through them "
+                "will be NaN: use an intact copy of the checkpoint, or reinitialise those tensors.",
+                where,
+                ", ".join(self.non_finite),
+            )
         return tuple(new)
 
 

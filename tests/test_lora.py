@@ -137,6 +137,52 @@ def test_save_adapter_loads_in_peft_with_equal_logits_for_a_decoder(llama, tmp_p
     np.testing.assert_allclose(np.asarray(model(**BATCH))[keep], theirs[keep], atol=1e-5)
 
 
+ENCODER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+# family -> (transformers classifier class, its config, LoRA targets: the preset's attention ones for encoders)
+CLASSIFIERS = {
+    "bert": ("BertForSequenceClassification", lambda: tiny_bert_config(num_labels=2), None),
+    "roberta": (
+        "RobertaForSequenceClassification",
+        lambda: transformers.RobertaConfig(**ENCODER, vocab_size=256, num_labels=2),
+        None,
+    ),
+    "distilbert": (
+        "DistilBertForSequenceClassification",
+        lambda: transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=256),
+        None,
+    ),
+    "llama": (
+        "LlamaForSequenceClassification",
+        lambda: transformers.LlamaConfig(**{**DECODER, "pad_token_id": 0, "num_labels": 2}),
+        ".*(q_proj|v_proj)",
+    ),
+}
+
+
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+@pytest.mark.parametrize("family", sorted(CLASSIFIERS))
+def test_save_adapter_loads_in_peft_with_equal_logits_for_a_pretrained_head_trained_or_frozen(family, head, tmp_path):
+    """PEFT wraps a classifier's head itself (``classifier``/``score`` and every module whose name ends so) and reads
+    its weights from the adapter: they are saved whether the head trained or stayed frozen."""
+    peft = pytest.importorskip("peft")
+    cls_name, config, targets = CLASSIFIERS[family]
+    _, path = tiny_model(tmp_path / "base", cls_name, config(), jitter=0.02)
+    model = ft.load(path, task="text-classification", num_labels=2)
+    assert model.new_paths == ()
+    head_before = {k: v for k, v in _params(model).items() if k.startswith(("classifier", "pre_classifier", "score"))}
+    groups = {"head": {"trainable": True}} if head == "trained" else None
+    lora_options = {"rank": 4, "alpha": 8, **({"targets": targets} if targets else {})}
+    model.compile("lora", learning_rate=1e-2, lora=lora_options, groups=groups, log_every=1)
+    model.fit({**BATCH, "labels": np.array([0, 1, 0, 1])}, steps=3, batch_size=4, verbose=0)
+    head_after = {k: _params(model)[k] for k in head_before}
+    moved = any(not np.array_equal(head_before[k], head_after[k]) for k in head_before)
+    assert moved == (head == "trained")
+    out = model.save_adapter(tmp_path / "adapter")
+    base = getattr(transformers, cls_name).from_pretrained(path, num_labels=2)
+    theirs = torch_logits(peft.PeftModel.from_pretrained(base, out), **BATCH)
+    np.testing.assert_allclose(np.asarray(model(**BATCH)), theirs, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["bert", "llama"])
 def test_save_pretrained_merges_adapters_and_loads_in_transformers_without_changing_the_model(case, request, tmp_path):
     model = request.getfixturevalue(case)[1]

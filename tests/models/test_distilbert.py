@@ -19,6 +19,7 @@ CASES = [
     ("DistilBertForSequenceClassification", "text-classification", {"num_labels": 3}),
     ("DistilBertForSequenceClassification", "text-classification", {"num_labels": 1}),  # regression: one output
     ("DistilBertForTokenClassification", "token-classification", {"num_labels": 3}),
+    ("DistilBertModel", "feature-extraction", {"sinusoidal_pos_embds": True}),
 ]
 
 

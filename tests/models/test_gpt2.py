@@ -28,6 +28,8 @@ CASES = [
     ("GPT2ForSequenceClassification", "text-classification", {"num_labels": 3, "activation_function": "gelu"}),
     ("GPT2ForTokenClassification", "token-classification", {"num_labels": 5, "n_inner": 96}),
     ("GPT2Model", "feature-extraction", {}),
+    ("GPT2LMHeadModel", "causal-lm", {"scale_attn_weights": False, "reorder_and_upcast_attn": True}),
+    ("GPT2ForSequenceClassification", "text-classification", {"num_labels": 2, "layer_norm_epsilon": 1e-3}),
 ]
 
 

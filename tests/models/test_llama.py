@@ -63,6 +63,19 @@ CASES = [
     ("qwen3", "Qwen3ForSequenceClassification", "text-classification", {"head_dim": 8}),
     ("qwen3", "Qwen3ForTokenClassification", "token-classification", {"head_dim": 32}),
     ("qwen3", "Qwen3Model", "feature-extraction", {"head_dim": 16}),
+    ("qwen3", "Qwen3ForCausalLM", "causal-lm", {"attention_bias": True}),
+    (
+        "qwen2",
+        "Qwen2ForCausalLM",
+        "causal-lm",
+        {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+    ),
+    # transformers' Mistral and Qwen2 read no bias options: a config.json that has them still means no biases
+    ("mistral", "MistralForCausalLM", "causal-lm", {"attention_bias": True, "mlp_bias": True}),
+    ("qwen2", "Qwen2Model", "feature-extraction", {"attention_bias": True, "mlp_bias": True}),
+    ("llama", "LlamaForCausalLM", "causal-lm", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
+    ("qwen2", "Qwen2ForCausalLM", "causal-lm", {"rope_parameters": YARN, "tie_word_embeddings": True}),
+    ("mistral", "MistralModel", "feature-extraction", {"rope_parameters": LLAMA3, "rms_norm_eps": 1e-3}),
 ]
 
 
@@ -182,6 +195,32 @@ def test_rope_frequencies_match_transformers(params):
     actual, scale = rope.ROPE_FREQUENCIES[params["rope_type"]](rope.Rope.from_hf(config), 16)
     np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-6)
     assert scale == pytest.approx(expected_scale)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dynamic_rope_beyond_the_context_matches_transformers(tmp_path, family):
+    """Dynamic NTK scaling grows the rotary base once a batch reaches past ``max_position_embeddings`` (here 4)."""
+    params = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config = hf_config(family, max_position_embeddings=4, rope_parameters=params)
+    cls_name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    torch_model, path = tiny_model(tmp_path, cls_name, config, jitter=0.05)
+    model = finetune.load(path, task="causal-lm")
+    inputs = batch()  # 7 tokens, past the 4 positions
+    expected = reference(torch_model, inputs)
+    assert_close(model(**inputs), expected, atol=1e-5, mask=inputs["attention_mask"])
+    default = {**params, "rope_type": "default"}
+    plain = finetune.load(_with_rope(path, tmp_path / "plain", default), task="causal-lm")
+    assert not np.allclose(np.asarray(plain(**inputs)), expected, atol=1e-3)  # the scaling is what matches
+
+
+def _with_rope(path, target, params):
+    import json
+    import shutil
+
+    shutil.copytree(path, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "rope_parameters": params}))
+    return target
 
 
 def test_unsupported_rope_types_are_refused():

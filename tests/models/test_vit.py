@@ -20,6 +20,8 @@ CASES = [
     ("ViTForImageClassification", "image-classification", {"num_labels": 3}),
     ("DeiTModel", "feature-extraction", {}),
     ("DeiTForImageClassification", "image-classification", {"num_labels": 3}),
+    ("ViTForImageClassification", "image-classification", {"num_labels": 3, "qkv_bias": False}),
+    ("DeiTModel", "feature-extraction", {"qkv_bias": False, "layer_norm_eps": 1e-6}),
 ]
 
 
@@ -65,10 +67,15 @@ def test_deit_teacher_checkpoint_loads_its_backbone_under_a_new_classifier(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("cls_name", "task"), [("ViTModel", "feature-extraction"), ("ViTForImageClassification", "image-classification")]
+    ("cls_name", "task", "qkv_bias"),
+    [
+        ("ViTModel", "feature-extraction", True),
+        ("ViTForImageClassification", "image-classification", True),
+        ("ViTForImageClassification", "image-classification", False),
+    ],
 )
-def test_export_writes_back_the_checkpoint_keys_and_values(tmp_path, cls_name, task):
-    _, path = tiny_model(tmp_path, cls_name, tiny_config(num_labels=2))
+def test_export_writes_back_the_checkpoint_keys_and_values(tmp_path, cls_name, task, qkv_bias):
+    _, path = tiny_model(tmp_path, cls_name, tiny_config(num_labels=2, qkv_bias=qkv_bias))
     model = finetune.load(path, task=task)
     arch = model.architecture
     exported = export_weights(model.module, arch.table(arch.config_from_hf(model.hf_config), task))

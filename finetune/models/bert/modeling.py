@@ -61,6 +61,14 @@ class Config:
                 f"finetune's BERT supports absolute position embeddings only; the config has "
                 f"position_embedding_type={position!r}. Pick a checkpoint with absolute positions."
             )
+        if getattr(hf, "is_decoder", False) or getattr(hf, "add_cross_attention", False):
+            raise LoadError(
+                f"finetune's BERT-family models are bidirectional encoders; the config has is_decoder="
+                f"{getattr(hf, 'is_decoder', False)}, add_cross_attention={getattr(hf, 'add_cross_attention', False)} "
+                "(a causal decoder, with cross-attention when it is part of an encoder-decoder), which finetune does "
+                "not implement. Pick an encoder checkpoint (is_decoder false), or a decoder architecture such as "
+                "GPT-2 or Llama."
+            )
         if hf.hidden_act not in ACTIVATIONS:
             raise LoadError(
                 f"finetune's BERT does not implement hidden_act={hf.hidden_act!r}; supported: "
@@ -82,10 +90,13 @@ class Config:
         )
 
 
-def dense(n_in: int, n_out: int, names: tuple[str | None, str | None], *, dtype, param_dtype, rngs) -> Linear:
+def dense(
+    n_in: int, n_out: int, names: tuple[str | None, str | None], *, dtype, param_dtype, rngs, use_bias: bool = True
+) -> Linear:
     return Linear(
         n_in,
         n_out,
+        use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(0.02),
@@ -137,14 +148,16 @@ class Embeddings(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention; the padding mask hides keys. Attention-probability dropout only in training."""
+    """Multi-head self-attention; the padding mask hides keys. Attention-probability dropout only in training.
 
-    def __init__(self, cfg: Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    ``qkv_bias=False`` builds the query/key/value projections without biases (ViT's ``qkv_bias``)."""
+
+    def __init__(self, cfg: Any, *, dtype, param_dtype, rngs: nnx.Rngs, qkv_bias: bool = True):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         width, self.num_heads = cfg.hidden_size, cfg.num_heads
-        self.query = dense(width, width, ("embed", "heads"), **kw)
-        self.key = dense(width, width, ("embed", "heads"), **kw)
-        self.value = dense(width, width, ("embed", "heads"), **kw)
+        self.query = dense(width, width, ("embed", "heads"), **kw, use_bias=qkv_bias)
+        self.key = dense(width, width, ("embed", "heads"), **kw, use_bias=qkv_bias)
+        self.value = dense(width, width, ("embed", "heads"), **kw, use_bias=qkv_bias)
         self.output = dense(width, width, ("heads", "embed"), **kw)
         self.dropout = Dropout(cfg.attention_dropout, rngs=rngs)
 

@@ -2,7 +2,7 @@
 
 from finetune.models.distilbert import convert
 from finetune.models.distilbert.modeling import Config, DistilBert
-from finetune.models.registry import Architecture
+from finetune.models.registry import Architecture, ConfigRules
 
 _HF_CLASSES = {
     "feature-extraction": "DistilBertModel",
@@ -16,6 +16,13 @@ def build(config: Config, *, task: str, num_labels: int | None, dtype, param_dty
     return DistilBert(config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+CONFIG_RULES = ConfigRules(
+    sizes=("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings"),
+    rates=("dropout", "attention_dropout", "seq_classif_dropout", "qa_dropout"),
+    divides=(("dim", "n_heads"),),
+)
+
+
 ARCHITECTURE = Architecture(
     name="distilbert",
     tasks=tuple(_HF_CLASSES),
@@ -27,6 +34,7 @@ ARCHITECTURE = Architecture(
     layer=r"encoder/layers/(\d+)/.*",
     num_layers=lambda config: config.num_layers,
     hf_architecture=lambda config, task: _HF_CLASSES[task],
+    config_rules=CONFIG_RULES,
 )
 
 __all__ = ["ARCHITECTURE", "Config", "DistilBert"]

@@ -3,7 +3,7 @@
 from finetune.models.decoder import TASKS
 from finetune.models.gpt2 import convert
 from finetune.models.gpt2.modeling import GPT2, Config
-from finetune.models.registry import Architecture
+from finetune.models.registry import Architecture, ConfigRules
 
 _HF_CLASSES = {
     "causal-lm": "GPT2LMHeadModel",
@@ -18,6 +18,15 @@ def build(config: Config, *, task: str, num_labels: int | None, dtype, param_dty
     return GPT2(config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+CONFIG_RULES = ConfigRules(
+    sizes=("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+    optional_sizes=("n_inner",),
+    rates=("resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout"),
+    positive=("layer_norm_epsilon",),
+    divides=(("n_embd", "n_head"),),
+)
+
+
 ARCHITECTURE = Architecture(
     name="gpt2",
     tasks=TASKS,
@@ -29,6 +38,7 @@ ARCHITECTURE = Architecture(
     layer=r"layers/(\d+)/.*",
     num_layers=lambda config: config.num_layers,
     hf_architecture=lambda config, task: _HF_CLASSES[task],
+    config_rules=CONFIG_RULES,
 )
 
 __all__ = ["ARCHITECTURE", "GPT2", "Config"]

@@ -59,11 +59,6 @@ class Config:
                 f"finetune's GPT-2 does not implement activation_function={hf.activation_function!r}; supported: "
                 f"{', '.join(ACTIVATIONS)}. Pick a checkpoint that uses one of these."
             )
-        if hf.n_embd % hf.n_head:
-            raise LoadError(
-                f"`n_head` must divide `n_embd`; the config has n_embd={hf.n_embd}, n_head={hf.n_head}. Check the "
-                "checkpoint's config.json."
-            )
         dropout = [getattr(hf, name, None) for name in ("classifier_dropout", "hidden_dropout")]
         return cls(
             vocab_size=hf.vocab_size,

@@ -3,7 +3,7 @@
 from finetune.models.decoder import TASKS
 from finetune.models.llama import convert
 from finetune.models.llama.modeling import FAMILIES, Config, Llama
-from finetune.models.registry import Architecture
+from finetune.models.registry import Architecture, ConfigRules
 
 # task -> suffix of the transformers class name, after the family prefix (``Qwen2`` + ``ForCausalLM``).
 _HF_SUFFIXES = {
@@ -24,6 +24,17 @@ def hf_architecture(config: Config, task: str) -> str:
     return FAMILIES[config.model_type]["hf_prefix"] + _HF_SUFFIXES[task]
 
 
+# The width need not be a multiple of the heads: ``head_dim`` (default hidden_size // heads) sets the head size.
+CONFIG_RULES = ConfigRules(
+    sizes=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    + ("max_position_embeddings",),
+    optional_sizes=("num_key_value_heads", "head_dim", "sliding_window"),
+    rates=("attention_dropout",),
+    positive=("rms_norm_eps",),
+    divides=(("num_attention_heads", "num_key_value_heads"), ("head_dim", 2)),
+)
+
+
 ARCHITECTURE = Architecture(
     name="llama",
     tasks=TASKS,
@@ -35,6 +46,7 @@ ARCHITECTURE = Architecture(
     layer=r"layers/(\d+)/.*",
     num_layers=lambda config: config.num_layers,
     hf_architecture=hf_architecture,
+    config_rules=CONFIG_RULES,
 )
 
 __all__ = ["ARCHITECTURE", "Config", "Llama"]

@@ -34,11 +34,13 @@ Dtype = Any
 
 
 # model_type -> the transformers class-name prefix and the architectural choices its config does not spell out.
+# ``options``: the bias options its transformers class reads; the others it ignores (a Mistral config.json that
+# says ``attention_bias: true`` still has no biases), and so does finetune.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"hf_prefix": "Llama"},
-    "mistral": {"hf_prefix": "Mistral"},
-    "qwen2": {"hf_prefix": "Qwen2", "qkv_bias": True, "o_bias": False},
-    "qwen3": {"hf_prefix": "Qwen3", "qk_norm": True},
+    "llama": {"hf_prefix": "Llama", "options": ("attention_bias", "mlp_bias")},
+    "mistral": {"hf_prefix": "Mistral", "options": ()},
+    "qwen2": {"hf_prefix": "Qwen2", "qkv_bias": True, "o_bias": False, "options": ()},
+    "qwen3": {"hf_prefix": "Qwen3", "qk_norm": True, "options": ("attention_bias",)},
 }
 
 
@@ -91,14 +93,14 @@ class Config:
             )
         num_heads = hf.num_attention_heads
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
-        if num_heads % num_kv_heads:
-            raise LoadError(
-                f"`num_attention_heads` must be a multiple of `num_key_value_heads`; the config has {num_heads} and "
-                f"{num_kv_heads}. Check the checkpoint's config.json."
-            )
-        bias = bool(getattr(hf, "attention_bias", False))
+        options = FAMILIES[hf.model_type]["options"]
+
+        def option(name: str) -> bool:
+            return name in options and bool(getattr(hf, name, False))
+
+        bias = option("attention_bias")
         family = {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
-        family.update({k: v for k, v in FAMILIES[hf.model_type].items() if k != "hf_prefix"})
+        family.update({k: v for k, v in FAMILIES[hf.model_type].items() if k not in ("hf_prefix", "options")})
         dropout = [getattr(hf, name, None) for name in ("classifier_dropout", "hidden_dropout")]
         return cls(
             model_type=hf.model_type,
@@ -113,7 +115,7 @@ class Config:
             rms_norm_eps=hf.rms_norm_eps,
             rope=Rope.from_hf(hf),
             max_position_embeddings=hf.max_position_embeddings,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            mlp_bias=option("mlp_bias"),
             sliding_windows=sliding_windows(hf),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             pad_token_id=getattr(hf, "pad_token_id", None),

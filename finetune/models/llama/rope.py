@@ -23,8 +23,9 @@ class Rope:
     """Rotary-embedding settings, from transformers' ``rope_parameters`` (``rope_scaling`` in older configs).
 
     Attributes:
-      rope_type: ``default``, ``linear``, ``dynamic``, ``llama3`` or ``yarn``. ``dynamic`` NTK scaling only changes
-        the frequencies beyond ``max_position_embeddings``, so up to that length it is computed as ``default``.
+      rope_type: ``default``, ``linear``, ``dynamic``, ``llama3`` or ``yarn``. ``dynamic`` NTK scaling changes the
+        base only when a batch reaches beyond ``max_position_embeddings`` (`rope_tables`), so up to that length it
+        is ``default``.
       theta: The base wavelength.
       factor: Context-extension factor (``linear``, ``llama3``, ``yarn``).
       low_freq_factor: ``llama3`` only.
@@ -36,6 +37,7 @@ class Rope:
       mscale: ``yarn`` only.
       mscale_all_dim: ``yarn`` only.
       truncate: ``yarn`` only: round the correction range to whole dimensions.
+      max_positions: The config's ``max_position_embeddings`` (``dynamic``: the length beyond which it scales).
     """
 
     rope_type: str = "default"
@@ -50,6 +52,7 @@ class Rope:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    max_positions: int = 2048
 
     @classmethod
     def from_hf(cls, hf: Any) -> Rope:
@@ -85,6 +88,7 @@ class Rope:
             mscale=params.get("mscale"),
             mscale_all_dim=params.get("mscale_all_dim"),
             truncate=bool(params.get("truncate", True)),
+            max_positions=int(max_positions),
         )
 
 
@@ -152,10 +156,24 @@ ROPE_FREQUENCIES = {
 }
 
 
+def _dynamic_ntk(rope: Rope, dim: int, position_ids: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Dynamic NTK scaling: past ``max_positions`` the base grows with the batch's length (its largest position + 1),
+    as transformers computes it for a model that has seen no longer batch (its cache of the grown base is state
+    kept between calls, which finetune's modules do not keep)."""
+    seq_len = (jnp.max(position_ids) + 1).astype(jnp.float32)
+    grown = rope.factor * seq_len / rope.max_positions - (rope.factor - 1)
+    base = rope.theta * jnp.maximum(grown, 1.0) ** (dim / (dim - 2))
+    scaled = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    return jnp.where(seq_len > rope.max_positions, scaled, inv_freq)
+
+
 def rope_tables(rope: Rope, head_dim: int, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(cos, sin)`` of shape ``[B or 1, T, head_dim]`` in float32 for integer ``position_ids`` ``[B or 1, T]``."""
     inv_freq, scale = ROPE_FREQUENCIES[rope.rope_type](rope, head_dim)
-    freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if rope.rope_type == "dynamic":
+        inv_freq = _dynamic_ntk(rope, head_dim, position_ids, inv_freq)
+    freqs = position_ids[..., None].astype(jnp.float32) * inv_freq
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 

@@ -1,6 +1,7 @@
 """RoBERTa and XLM-RoBERTa (``model_type`` ``roberta``, ``xlm-roberta``): feature extraction, sequence and token
 classification."""
 
+from finetune.models.bert import CONFIG_RULES
 from finetune.models.registry import Architecture
 from finetune.models.roberta import convert
 from finetune.models.roberta.modeling import Config, Roberta
@@ -34,6 +35,7 @@ ARCHITECTURE = Architecture(
     layer=r"encoder/layers/(\d+)/.*",
     num_layers=lambda config: config.num_layers,
     hf_architecture=hf_architecture,
+    config_rules=CONFIG_RULES,
 )
 
 __all__ = ["ARCHITECTURE", "Config", "Roberta"]

@@ -5,7 +5,7 @@ checkpoints (the classifier reads the class token). ``DeiTForImageClassification
 built: such a checkpoint loads its backbone, and image-classification starts a fresh classifier.
 """
 
-from finetune.models.registry import Architecture
+from finetune.models.registry import Architecture, ConfigRules
 from finetune.models.vit import convert
 from finetune.models.vit.modeling import Config, ViT
 
@@ -24,6 +24,15 @@ def hf_architecture(config: Config, task: str) -> str:
     return family + _TASK_CLASSES[task]
 
 
+CONFIG_RULES = ConfigRules(
+    sizes=("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"),
+    pairs=("image_size", "patch_size"),
+    rates=("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    positive=("layer_norm_eps",),
+    divides=(("hidden_size", "num_attention_heads"),),
+)
+
+
 ARCHITECTURE = Architecture(
     name="vit",
     tasks=tuple(_TASK_CLASSES),
@@ -35,6 +44,7 @@ ARCHITECTURE = Architecture(
     layer=r"encoder/layers/(\d+)/.*",
     num_layers=lambda config: config.num_layers,
     hf_architecture=hf_architecture,
+    config_rules=CONFIG_RULES,
 )
 
 __all__ = ["ARCHITECTURE", "Config", "ViT"]

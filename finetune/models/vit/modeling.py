@@ -44,6 +44,7 @@ class Config:
       attention_dropout: Dropout rate on attention probabilities.
       num_prefix_tokens: Tokens before the patches: 1 (class) for ViT, 2 (class + distillation) for DeiT.
       model_type: ``"vit"`` or ``"deit"``; also the checkpoint key prefix (``vit.``, ``deit.``).
+      qkv_bias: Whether the query/key/value projections have biases.
     """
 
     hidden_size: int = 768
@@ -59,6 +60,7 @@ class Config:
     attention_dropout: float = 0.0
     num_prefix_tokens: int = 1
     model_type: str = "vit"
+    qkv_bias: bool = True
 
     @property
     def num_patches(self) -> int:
@@ -68,11 +70,6 @@ class Config:
     @classmethod
     def from_hf(cls, hf_config: Any) -> Config:
         """Reads a ``transformers.ViTConfig`` (or ``DeiTConfig``); refuses settings these modules do not implement."""
-        if not getattr(hf_config, "qkv_bias", True):
-            raise LoadError(
-                "finetune's ViT supports query/key/value projections with biases only; the config has "
-                "qkv_bias=False. Pick a checkpoint with qkv_bias=True."
-            )
         if hf_config.hidden_act not in ACTIVATIONS:
             raise LoadError(
                 f"finetune's ViT does not implement hidden_act={hf_config.hidden_act!r}; supported: "
@@ -92,6 +89,7 @@ class Config:
             attention_dropout=hf_config.attention_probs_dropout_prob,
             num_prefix_tokens=2 if hf_config.model_type == "deit" else 1,
             model_type=hf_config.model_type,
+            qkv_bias=bool(getattr(hf_config, "qkv_bias", True)),
         )
 
 
@@ -172,7 +170,7 @@ class Layer(nnx.Module):
     def __init__(self, config: Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.layernorm_before = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-        self.attention = Attention(config, **kw)
+        self.attention = Attention(config, **kw, qkv_bias=config.qkv_bias)
         self.layernorm_after = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
         self.mlp = MLP(config, **kw)
         self.dropout = Dropout(config.hidden_dropout, rngs=rngs)
