@@ -68,8 +68,8 @@ class Metric:
 
     def result(self, acc: Mapping[str, Any]) -> float:
         acc = {k: np.asarray(v, np.float64) for k, v in acc.items()}
-        if self.kind != "counts":
-            mean = float(acc["sum"] / max(acc["count"], 1e-12))
+        if self.kind != "counts":  # a mean over no example (every step skipped) is NaN, never 0
+            mean = float(acc["sum"] / acc["count"]) if acc["count"] > 0 else float("nan")
             return float(np.exp(mean)) if self.kind == "perplexity" else mean
         tp, pred, true = acc["tp"], acc["pred"], acc["true"]
         if self.average == "micro":
@@ -81,7 +81,7 @@ class Metric:
         if value is None:
             denom = precision + recall
             value = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-        return float(value[present].mean()) if present.any() else 0.0
+        return float(value[present].mean()) if present.any() else float("nan")
 
 
 _BY_NAME = {

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -231,6 +232,7 @@ class Trainer:
         first_epoch, start, done = run.epoch, 0, 0
         if run.resume_meta is not None:
             first_epoch, start, done = self._restore(run)
+        run.skipped_seen = self._skipped_so_far()  # this phase's optimizer counts from here (a resumed one, on)
         if run.verbose:
             print(self.model.summary(recipe=self.recipe, trainer=self, printed=False))
         bar = tqdm(total=micro_total, initial=done, disable=run.verbose == 0, unit="step", dynamic_ncols=True)
@@ -239,7 +241,7 @@ class Trainer:
             for epoch in range(first_epoch, run.epoch + epochs):
                 for cb in run.callbacks:
                     cb.on_epoch_begin(epoch)
-                epoch_acc = self.program.zero_metrics()
+                epoch_acc, run.epoch_skipped, run.epoch_first = self.program.zero_metrics(), 0, run.step + 1
                 batches = run.source.batches(
                     run.batch_size,
                     seed=self.recipe.seed,
@@ -281,7 +283,9 @@ class Trainer:
                 if done > run.last[0]:
                     self._start_log(run, done)
                     epoch_acc = self._flush(run, epoch_acc, bar)
-                logs = metrics_lib.results(self.program.metrics, epoch_acc)
+                logs = {**metrics_lib.results(self.program.metrics, epoch_acc), "skipped_steps": run.epoch_skipped}
+                if (run.epoch_first, run.step) != run.warned:  # not when the epoch was one interval, already named
+                    _warn_skipped(f"Epoch {epoch + 1}", run.epoch_skipped, run.epoch_first, run.step)
                 if run.validation_data is not None:
                     logs.update(self.evaluate(run.validation_data, batch_size=run.batch_size, prefix="val_"))
                 run.history.add_epoch(epoch, logs)
@@ -385,20 +389,21 @@ class Trainer:
         acc, (consecutive, total), lrs = self.program.finish_read(flat)
         epoch_acc = jax.tree.map(lambda a, b: np.asarray(a) + b, epoch_acc, acc)
         if int(consecutive) >= self.recipe.max_nonfinite:
-            raise NonFiniteError(
-                f"Training stopped at step {step}: {int(consecutive)} consecutive steps had a non-finite loss or "
-                f"gradients (limit `max_nonfinite`={self.recipe.max_nonfinite}); they were skipped and the parameters "
-                "are those of the last finite step. Lower the learning rate, clip harder (preset 'stable'), or check "
-                "the data for NaN/inf."
-            )
+            raise NonFiniteError(self._nonfinite_message(step, int(consecutive)))
+        skipped, run.skipped_seen = int(total) - run.skipped_seen, int(total)
+        run.epoch_skipped += skipped
+        first = global_step - (step - run.last[0]) + 1  # the interval's first step
+        if _warn_skipped("The log interval", skipped, first, global_step):
+            run.warned = (first, global_step)
         logs = metrics_lib.results(self.program.metrics, acc)
         logs.update({f"lr/{g}": float(v) for g, v in lrs.items()})
         now = time.perf_counter()
         logs["examples_per_s"] = (step - run.last[0]) * run.batch_size / max(now - run.last[1], 1e-9)
-        logs["skipped"] = int(total)
+        logs["skipped"], logs["skipped_steps"] = int(total), skipped  # so far in this phase; in this interval
         run.history.add_step(global_step, logs)
         bar.update(step - bar.n)
-        shown = {k: v for k, v in logs.items() if not k.startswith("lr/") and k not in ("skipped", "examples_per_s")}
+        hidden = ("skipped", "examples_per_s") + (("skipped_steps",) if not skipped else ())
+        shown = {k: v for k, v in logs.items() if not k.startswith("lr/") and k not in hidden}
         lrs = {k[3:]: v for k, v in logs.items() if k.startswith("lr/")}
         if lrs:  # one LR when the groups share it, else each group's
             shown.update(
@@ -413,6 +418,39 @@ class Trainer:
             self._choose_chunk(run, (now - run.last[1]) / max(step - run.last[0], 1))
         run.last = (step, now)
         return epoch_acc
+
+    def _skipped_so_far(self) -> int:
+        """The optimizer's count of skipped (non-finite) steps, read from the device."""
+        total = optim.nonfinite_counts(self.state["opt"])[1]
+        return int(np.asarray(total.addressable_data(0)))
+
+    def _nonfinite_message(self, step: int, consecutive: int) -> str:
+        """What stopped training, and what is true of the parameters now (read from the device: a step may apply a
+        finite gradient with a non-finite update, e.g. a NaN learning rate, before the losses turn non-finite)."""
+        finite = jax.jit(lambda p: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), p))(self.state["params"])
+        bad = sorted(path for path, ok in flatten(finite).items() if not bool(np.asarray(ok.addressable_data(0))))
+        now = int(np.asarray(optim.nonfinite_counts(self.state["opt"])[0].addressable_data(0)))
+        applied = self._run.step - now  # steps skipped since leave the parameters as they were
+        stopped = (
+            f"Training stopped at step {step}: {consecutive} consecutive steps had a non-finite loss or gradients "
+            f"(limit `max_nonfinite`={self.recipe.max_nonfinite}), and were skipped."
+        )
+        after = f"after step {applied}, the last step applied" if applied else "the initial ones (no step was applied)"
+        if not bad:
+            return (
+                f"{stopped} The parameters are finite: they are those {after}. Typical causes: NaN/inf in the data "
+                "or labels, a `learning_rate` too high for the model (or a group's `lr_mult`), too little clipping "
+                "(`clip_norm`), or `precision`='bfloat16' overflowing. Check the data, lower the learning rate or "
+                "clip harder (preset 'stable')."
+            )
+        count = len(flatten(finite))
+        return (
+            f"{stopped} The parameters are NOT finite: {len(bad)} of {count} tensors hold NaN or inf (e.g. "
+            f"{', '.join(bad[:3])}), and have since step {applied} or earlier (the last step applied; the steps since "
+            "were skipped). A finite gradient gave a non-finite update: typically a non-finite or huge "
+            "`learning_rate`, `weight_decay`, a group's `lr_mult` or an `optimizer_options` value. Do not use these "
+            "parameters: fix the recipe and train again (or resume from a checkpoint written before that step)."
+        )
 
     def _prefetch(self, batches: Any) -> Any:
         """Batches for the steps; with a mesh, put on device split over its data axis (each process its own rows).
@@ -525,6 +563,10 @@ class _Run:
     chunk: int = 1  # steps per call of the compiled program
     chunk_decided: bool = False
     packed: bool = False  # whether this run packs its training batches (`Trainer._packs`)
+    skipped_seen: int = 0  # the optimizer's count of skipped steps at the last log read
+    epoch_skipped: int = 0  # steps skipped in the current epoch
+    epoch_first: int = 1  # the current epoch's first step
+    warned: tuple = ()  # the steps of the last interval warned about as all skipped
     pending: Any = None  # a log interval being read: ((flat values, zeroed sums), step in phase, global step)
     interrupts: signals.Interrupts = dataclasses.field(default_factory=signals.Interrupts)
 
@@ -571,6 +613,27 @@ def _resume_meta(run: _Run) -> dict | None:
             )
     step = run.checkpointer.latest()
     return None if step is None else read_meta(run.checkpointer.directory, step)
+
+
+def _warn_skipped(what: str, skipped: int, first: int, last: int) -> bool:
+    """Warns when every step of ``first..last`` (an interval or an epoch) was skipped: its metrics are NaN. Returns
+    whether it warned."""
+    steps = last - first + 1
+    if not skipped or skipped < steps:
+        return False
+    span, every, verb = (
+        (f"step {last}", "its one step", "was")
+        if steps == 1
+        else (f"steps {first}-{last}", f"all {steps} steps", "were")
+    )
+    warnings.warn(
+        f"{what} of {span}: {every} had a non-finite loss or gradients and {verb} skipped, so its loss and metrics "
+        "are NaN (nothing was measured) and the parameters did not change. Check the data for NaN/inf, lower the "
+        "learning rate or clip harder.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def _record_problem_type(model: Any, family: str) -> None:
