@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,11 +20,11 @@ from finetune import _xla, lora, optim
 from finetune import data as data_lib
 from finetune import sharding as sharding_lib
 from finetune.checkpoint import Checkpointer, fingerprint, read_meta
-from finetune.errors import ConfigError, LoadError, NonFiniteError
+from finetune.errors import ConfigError, LoadError
 from finetune.recipe import Recipe
 from finetune.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.training import metrics as metrics_lib
-from finetune.training import signals
+from finetune.training import nonfinite, signals
 from finetune.training.callbacks import Callback
 from finetune.training.history import History
 from finetune.training.step import Program, split
@@ -232,7 +231,8 @@ class Trainer:
         first_epoch, start, done = run.epoch, 0, 0
         if run.resume_meta is not None:
             first_epoch, start, done = self._restore(run)
-        run.skipped_seen = self._skipped_so_far()  # this phase's optimizer counts from here (a resumed one, on)
+        # The optimizer counts skipped steps from here (a resumed one, from its checkpoint's count).
+        run.skipped_seen = nonfinite.skipped_so_far(self.state["opt"])
         if run.verbose:
             print(self.model.summary(recipe=self.recipe, trainer=self, printed=False))
         bar = tqdm(total=micro_total, initial=done, disable=run.verbose == 0, unit="step", dynamic_ncols=True)
@@ -285,7 +285,7 @@ class Trainer:
                     epoch_acc = self._flush(run, epoch_acc, bar)
                 logs = {**metrics_lib.results(self.program.metrics, epoch_acc), "skipped_steps": run.epoch_skipped}
                 if (run.epoch_first, run.step) != run.warned:  # not when the epoch was one interval, already named
-                    _warn_skipped(f"Epoch {epoch + 1}", run.epoch_skipped, run.epoch_first, run.step)
+                    nonfinite.warn_all_skipped(f"Epoch {epoch + 1}", run.epoch_skipped, run.epoch_first, run.step)
                 if run.validation_data is not None:
                     logs.update(self.evaluate(run.validation_data, batch_size=run.batch_size, prefix="val_"))
                 run.history.add_epoch(epoch, logs)
@@ -389,11 +389,14 @@ class Trainer:
         acc, (consecutive, total), lrs = self.program.finish_read(flat)
         epoch_acc = jax.tree.map(lambda a, b: np.asarray(a) + b, epoch_acc, acc)
         if int(consecutive) >= self.recipe.max_nonfinite:
-            raise NonFiniteError(self._nonfinite_message(step, int(consecutive)))
+            limit = self.recipe.max_nonfinite
+            raise nonfinite.error(
+                self.state, step=step, consecutive=int(consecutive), limit=limit, global_step=run.step
+            )
         skipped, run.skipped_seen = int(total) - run.skipped_seen, int(total)
         run.epoch_skipped += skipped
         first = global_step - (step - run.last[0]) + 1  # the interval's first step
-        if _warn_skipped("The log interval", skipped, first, global_step):
+        if nonfinite.warn_all_skipped("The log interval", skipped, first, global_step):
             run.warned = (first, global_step)
         logs = metrics_lib.results(self.program.metrics, acc)
         logs.update({f"lr/{g}": float(v) for g, v in lrs.items()})
@@ -418,39 +421,6 @@ class Trainer:
             self._choose_chunk(run, (now - run.last[1]) / max(step - run.last[0], 1))
         run.last = (step, now)
         return epoch_acc
-
-    def _skipped_so_far(self) -> int:
-        """The optimizer's count of skipped (non-finite) steps, read from the device."""
-        total = optim.nonfinite_counts(self.state["opt"])[1]
-        return int(np.asarray(total.addressable_data(0)))
-
-    def _nonfinite_message(self, step: int, consecutive: int) -> str:
-        """What stopped training, and what is true of the parameters now (read from the device: a step may apply a
-        finite gradient with a non-finite update, e.g. a NaN learning rate, before the losses turn non-finite)."""
-        finite = jax.jit(lambda p: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), p))(self.state["params"])
-        bad = sorted(path for path, ok in flatten(finite).items() if not bool(np.asarray(ok.addressable_data(0))))
-        now = int(np.asarray(optim.nonfinite_counts(self.state["opt"])[0].addressable_data(0)))
-        applied = self._run.step - now  # steps skipped since leave the parameters as they were
-        stopped = (
-            f"Training stopped at step {step}: {consecutive} consecutive steps had a non-finite loss or gradients "
-            f"(limit `max_nonfinite`={self.recipe.max_nonfinite}), and were skipped."
-        )
-        after = f"after step {applied}, the last step applied" if applied else "the initial ones (no step was applied)"
-        if not bad:
-            return (
-                f"{stopped} The parameters are finite: they are those {after}. Typical causes: NaN/inf in the data "
-                "or labels, a `learning_rate` too high for the model (or a group's `lr_mult`), too little clipping "
-                "(`clip_norm`), or `precision`='bfloat16' overflowing. Check the data, lower the learning rate or "
-                "clip harder (preset 'stable')."
-            )
-        count = len(flatten(finite))
-        return (
-            f"{stopped} The parameters are NOT finite: {len(bad)} of {count} tensors hold NaN or inf (e.g. "
-            f"{', '.join(bad[:3])}), and have since step {applied} or earlier (the last step applied; the steps since "
-            "were skipped). A finite gradient gave a non-finite update: typically a non-finite or huge "
-            "`learning_rate`, `weight_decay`, a group's `lr_mult` or an `optimizer_options` value. Do not use these "
-            "parameters: fix the recipe and train again (or resume from a checkpoint written before that step)."
-        )
 
     def _prefetch(self, batches: Any) -> Any:
         """Batches for the steps; with a mesh, put on device split over its data axis (each process its own rows).
@@ -613,27 +583,6 @@ def _resume_meta(run: _Run) -> dict | None:
             )
     step = run.checkpointer.latest()
     return None if step is None else read_meta(run.checkpointer.directory, step)
-
-
-def _warn_skipped(what: str, skipped: int, first: int, last: int) -> bool:
-    """Warns when every step of ``first..last`` (an interval or an epoch) was skipped: its metrics are NaN. Returns
-    whether it warned."""
-    steps = last - first + 1
-    if not skipped or skipped < steps:
-        return False
-    span, every, verb = (
-        (f"step {last}", "its one step", "was")
-        if steps == 1
-        else (f"steps {first}-{last}", f"all {steps} steps", "were")
-    )
-    warnings.warn(
-        f"{what} of {span}: {every} had a non-finite loss or gradients and {verb} skipped, so its loss and metrics "
-        "are NaN (nothing was measured) and the parameters did not change. Check the data for NaN/inf, lower the "
-        "learning rate or clip harder.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    return True
 
 
 def _record_problem_type(model: Any, family: str) -> None:
