@@ -78,22 +78,30 @@ def check_token(token: object, *, name: str = "token", allow_bool: bool = False)
     return token
 
 
-def write_token(token: object) -> str:
-    """The token to write with: ``token`` if given, else huggingface_hub's usual sources (``HF_TOKEN``, the stored
-    login), each checked with `check_token`; a `HubError` when there is none. No request is made."""
+def ambient_token() -> str | None:
+    """The token huggingface_hub sends when none is given (``HF_TOKEN``, the stored login), checked with
+    `check_token` under the name of its source; None when there is none."""
     import huggingface_hub
 
-    given = check_token(token)
-    if given is not None:
-        return given
     found = huggingface_hub.get_token()
+    if not found:
+        return None
+    env = next((n for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if os.environ.get(n)), None)
+    return check_token(found, name=env or "the stored login (`hf auth login`)")
+
+
+def write_token(token: object) -> str:
+    """The token to write with: ``token`` if given, else `ambient_token`, each checked with `check_token`; a
+    `HubError` when there is none. No request is made."""
+    found = check_token(token)
+    if found is None:
+        found = ambient_token()
     if not found:
         raise HubError(
             "Pushing to the Hub needs a write token, and none was found (`token` is None, HF_TOKEN is unset and "
             "no login is stored). Pass token='hf_...', set HF_TOKEN, or run `hf auth login`."
         )
-    env = next((n for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if os.environ.get(n)), None)
-    return check_token(found, name=env or "the stored login (`hf auth login`)")
+    return found
 
 
 def _weight_patterns(files: list[str] | None, *, allow_pickle: bool) -> list[str]:
@@ -171,6 +179,8 @@ def resolve(
     name = os.fspath(name_or_path)
     repo_id = _repo_id(name)
     with scrub.guard(token):
+        if token is None or token is True:  # huggingface_hub will send its own token: checked first too
+            ambient_token()
         return _download(repo_id, name, revision=revision, token=token, allow_pickle=allow_pickle)
 
 

@@ -302,6 +302,8 @@ class PushToHub(Callback):
 
     # ------------------------------------------------------------------ hooks (training thread: cheap only)
     def on_train_begin(self, logs=None):
+        with scrub.guard(self.options["token"]):
+            write_token(self.options["token"])  # a missing or malformed token stops fit now, not after an epoch
         if self.strategy == "checkpoint" and self._checkpoint_dir() is None:
             raise ConfigError(
                 "PushToHub(strategy='checkpoint') uploads the latest checkpoint, but fit has no `checkpoint_dir`. "

@@ -98,25 +98,34 @@ def leaks(text: str) -> bool:
     return any(form in text for form in _forms)
 
 
+def _repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001 -- an object whose repr fails holds nothing we could show
+        return ""
+
+
 def _scrub_value(value: Any) -> Any:
+    """``value`` with every registered token masked: strings and bytes, inside tuples, lists and dicts; an exception
+    in place; any other object whose repr holds a token becomes the mask. Unchanged values are returned as they are."""
     if isinstance(value, str):
         return scrub(value)
+    if isinstance(value, BaseException):
+        return value  # scrubbed as a member of the chain (`_chain`)
+    if value is None or isinstance(value, (int, float)) or not leaks(_repr(value)):
+        return value
     if isinstance(value, bytes):
-        return scrub(value.decode("utf-8", "backslashreplace")).encode() if leaks(repr(value)) else value
+        return scrub(value.decode("utf-8", "backslashreplace")).encode()
     if type(value) in (tuple, list):
         return type(value)(_scrub_value(v) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:
         return {_scrub_value(k): _scrub_value(v) for k, v in value.items()}
-    if isinstance(value, BaseException):
-        scrub_exception(value)
-        return value
-    if value is not None and not isinstance(value, (int, float, bool)) and leaks(repr(value)):
-        return MASK  # an object whose repr holds a token (a request, a header mapping)
-    return value
+    return MASK  # an object whose repr holds a token (a request, a header mapping)
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and every exception linked to it (cause, context, the members of a group), each once."""
+    """``error`` and every exception linked to it (cause, context, the members of a group, exceptions held in args or
+    attributes), each once."""
     seen, todo = set(), [error]
     while todo:
         e = todo.pop()
@@ -124,8 +133,8 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(e))
         yield e
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-        todo.extend(getattr(e, "exceptions", ()) if isinstance(e, BaseExceptionGroup) else ())
+        held = [*e.args, *vars(e).values(), *(e.exceptions if isinstance(e, BaseExceptionGroup) else ())]
+        todo.extend(x for x in (e.__cause__, e.__context__, *held) if isinstance(x, BaseException))
 
 
 def scrub_exception(error: BaseException) -> BaseException:
@@ -157,7 +166,7 @@ def scrub_exception(error: BaseException) -> BaseException:
     for e in _chain(error):
         for link in ("__cause__", "__context__"):
             linked = getattr(e, link)
-            if linked is not None and leaks("".join(traceback.format_exception_only(linked)) + repr(linked)):
+            if linked is not None and leaks("".join(traceback.format_exception_only(linked)) + _repr(linked)):
                 setattr(e, link, None)
                 e.__suppress_context__ = True
     return error

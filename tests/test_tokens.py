@@ -20,6 +20,7 @@ from finetune.push import PushToHub, push_folder
 from tests import hub_server, test_hub
 from tests.catalogue import assert_unchanged, snapshot
 from tests.test_hub import REPO, TOKEN, export, inputs
+from tests.tiny import params_of
 
 server, bert_dir, model = test_hub.server, test_hub.bert_dir, test_hub.model  # the Hub test fixtures
 
@@ -148,11 +149,28 @@ def test_H02_a_bad_HF_TOKEN_is_refused_too_and_the_cli_push_exits_2_without_show
     assert_unchanged(before, tmp_path)
 
 
-def test_a_bad_token_is_refused_by_load_and_by_PushToHub_before_any_request(server):
+def test_a_bad_token_is_refused_by_load_and_by_PushToHub_before_any_request(server, monkeypatch):
     with pytest.raises(ConfigError, match="`token` holds a line feed"):
         finetune.load("org/anything", task="text-classification", token=TOKEN + "\n")
+    monkeypatch.setenv("HF_TOKEN", f"{TOKEN} x")
+    with pytest.raises(ConfigError, match="`HF_TOKEN` holds a space") as info:
+        finetune.load("org/anything", task="text-classification")
+    assert leaks(exception_text(info.value)) == []
     with pytest.raises(ConfigError, match="`token` must be a Hub access token"):
         PushToHub(REPO, token=12345)
+    assert server.requests == []
+
+
+def test_PushToHub_refuses_a_malformed_HF_TOKEN_before_the_first_step(server, model, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", f"{TOKEN} x")
+    before = params_of(model)
+    with pytest.raises(ConfigError, match="`HF_TOKEN` holds a space") as info:
+        model.fit(
+            {**inputs(), "labels": np.array([0, 1, 0])}, epochs=1, batch_size=3, verbose=0, callbacks=[PushToHub(REPO)]
+        )
+    assert leaks(exception_text(info.value)) == []
+    after = params_of(model)
+    assert all(np.array_equal(before[p], after[p]) for p in before)  # not one step was taken
     assert server.requests == []
 
 
@@ -251,3 +269,42 @@ def test_the_scrubber_masks_every_form_in_exception_chains_and_in_log_records_of
 def test_a_short_ordinary_word_is_not_masked_by_a_derived_form():
     scrub.register("hf_anotherLongEnoughToken987")
     assert scrub.scrub("loss=0.25 accuracy=0.9 step 10") == "loss=0.25 accuracy=0.9 step 10"
+
+
+OPAQUE = "hf_opaqueExceptionToken4567890"
+
+
+class _Opaque(Exception):
+    """An exception whose message comes from neither its args nor its attributes, so it cannot be masked in place."""
+
+    def __str__(self) -> str:
+        return f"opaque failure with {OPAQUE}"
+
+
+class _Attribute(Exception):
+    """An exception whose message comes from an attribute."""
+
+    def __init__(self, secret: str):
+        super().__init__()
+        self.secret = secret
+
+    def __str__(self) -> str:
+        return f"failure with {self.secret}"
+
+
+def test_a_link_of_the_chain_that_cannot_be_masked_in_place_is_cut_from_it():
+    with pytest.raises(HubError) as info:
+        with scrub.guard(OPAQUE):
+            try:
+                raise _Opaque()
+            except _Opaque as e:
+                raise HubError(f"the push failed ({OPAQUE[:3]}...)", ValueError(f"held {OPAQUE}")) from e
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert OPAQUE not in exception_text(info.value) and "held <redacted>" in repr(info.value.args)
+    with pytest.raises(HubError) as info:
+        with scrub.guard(OPAQUE):
+            try:
+                raise _Attribute(OPAQUE)
+            except _Attribute as e:
+                raise HubError("the push failed") from e
+    assert str(info.value.__cause__) == "failure with <redacted>"  # masked in place, so the chain is kept
