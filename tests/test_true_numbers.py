@@ -30,11 +30,12 @@ def _batches(x, y, size=16):
 
 def test_F01_an_epoch_whose_steps_were_all_skipped_reports_nan_and_a_warning_naming_the_steps(capfd):
     x, y = blobs(64)
-    model = _model(max_nonfinite=1000, log_every=2)
+    model = _model(max_nonfinite=1000, log_every=2, metrics=["accuracy", "f1"])
     with pytest.warns(RuntimeWarning) as caught:
         history = model.fit((np.full_like(x, np.nan), y), epochs=1, batch_size=16, verbose=1)
     assert len(history.history["loss"]) == 1 and math.isnan(history.history["loss"][0])
-    assert math.isnan(history.history["accuracy"][0]) and history.history["skipped_steps"] == [4]
+    assert math.isnan(history.history["accuracy"][0]) and math.isnan(history.history["f1"][0])
+    assert history.history["skipped_steps"] == [4]
     assert [s["step"] for s in history.steps] == [2, 4]
     assert all(math.isnan(s["loss"]) for s in history.steps) and [s["skipped_steps"] for s in history.steps] == [2, 2]
     messages = [str(w.message) for w in caught]

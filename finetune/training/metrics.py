@@ -81,7 +81,7 @@ class Metric:
         if value is None:
             denom = precision + recall
             value = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-        return float(value[present].mean()) if present.any() else float("nan")
+        return float(value[present].mean()) if present.any() else 0.0
 
 
 _BY_NAME = {
@@ -134,4 +134,7 @@ def update(metrics: Sequence[Metric], acc: Mapping[str, Any], s: Scored) -> dict
 
 
 def results(metrics: Sequence[Metric], acc: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    return {prefix + m.name: m.result(acc[m.name]) for m in metrics}
+    """``{prefix + name: value}``. When no example was counted (every step of an interval skipped as non-finite),
+    every metric is NaN: nothing was measured, and 0.0 would read as a perfect loss or a failed model."""
+    counted = np.asarray(acc["loss"]["count"]) > 0 if "loss" in acc else True
+    return {prefix + m.name: m.result(acc[m.name]) if counted else float("nan") for m in metrics}
