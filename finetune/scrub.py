@@ -43,7 +43,6 @@ _MAX_SCANNED_BYTES = 64 * 2**20
 
 _lock = threading.Lock()
 _forms: tuple[str, ...] = ()  # every form of every registered token, longest first
-_installed: dict[str, Any] = {}
 
 
 def forms(token: str) -> set[str]:
@@ -190,10 +189,11 @@ def _scrub_record(record: logging.LogRecord) -> None:
 
 
 def _install() -> None:
-    """Puts the log-record factory and the warning display in front of the current ones (once, and again if someone
-    replaced them since)."""
+    """Puts the log-record factory and the warning display in front of the current ones: once, and again if
+    someone replaced them since (a display restored by ``warnings.catch_warnings`` may be one of ours: not wrapped
+    twice)."""
     factory = logging.getLogRecordFactory()
-    if factory is not _installed.get("factory"):
+    if not getattr(factory, "_finetune_scrub", False):
 
         def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = factory(*args, **kwargs)
@@ -201,18 +201,18 @@ def _install() -> None:
                 _scrub_record(record)
             return record
 
+        make._finetune_scrub = True
         logging.setLogRecordFactory(make)
-        _installed["factory"] = make
     show = warnings.showwarning
-    if show is not _installed.get("showwarning"):
+    if not getattr(show, "_finetune_scrub", False):
 
         def display(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None):
             if leaks(str(message)):
                 message = scrub(str(message))
             return show(message, category, filename, lineno, file, line)
 
+        display._finetune_scrub = True
         warnings.showwarning = display
-        _installed["showwarning"] = display
 
 
 # ---------------------------------------------------------------------- the boundary

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 import traceback
+import warnings
 from pathlib import Path
 from urllib.parse import quote
 
@@ -308,3 +309,11 @@ def test_a_link_of_the_chain_that_cannot_be_masked_in_place_is_cut_from_it():
             except _Attribute as e:
                 raise HubError("the push failed") from e
     assert str(info.value.__cause__) == "failure with <redacted>"  # masked in place, so the chain is kept
+
+
+def test_a_warning_shown_after_a_token_was_registered_is_masked():
+    secret = "hf_warningUnitTestToken24680"
+    with pytest.warns(UserWarning) as caught:
+        scrub.register(secret)  # the display goes in front of the one in place (here pytest's)
+        warnings.warn(f"retrying with {secret}", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["retrying with <redacted>"]
