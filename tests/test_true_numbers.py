@@ -67,6 +67,20 @@ def test_F01_a_mixed_interval_averages_only_its_finite_steps_and_counts_the_skip
     assert history.history["loss"][0] == pytest.approx(sum(finite) / 3, rel=1e-5)
 
 
+def _loss_with_nan_gradients(logits, labels):
+    """Cross-entropy plus sqrt(0 * sum(logits)): the loss is finite, its gradient NaN (0 * inf)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels) + jnp.sqrt(0.0 * jnp.sum(logits))
+
+
+def test_F01_a_step_skipped_for_its_gradients_alone_is_not_measured_either():
+    x, y = blobs(32)
+    model = _model(max_nonfinite=1000, log_every=2, loss=_loss_with_nan_gradients)
+    with pytest.warns(RuntimeWarning, match="steps 1-2: all 2 steps"):
+        history = model.fit((x, y), epochs=1, batch_size=16, verbose=0)
+    assert math.isnan(history.steps[0]["loss"]) and history.steps[0]["skipped_steps"] == 2
+    assert math.isnan(history.history["loss"][0])
+
+
 def test_K06_nonfinite_error_says_the_parameters_are_finite_and_which_step_they_are_from():
     x, y = blobs(64)
     bad = x.copy()
