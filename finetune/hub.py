@@ -178,8 +178,10 @@ def resolve(
         return path
     name = os.fspath(name_or_path)
     repo_id = _repo_id(name)
+    import huggingface_hub
+
     with scrub.guard(token):
-        if token is None or token is True:  # huggingface_hub will send its own token: checked first too
+        if token in (None, True) and not huggingface_hub.is_offline_mode():  # the token huggingface_hub will send
             ambient_token()
         return _download(repo_id, name, revision=revision, token=token, allow_pickle=allow_pickle)
 

@@ -150,8 +150,9 @@ def push_folder(
       The URL of the commit.
 
     Raises:
-      ConfigError: A bad ``repo_id`` or ``folder``.
-      HubError: No token, the Hub unreachable or refusing the push. The local folder is never modified.
+      ConfigError: A bad ``repo_id`` or ``folder``, or a token that cannot be one (`finetune.hub.check_token`).
+      HubError: No token, a file of ``folder`` holding the token, the Hub unreachable or refusing the push. The
+        local folder is never modified, and the token is in no message (`finetune.scrub`).
 
     Example:
       >>> push_folder("out/minilm-reviews", "me/minilm-reviews", revision="v1")
