@@ -9,7 +9,8 @@ import os
 import pathlib
 import re
 
-from finetune.errors import LoadError
+from finetune import scrub
+from finetune.errors import ConfigError, HubError, LoadError
 from finetune.weights import FLAX_MSGPACK, pickle_refused
 
 logger = logging.getLogger("finetune")
@@ -19,6 +20,88 @@ HF_SCHEME = "hf://"
 METADATA_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "tokenizer*")
 SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+_NAMED_CHARACTERS = {"\n": "a line feed (\\n)", "\r": "a carriage return (\\r)", "\t": "a tab (\\t)", " ": "a space"}
+TOKENS_PAGE = "https://huggingface.co/settings/tokens"
+
+
+def check_token(token: object, *, name: str = "token", allow_bool: bool = False) -> str | bool | None:
+    """Refuses, before any request, a Hub token that cannot be one; the message describes it without showing it.
+
+    A token is a non-empty string of printable ASCII characters without whitespace: a token with a trailing newline
+    (pasted from a file) or a ``\\r\\n`` in it would otherwise be sent as an HTTP header, or echoed in the error of
+    the HTTP client.
+
+    Args:
+      token: The value to check; ``None`` (use huggingface_hub's usual sources) is returned as is.
+      name: How the message names its source: ``token`` (an argument), ``HF_TOKEN`` or ``the stored login``.
+      allow_bool: Whether ``True`` / ``False`` (huggingface_hub's "stored token" / "no token") are accepted.
+
+    Returns:
+      ``token``.
+
+    Raises:
+      ConfigError: ``token`` is not a string (or a bool where allowed), is empty, or holds whitespace, control or
+        non-ASCII characters.
+
+    Example:
+      >>> check_token("hf_abc\\n")
+      Traceback (most recent call last):
+      finetune.errors.ConfigError: `token` holds a line feed (\\n) at position 6 of its 7 characters ...
+    """
+    arg = f"`{name}`" if name.isidentifier() else name
+    fix = (
+        f"Pass the token itself (a string like 'hf_...', from {TOKENS_PAGE}), or leave `token` unset to use HF_TOKEN "
+        "or the stored login (`hf auth login`)."
+        if name == "token"
+        else f"Set {arg} to the token alone (from {TOKENS_PAGE}), or pass token='hf_...'."
+    )
+    if token is None or (allow_bool and isinstance(token, bool)):
+        return token
+    if not isinstance(token, str):
+        shown = f"{name}={token!r}" if isinstance(token, (bool, int, float)) else f"a {type(token).__name__} object"
+        raise ConfigError(f"{arg} must be a Hub access token, a string; received {shown} (not sent). {fix}")
+    if not token:
+        raise ConfigError(f"{arg} must be a Hub access token; received an empty string (not sent). {fix}")
+    bad = [(i, c) for i, c in enumerate(token) if not (c.isascii() and c.isprintable()) or c.isspace()]
+    if bad:
+        at, char = bad[0]
+        what = _NAMED_CHARACTERS.get(char, f"the character U+{ord(char):04X}")
+        more = f" and {len(bad) - 1} more such character(s)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"{arg} holds {what} at position {at} of its {len(token)} characters{more}; a Hub token is printable "
+            "ASCII without whitespace, and one sent as is would break (or inject) HTTP headers, so nothing was sent "
+            f"(the token is not shown). Remove the whitespace (token.strip()) or copy the token again from "
+            f"{TOKENS_PAGE}."
+        )
+    return token
+
+
+def ambient_token() -> str | None:
+    """The token huggingface_hub sends when none is given (``HF_TOKEN``, the stored login), checked with
+    `check_token` under the name of its source; None when there is none."""
+    import huggingface_hub
+
+    found = huggingface_hub.get_token()
+    if not found:
+        return None
+    env = next((n for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if os.environ.get(n)), None)
+    return check_token(found, name=env or "the stored login (`hf auth login`)")
+
+
+def write_token(token: object) -> str:
+    """The token to write with: ``token`` if given, else `ambient_token`, each checked with `check_token`; a
+    `HubError` when there is none. No request is made."""
+    found = check_token(token)
+    if found is None:
+        found = ambient_token()
+    if not found:
+        raise HubError(
+            "Pushing to the Hub needs a write token, and none was found (`token` is None, HF_TOKEN is unset and "
+            "no login is stored). Pass token='hf_...', set HF_TOKEN, or run `hf auth login`."
+        )
+    return found
 
 
 def _weight_patterns(files: list[str] | None, *, allow_pickle: bool) -> list[str]:
@@ -83,16 +166,28 @@ def resolve(
     Raises:
       LoadError: If the repository or revision does not exist (or is private without a token), or the Hub is
         offline and the checkpoint is not cached.
+      ConfigError: A ``token`` that cannot be a Hub token (`check_token`).
 
     Example:
       >>> resolve("sentence-transformers/all-MiniLM-L6-v2")
       PosixPath('.../snapshots/...')
     """
+    token = check_token(token, allow_bool=True)
     path = pathlib.Path(os.fspath(name_or_path)).expanduser()
     if path.is_dir():
         return path
     name = os.fspath(name_or_path)
     repo_id = _repo_id(name)
+    import huggingface_hub
+
+    with scrub.guard(token):
+        if token in (None, True) and not huggingface_hub.is_offline_mode():  # the token huggingface_hub will send
+            ambient_token()
+        return _download(repo_id, name, revision=revision, token=token, allow_pickle=allow_pickle)
+
+
+def _download(repo_id: str, name: str, *, revision: str | None, token: str | bool | None, allow_pickle: bool):
+    """`resolve` for a Hub id: the listing, then the snapshot of the files finetune reads."""
     import huggingface_hub
     from huggingface_hub import errors
 

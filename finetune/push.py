@@ -2,8 +2,9 @@
 
 Every Hub call goes through ``huggingface_hub`` (``HF_ENDPOINT``, ``HF_TOKEN`` and the stored login apply). A push
 creates the repository if needed (and the branch, when ``revision`` is given) and uploads the folder in one commit.
-Errors become `finetune.errors.HubError` with a message that never contains the token; the local export is never
-touched, so a failed push can simply be retried (files the Hub already holds are not sent again).
+Errors become `finetune.errors.HubError`; the token is checked before any request (`finetune.hub.check_token`) and
+masked in every error, log record and staged file (`finetune.scrub.guard`). The local export is never touched, so
+a failed push can simply be retried (files the Hub already holds are not sent again).
 
 Example:
   >>> model.push_to_hub("me/minilm-reviews", private=True)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import queue
 import re
@@ -29,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from finetune import scrub
 from finetune.errors import ConfigError, FinetuneError, HubError
+from finetune.hub import check_token, write_token
 from finetune.sharding import host_local, is_main_process
 from finetune.training.callbacks import Callback
 
@@ -77,28 +81,10 @@ def _check_export(folder: str | os.PathLike) -> Path:
     return path
 
 
-def _token(token: str | None) -> str:
-    """The token to write with: ``token``, else huggingface_hub's usual sources; a clear error when there is none."""
-    import huggingface_hub
-
-    if token is False or token == "":
-        token = None
-    token = token if token is not None else huggingface_hub.get_token()
-    if not token:
-        raise HubError(
-            "Pushing to the Hub needs a write token, and none was found (`token` is None, HF_TOKEN is unset and "
-            "no login is stored). Pass token='hf_...', set HF_TOKEN, or run `hf auth login`."
-        )
-    return token
-
-
-def _scrub(text: str, token: str) -> str:
-    return text.replace(token, "***") if token else text
-
-
 @contextlib.contextmanager
-def _hub_errors(what: str, repo_id: str, folder: Path, token: str) -> Iterator[None]:
-    """Turns huggingface_hub / network errors into a `HubError` naming the repo and the intact local folder."""
+def _hub_errors(what: str, repo_id: str, folder: Path) -> Iterator[None]:
+    """Turns huggingface_hub / network errors into a `HubError` naming the repo and the intact local folder (inside
+    `finetune.scrub.guard`, which masks the token in them and in their chain)."""
     import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -116,23 +102,23 @@ def _hub_errors(what: str, repo_id: str, folder: Path, token: str) -> Iterator[N
             raise HubError(
                 f"{what} failed: the Hub refused the token for {repo_id!r} (HTTP {status}). {intact}pass a token "
                 "with write access to that namespace (token=, HF_TOKEN or `hf auth login`) and retry."
-            ) from None
-        detail = _scrub(getattr(e, "server_message", "") or type(e).__name__, token)
+            ) from e
+        detail = scrub.scrub(getattr(e, "server_message", "") or type(e).__name__)
         raise HubError(
             f"{what} failed: the Hub answered HTTP {status} for {repo_id!r} ({detail}). {intact}retry later."
-        ) from None
+        ) from e
     except ValueError as e:  # huggingface_hub's checks of the server's answers (model card metadata, LFS batch)
         raise HubError(
-            f"{what} failed: the Hub rejected the upload to {repo_id!r} ({_scrub(str(e), token)[:300]}). {intact}fix "
+            f"{what} failed: the Hub rejected the upload to {repo_id!r} ({scrub.scrub(str(e))[:300]}). {intact}fix "
             "the reported problem and retry."
-        ) from None
+        ) from e
     except (httpx2.HTTPError, OSError, RuntimeError) as e:
         cause = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ is not None else e
         raise HubError(
             f"{what} failed: could not reach the Hub at {constants.ENDPOINT} for {repo_id!r} "
-            f"({type(cause).__name__}: {_scrub(str(cause), token)[:200]}). {intact}check the network or HF_ENDPOINT "
+            f"({type(cause).__name__}: {scrub.scrub(str(cause))[:200]}). {intact}check the network or HF_ENDPOINT "
             "and retry; files the Hub already received are not sent again."
-        ) from None
+        ) from e
 
 
 def push_folder(
@@ -164,8 +150,9 @@ def push_folder(
       The URL of the commit.
 
     Raises:
-      ConfigError: A bad ``repo_id`` or ``folder``.
-      HubError: No token, the Hub unreachable or refusing the push. The local folder is never modified.
+      ConfigError: A bad ``repo_id`` or ``folder``, or a token that cannot be one (`finetune.hub.check_token`).
+      HubError: No token, a file of ``folder`` holding the token, the Hub unreachable or refusing the push. The
+        local folder is never modified, and the token is in no message (`finetune.scrub`).
 
     Example:
       >>> push_folder("out/minilm-reviews", "me/minilm-reviews", revision="v1")
@@ -173,25 +160,37 @@ def push_folder(
     """
     from huggingface_hub import HfApi
 
-    repo_id = _check_repo_id(repo_id)
-    path = _check_export(folder) if check_export else Path(folder).absolute()
-    token = _token(token)
-    api = HfApi(token=token)
-    with _hub_errors(f"Pushing {str(path)!r} to the Hub", repo_id, path, token):
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=path,
-            path_in_repo=path_in_repo,
-            revision=revision,
-            commit_message=commit_message or DEFAULT_MESSAGE,
-            ignore_patterns=IGNORE_PATTERNS,
-            delete_patterns=delete_patterns,
-        )
-    logger.info("Pushed %s to %s: %s", path, repo_id, info.commit_url)
+    with scrub.guard(token):
+        token = write_token(token)
+        repo_id = _check_repo_id(repo_id)
+        path = _check_export(folder) if check_export else Path(folder).absolute()
+        _refuse_files_with_token(path)
+        api = HfApi(token=token)
+        with _hub_errors(f"Pushing {str(path)!r} to the Hub", repo_id, path):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=path,
+                path_in_repo=path_in_repo,
+                revision=revision,
+                commit_message=commit_message or DEFAULT_MESSAGE,
+                ignore_patterns=IGNORE_PATTERNS,
+                delete_patterns=delete_patterns,
+            )
+        logger.info("Pushed %s to %s: %s", path, repo_id, info.commit_url)
     return str(info.commit_url)
+
+
+def _refuse_files_with_token(path: Path) -> None:
+    """A folder to upload must not hold the token (a card or config it was pasted into): refused, nothing sent."""
+    found = scrub.find_in_files(path)
+    if found:
+        raise HubError(
+            f"{', '.join(found[:5])} in {str(path)!r} hold a Hub token; nothing was uploaded. Remove the token from "
+            "these files (or from the model card options that wrote it) and push again."
+        )
 
 
 def push_model(
@@ -208,15 +207,17 @@ def push_model(
 
     See `finetune.Model.push_to_hub` for the arguments; returns the commit URL.
     """
-    _check_repo_id(repo_id)
-    token = _token(token)  # before the export: a missing token should not cost an export
-    with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
-        folder = model.save_pretrained(Path(tmp) / "export", **card)  # every process gathers; process 0 writes
-        if not is_main_process():
-            return ""
-        return push_folder(
-            folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
-        )
+    with scrub.guard(token):
+        token = write_token(token)  # first: a bad or missing token should not cost an export
+        _check_repo_id(repo_id)
+        with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
+            folder = model.save_pretrained(Path(tmp) / "export", **card)  # every process gathers; process 0 writes
+            if not is_main_process():
+                return ""
+            scrub.scrub_files(folder)  # a card option given the token by mistake: masked in this copy, never sent
+            return push_folder(
+                folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
+            )
 
 
 # ---------------------------------------------------------------------- pushes during training
@@ -292,7 +293,7 @@ class PushToHub(Callback):
                 f"`strategy` must be one of {', '.join(STRATEGIES)}; received strategy={strategy!r}. Pick one of these."
             )
         self.repo_id, self.strategy = _check_repo_id(repo_id), strategy
-        self.options = {"private": private, "revision": revision, "token": token}
+        self.options = {"private": private, "revision": revision, "token": check_token(token)}
         self.commit_message, self.checkpoint_timeout, self.card = commit_message, checkpoint_timeout, card
         self.commit_urls: list[str] = []
         self.last_error: BaseException | None = None
@@ -302,6 +303,8 @@ class PushToHub(Callback):
 
     # ------------------------------------------------------------------ hooks (training thread: cheap only)
     def on_train_begin(self, logs=None):
+        with scrub.guard(self.options["token"]):
+            write_token(self.options["token"])  # a missing or malformed token stops fit now, not after an epoch
         if self.strategy == "checkpoint" and self._checkpoint_dir() is None:
             raise ConfigError(
                 "PushToHub(strategy='checkpoint') uploads the latest checkpoint, but fit has no `checkpoint_dir`. "
@@ -343,14 +346,15 @@ class PushToHub(Callback):
                     self._thread = None
                     return
             try:
-                self._push(job)
+                with scrub.guard(self.options["token"]):  # the error kept in last_error and logged is masked too
+                    self._push(job)
             except Exception as e:  # noqa: BLE001 -- a failed push must never stop training
                 self.last_error = e
                 logger.warning("PushToHub: the push at %s to %r failed: %s", job["label"], self.repo_id, e)
 
     def _push(self, job: dict) -> None:
         message = f"{self.commit_message} ({job['label']})"
-        metrics = {k: v for k, v in (job["metrics"] or {}).items() if isinstance(v, float)} or None
+        metrics = {k: v for k, v in (job["metrics"] or {}).items() if isinstance(v, float) and math.isfinite(v)} or None
         with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
             folder = Path(tmp) / "export"
             from finetune.export import write
@@ -358,6 +362,7 @@ class PushToHub(Callback):
             write(job["model"], folder, metrics=metrics, **self.card)
             if "checkpoint" in job:
                 self._stage_checkpoint(*job["checkpoint"], folder)
+            scrub.scrub_files(folder)  # this staged copy only: the run's own files are left as they are
             deletes = [f"{CHECKPOINT_FOLDER}/**"] if "checkpoint" in job else None
             url = push_folder(folder, self.repo_id, commit_message=message, delete_patterns=deletes, **self.options)
         self.commit_urls.append(url)

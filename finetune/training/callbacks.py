@@ -57,6 +57,8 @@ class EarlyStopping(Callback):
         self.best, self.best_epoch, self.best_weights, self.wait, self.stopped_epoch = None, None, None, 0, None
 
     def _improved(self, value: float) -> bool:
+        if not math.isfinite(value):  # an epoch whose steps were all skipped measured nothing: never an improvement
+            return False
         if self.best is None:
             return True
         return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta

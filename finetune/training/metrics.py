@@ -68,8 +68,8 @@ class Metric:
 
     def result(self, acc: Mapping[str, Any]) -> float:
         acc = {k: np.asarray(v, np.float64) for k, v in acc.items()}
-        if self.kind != "counts":
-            mean = float(acc["sum"] / max(acc["count"], 1e-12))
+        if self.kind != "counts":  # a mean over no example (every step skipped) is NaN, never 0
+            mean = float(acc["sum"] / acc["count"]) if acc["count"] > 0 else float("nan")
             return float(np.exp(mean)) if self.kind == "perplexity" else mean
         tp, pred, true = acc["tp"], acc["pred"], acc["true"]
         if self.average == "micro":
@@ -134,4 +134,7 @@ def update(metrics: Sequence[Metric], acc: Mapping[str, Any], s: Scored) -> dict
 
 
 def results(metrics: Sequence[Metric], acc: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    return {prefix + m.name: m.result(acc[m.name]) for m in metrics}
+    """``{prefix + name: value}``. When no example was counted (every step of an interval skipped as non-finite),
+    every metric is NaN: nothing was measured, and 0.0 would read as a perfect loss or a failed model."""
+    counted = np.asarray(acc["loss"]["count"]) > 0 if "loss" in acc else True
+    return {prefix + m.name: m.result(acc[m.name]) if counted else float("nan") for m in metrics}

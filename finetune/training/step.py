@@ -104,8 +104,12 @@ class Program:
 
         (loss, (acc, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         params, opt = self._apply(grads, state["opt"], state["params"])
-        # A skipped (non-finite) step leaves the parameters alone (optim.apply_step) and the metric sums too.
+        # A skipped (non-finite) step leaves the parameters alone (optim.apply_step) and the metric sums too: a step
+        # is measured only if it was applied, so an interval whose steps were all skipped has no example (NaN), even
+        # when its losses were finite and only the gradients were not.
         finite = jnp.isfinite(loss)
+        if isinstance(opt, optax.ApplyIfFiniteState):
+            finite = jnp.logical_and(finite, opt.last_finite)
         acc = jax.tree.map(lambda new, old: jnp.where(finite, new, old), acc, state["acc"])
         return {**state, "params": params, "opt": opt, "rest": rest, "acc": acc, "step": state["step"] + 1}
 

@@ -20,11 +20,11 @@ from finetune import _xla, lora, optim
 from finetune import data as data_lib
 from finetune import sharding as sharding_lib
 from finetune.checkpoint import Checkpointer, fingerprint, read_meta
-from finetune.errors import ConfigError, LoadError, NonFiniteError
+from finetune.errors import ConfigError, LoadError
 from finetune.recipe import Recipe
 from finetune.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.training import metrics as metrics_lib
-from finetune.training import signals
+from finetune.training import nonfinite, signals
 from finetune.training.callbacks import Callback
 from finetune.training.history import History
 from finetune.training.step import Program, split
@@ -236,6 +236,8 @@ class Trainer:
         first_epoch, start, done = run.epoch, 0, 0
         if run.resume_meta is not None:
             first_epoch, start, done = self._restore(run)
+        # The optimizer counts skipped steps from here (a resumed one, from its checkpoint's count).
+        run.skipped_seen = nonfinite.skipped_so_far(self.state["opt"])
         if run.verbose:
             print(self.model.summary(recipe=self.recipe, trainer=self, printed=False))
         bar = tqdm(total=micro_total, initial=done, disable=run.verbose == 0, unit="step", dynamic_ncols=True)
@@ -244,7 +246,7 @@ class Trainer:
             for epoch in range(first_epoch, run.epoch + epochs):
                 for cb in run.callbacks:
                     cb.on_epoch_begin(epoch)
-                epoch_acc = self.program.zero_metrics()
+                epoch_acc, run.epoch_skipped, run.epoch_first = self.program.zero_metrics(), 0, run.step + 1
                 batches = run.source.batches(
                     run.batch_size,
                     seed=self.recipe.seed,
@@ -286,7 +288,9 @@ class Trainer:
                 if done > run.last[0]:
                     self._start_log(run, done)
                     epoch_acc = self._flush(run, epoch_acc, bar)
-                logs = metrics_lib.results(self.program.metrics, epoch_acc)
+                logs = {**metrics_lib.results(self.program.metrics, epoch_acc), "skipped_steps": run.epoch_skipped}
+                if (run.epoch_first, run.step) != run.warned:  # not when the epoch was one interval, already named
+                    nonfinite.warn_all_skipped(f"Epoch {epoch + 1}", run.epoch_skipped, run.epoch_first, run.step)
                 if run.validation_data is not None:
                     logs.update(self.evaluate(run.validation_data, batch_size=run.batch_size, prefix="val_"))
                 run.history.add_epoch(epoch, logs)
@@ -390,20 +394,24 @@ class Trainer:
         acc, (consecutive, total), lrs = self.program.finish_read(flat)
         epoch_acc = jax.tree.map(lambda a, b: np.asarray(a) + b, epoch_acc, acc)
         if int(consecutive) >= self.recipe.max_nonfinite:
-            raise NonFiniteError(
-                f"Training stopped at step {step}: {int(consecutive)} consecutive steps had a non-finite loss or "
-                f"gradients (limit `max_nonfinite`={self.recipe.max_nonfinite}); they were skipped and the parameters "
-                "are those of the last finite step. Lower the learning rate, clip harder (preset 'stable'), or check "
-                "the data for NaN/inf."
+            limit = self.recipe.max_nonfinite
+            raise nonfinite.error(
+                self.state, step=step, consecutive=int(consecutive), limit=limit, global_step=run.step
             )
+        skipped, run.skipped_seen = int(total) - run.skipped_seen, int(total)
+        run.epoch_skipped += skipped
+        first = global_step - (step - run.last[0]) + 1  # the interval's first step
+        if nonfinite.warn_all_skipped("The log interval", skipped, first, global_step):
+            run.warned = (first, global_step)
         logs = metrics_lib.results(self.program.metrics, acc)
         logs.update({f"lr/{g}": float(v) for g, v in lrs.items()})
         now = time.perf_counter()
         logs["examples_per_s"] = (step - run.last[0]) * run.batch_size / max(now - run.last[1], 1e-9)
-        logs["skipped"] = int(total)
+        logs["skipped"], logs["skipped_steps"] = int(total), skipped  # so far in this phase; in this interval
         run.history.add_step(global_step, logs)
         bar.update(step - bar.n)
-        shown = {k: v for k, v in logs.items() if not k.startswith("lr/") and k not in ("skipped", "examples_per_s")}
+        hidden = ("skipped", "examples_per_s") + (("skipped_steps",) if not skipped else ())
+        shown = {k: v for k, v in logs.items() if not k.startswith("lr/") and k not in hidden}
         lrs = {k[3:]: v for k, v in logs.items() if k.startswith("lr/")}
         if lrs:  # one LR when the groups share it, else each group's
             shown.update(
@@ -537,6 +545,10 @@ class _Run:
     chunk: int = 1  # steps per call of the compiled program
     chunk_decided: bool = False
     packed: bool = False  # whether this run packs its training batches (`Trainer._packs`)
+    skipped_seen: int = 0  # the optimizer's count of skipped steps at the last log read
+    epoch_skipped: int = 0  # steps skipped in the current epoch
+    epoch_first: int = 1  # the current epoch's first step
+    warned: tuple = ()  # the steps of the last interval warned about as all skipped
     pending: Any = None  # a log interval being read: ((flat values, zeroed sums), step in phase, global step)
     interrupts: signals.Interrupts = dataclasses.field(default_factory=signals.Interrupts)
 
