@@ -176,6 +176,7 @@ class Model:
         keep: int = 3,
         monitor: str | None = None,
         resume: bool | str | os.PathLike = False,
+        allow_changed_data: bool = False,
         mesh: Any = None,
         sharding_rules: Mapping[str, Any] | None = None,
     ):
@@ -190,14 +191,21 @@ class Model:
           batch_size: Examples per micro-batch (default: the recipe's).
           callbacks: `finetune.callbacks.Callback` instances.
           verbose: 0 is silent; 1 prints the group report and a progress bar.
-          checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps).
+          checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps). The run locks it: a
+            second run into the same directory is refused at start (`CheckpointError`), as is a directory that cannot
+            be written.
           save_every: Also checkpoint every this many steps (micro-batches).
           save_each_epoch: Checkpoint at the end of every epoch (when ``checkpoint_dir`` is set).
           keep: Keep the last ``keep`` checkpoints...
           monitor: ...and the best by this epoch metric (e.g. ``"val_accuracy"``).
           resume: True continues from the latest checkpoint in ``checkpoint_dir`` when there is one; a path
             continues from the checkpoints there. The resumed run ends with the same parameters as an uninterrupted
-            one.
+            one. A newest checkpoint whose files are damaged is skipped (with a warning) for the newest intact one.
+            Resuming with other training data (its size or contents) or another ``batch_size`` than the checkpointed
+            run's is refused with a `CheckpointError` naming the change, unless ``allow_changed_data=True``.
+          allow_changed_data: With ``resume``, continue from the checkpoint even though the data or ``batch_size``
+            differ from the checkpointed run's: the rest of the epoch starts after as many examples as that run had
+            seen in it (the result then differs from an uninterrupted run).
           mesh: Spread training over devices: ``"data"`` (batch split), ``"fsdp"`` (parameters and optimizer state
             split too), ``"tensor"`` (heads and MLP split over a model axis), ``"fsdp+tensor"``, a mesh shape like
             ``{"data": 4, "model": 2}``, or a `jax.sharding.Mesh`. Default: ``compile(sharding=...)``'s, else one
@@ -232,6 +240,7 @@ class Model:
             keep=keep,
             monitor=monitor,
             resume=resume,
+            allow_changed_data=allow_changed_data,
         )
 
     def _eval_trainer(self):
