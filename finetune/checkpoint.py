@@ -217,8 +217,9 @@ class Checkpointer:
             f"The previous checkpoint (step {previous}) is intact" if previous is not None else "No checkpoint was lost"
         )
         return CheckpointError(
-            f"Could not write checkpoint {step} to {str(self.directory)!r}: {error}. {kept}, and the training state in "
-            "memory is unchanged. Free disk space or pass another checkpoint_dir, then fit(..., resume=True)."
+            f"Could not write checkpoint {step} to `checkpoint_dir`={str(self.directory)!r}: {_reason(error)}. {kept} "
+            "(nothing of the failed write was left), and the training state in memory is unchanged. Free disk space "
+            "or pass another checkpoint_dir, then fit(..., resume=True)."
         )
 
     def latest(self) -> int | None:
