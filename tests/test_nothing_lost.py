@@ -393,7 +393,7 @@ def test_R01_R03_a_damaged_newest_step_resumes_from_the_newest_intact_one_with_a
     with caplog.at_level(logging.WARNING, logger="finetune.checkpoint"):
         history = model.fit(data, epochs=3, batch_size=16, verbose=0, checkpoint_dir=d, resume=True)
     assert "step 4" in caplog.text and "damaged step 8" in caplog.text
-    assert [e for e in history.epoch] == [0, 1, 2] and Checkpointer(d).latest() == 12  # epochs 2 and 3 trained again
+    assert history.epochs == [0, 1, 2] and Checkpointer(d).latest() == 12  # epochs 2 and 3 trained again
 
 
 def test_R01_every_step_damaged_is_a_checkpoint_error_and_nothing_is_changed(tmp_path):
@@ -427,7 +427,7 @@ def test_R04_a_resume_on_other_data_is_refused_unless_allowed(tmp_path, n, batch
     history = _tiny().fit(
         (x, y), epochs=2, batch_size=batch_size, verbose=0, checkpoint_dir=d, resume=True, allow_changed_data=True
     )
-    assert history.epoch == [0, 1]  # the first epoch from the checkpoint, the second trained on the new data
+    assert history.epochs == [0, 1]  # the first epoch from the checkpoint, the second trained on the new data
 
 
 def test_mesh_resume_a_checkpoint_written_under_a_mesh_resumes_on_one_device_with_default_packing(tmp_path):

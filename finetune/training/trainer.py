@@ -385,6 +385,8 @@ class Trainer:
         self.state, meta = run.checkpointer.restore_intact(
             meta, self.state, accept=lambda m: m["phase"] == run.resume_meta["phase"]
         )
+        if meta["step"] != run.resume_meta["step"]:  # the newest step was damaged: an older one's history
+            run.history = History.from_dict(meta["history"])
         run.step, run.resume_meta = meta["step"], None
         epoch, batch = meta["epoch"], meta["batch"]
         if changes:  # allowed: continue after the examples the checkpointed run had seen in its epoch
