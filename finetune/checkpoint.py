@@ -208,8 +208,7 @@ class Checkpointer:
         self._failed = True
         with contextlib.suppress(Exception):
             self.manager.wait_until_finished()
-        for tmp in self.directory.glob(_TMP):
-            shutil.rmtree(tmp, ignore_errors=True)
+        self._clean_tmp()
         with contextlib.suppress(Exception):
             self.manager.reload()
         previous = self.latest()
@@ -306,7 +305,13 @@ class Checkpointer:
         finally:
             with contextlib.suppress(Exception):
                 self.manager.close()
+            if self._failed:  # Orbax's background threads have ended now: what they still wrote goes too
+                self._clean_tmp()
             self.release()
+
+    def _clean_tmp(self) -> None:
+        for tmp in self.directory.glob(_TMP):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def release(self) -> None:
         """Releases the directory's lock (another run may write there)."""

@@ -275,6 +275,7 @@ class Trainer:
                         run.save_every
                         and run.step % run.save_every == 0
                         and not (run.save_each_epoch and index + 1 == per_epoch)
+                        and done < micro_total  # the last step is saved after its epoch, with the epoch's metrics
                     ):
                         epoch_acc = self._flush(run, epoch_acc, bar)
                         self._save(run, phase, epoch, index + 1, done)
@@ -340,6 +341,8 @@ class Trainer:
             run.chunk = min(self.recipe.log_every, _AUTO_CHUNK_MAX)
 
     def _save(self, run: _Run, phase: int, epoch: int, batch: int, done: int, metrics: dict | None = None) -> None:
+        if run.checkpointer.latest() == run.step:  # saved already (an interrupt right after a periodic save)
+            return
         meta = {
             "phase": phase,
             "epoch": epoch,
