@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import glob
 import json
 import os
 import secrets
@@ -224,7 +225,7 @@ def _libc() -> ctypes.CDLL | None:
 
 def _recover(target: Path) -> None:
     """Cleans what killed exports of ``target`` left, first putting a set-aside old export back if it is missing."""
-    leftovers = [p for p in target.parent.glob(f".{target.name}.*-*") if _dead(p, target.name)]
+    leftovers = [p for p in target.parent.glob(f".{glob.escape(target.name)}.*-*") if _dead(p, target.name)]
     olds = sorted((p for p in leftovers if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
     if not target.exists() and olds and (olds[-1] / MARKER).is_file():
         olds.pop().rename(target)
