@@ -96,10 +96,14 @@ def fingerprint(state: Any) -> str:
 def data_record(source: Any, batch_size: int) -> dict:
     """What identifies a run's training data: its size, a fingerprint of its contents, and the batch size.
 
-    The fingerprint hashes every column and token sequence as finetune holds them (names, dtypes, shapes and bytes);
-    ready batches (an iterable) get none, since reading them would consume or re-run them.
+    The fingerprint hashes every column and token sequence as finetune holds them (names, dtypes, shapes and bytes;
+    for columns read lazily from a `datasets.Dataset`, 16 rows spread over it); ready batches (an iterable) get none,
+    since reading them would consume or re-run them.
     """
     return {"size": getattr(source, "size", None), "fingerprint": _data_fingerprint(source), "batch_size": batch_size}
+
+
+_SAMPLED = 16  # rows hashed of a lazily read column
 
 
 def _data_fingerprint(source: Any) -> str | None:
@@ -107,7 +111,12 @@ def _data_fingerprint(source: Any) -> str | None:
     if columns is None:
         return None
     digest = hashlib.blake2b(digest_size=16)
-    arrays = [(k, np.asarray(v)) for k, v in sorted(columns.items())]
+    arrays = [
+        # columns read lazily from a datasets.Dataset (processed images): a sample of rows, not the whole column
+        (k, v[np.linspace(0, len(v) - 1, min(len(v), _SAMPLED)).astype(int)] if hasattr(v, "dataset_column") else v)
+        for k, v in sorted(columns.items())
+    ]
+    arrays = [(k, np.asarray(v)) for k, v in arrays]
     arrays += [
         (f"{k}/{part}", a)
         for k, pair in sorted(getattr(source, "sequences", {}).items())

@@ -269,6 +269,9 @@ def test_R15_R16_a_killed_export_leaves_a_complete_export_and_the_next_export_cl
     if point != "between-renames":  # the atomic swap: the path holds a complete export at every instant
         labels = ft.load(target, task="text-classification").id2label
         assert (labels[0] == "new-a") == (holds == "new")
+    else:  # no atomic swap: the old export, complete, set aside until the next export puts it back
+        (old,) = (p for p in tmp_path.iterdir() if p.name.startswith(".export.old-"))
+        assert not target.exists() and ft.load(old, task="text-classification").id2label[0] != "new-a"
     model.save_pretrained(tmp_path / "other")  # another target's export leaves this one's leftovers alone
     assert any(p.name.startswith(".export.") for p in tmp_path.iterdir())
     model.id2label = {0: "next-a", 1: "next-b"}
