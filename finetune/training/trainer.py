@@ -571,7 +571,7 @@ class _Run:
     chunk: int = 1  # steps per call of the compiled program
     chunk_decided: bool = False
     packed: bool = False  # whether this run packs its training batches (`Trainer._packs`)
-    recorded_packed: bool | None = None  # whether the checkpointed run resumed from packed (kept for this run)
+    recorded_packed: bool | None = None  # whether the checkpointed run packed (a resumed run keeps its layout)
     pending: Any = None  # a log interval being read: ((flat values, zeroed sums), step in phase, global step)
     interrupts: signals.Interrupts = dataclasses.field(default_factory=signals.Interrupts)
 
