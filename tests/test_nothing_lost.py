@@ -227,6 +227,8 @@ from pathlib import Path
 import finetune as ft
 from finetune import writer
 base, target, point = sys.argv[1:]
+model = ft.load(base, task="text-classification", num_labels=2)
+model.id2label = {0: "new-a", 1: "new-b"}
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 if point == "before-swap":  # the new export is complete in its staging directory
@@ -240,8 +242,6 @@ elif point == "between-renames":  # a file system without an atomic swap: after 
         rename(self, other)
         die()
     Path.rename = first_then_die
-model = ft.load(base, task="text-classification", num_labels=2)
-model.id2label = {0: "new-a", 1: "new-b"}
 model.save_pretrained(target)
 """
 
