@@ -288,7 +288,10 @@ class Model:
         """Writes Hugging Face format (safetensors, config.json, tokenizer/processor, model card) atomically.
 
         Args:
-          directory: Target directory; an earlier export there is replaced only once the new one is complete.
+          directory: Target directory: new, empty, or an earlier finetune export, which is replaced in one atomic step
+            once the new one is complete (`finetune.writer`). A directory holding files finetune did not write, a
+            checkpoint directory, ``""`` and the working directory are refused (`ConfigError`); a full or read-only
+            disk is an `ExportError`, with the directory as it was.
           **card: ``datasets=[...]``, ``license=...``, ``metrics={...}`` for the model card.
 
         Returns:
@@ -345,7 +348,8 @@ class Model:
         """Writes only the LoRA adapters (and a trained new head) in the format of the ``peft`` library.
 
         Args:
-          directory: Receives ``adapter_config.json`` and ``adapter_model.safetensors``.
+          directory: Receives ``adapter_config.json`` and ``adapter_model.safetensors`` (and ``finetune.json``); new,
+            empty, or an earlier adapter export, written as `save_pretrained` writes (`finetune.writer`).
 
         Returns:
           The directory, as a `pathlib.Path`.
