@@ -37,6 +37,11 @@ def main():
     shutil.copytree(f"{work}/mesh", f"{work}/resumed", ignore=shutil.ignore_patterns(str(STEPS), ".finetune.*"))
     model, resumed_losses = train(path, f"{work}/resumed", resume=True)  # one device, packing=None
     _, _ = train(path, f"{work}/single")  # a fresh one-device run packs
+    try:  # a packed run cannot continue packed on a mesh
+        train(path, f"{work}/single", mesh="data", resume=True)
+        packed_to_mesh = "no error"
+    except ft.ConfigError as e:
+        packed_to_mesh = str(e)
     mesh, resumed = params_of(mesh_model), params_of(model)
     out = {
         "packed_on_one_device": read_meta(f"{work}/single")["packed"],
@@ -44,6 +49,7 @@ def main():
         "resumed_losses": resumed_losses,
         "steps": STEPS,
         "resumed_steps": read_meta(f"{work}/resumed")["step"],
+        "packed_to_mesh": packed_to_mesh,
         "param_diff": max(float(np.abs(v - mesh[k]).max()) for k, v in resumed.items()),
     }
     print(json.dumps(out))

@@ -433,7 +433,9 @@ def test_R04_a_resume_on_other_data_is_refused_unless_allowed(tmp_path, n, batch
     assert history.epochs == [0, 1]  # the first epoch from the checkpoint, the second trained on the new data
 
 
-def test_mesh_resume_a_checkpoint_written_under_a_mesh_resumes_on_one_device_with_default_packing(tmp_path):
+def test_mesh_resume_a_mesh_checkpoint_resumes_on_one_device_with_default_packing_and_a_packed_one_not_on_a_mesh(
+    tmp_path,
+):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.mesh_resume_job", str(tmp_path)],
@@ -451,6 +453,7 @@ def test_mesh_resume_a_checkpoint_written_under_a_mesh_resumes_on_one_device_wit
         result["resumed_losses"], result["mesh_losses"][-len(result["resumed_losses"]) :], atol=1e-5
     )
     assert result["param_diff"] < 1e-5
+    assert "packed its batches (packing=None)" in result["packed_to_mesh"] and "mesh" in result["packed_to_mesh"]
 
 
 def test_a_lock_is_released_when_fit_fails_before_training(tmp_path):

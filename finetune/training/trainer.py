@@ -591,8 +591,9 @@ _FIELDS_BEFORE_THEY_EXISTED = {"remat": False, "group_by_length": False}
 def _with_packing(recipe: dict, pack: bool) -> dict:
     """``recipe`` with ``packing`` as the run applies it: ``None`` (the default) packs or not as the run did
     (``pack``: the checkpoint's ``packed``, or for checkpoints from before that record, as this run does). So a
-    checkpoint written before the default (``False``) resumes wherever nothing is packed, and one whose run did not
-    pack is refused once its architecture packs (another data order), naming ``packing``."""
+    checkpoint written before the default (``False``) resumes wherever nothing is packed, and a resumed run with
+    ``packing=None`` keeps the layout its checkpoint recorded (`Trainer._packs`); an explicit ``packing`` that differs
+    from that layout is refused, naming ``packing``."""
     packing = recipe.get("packing", False)
     return {**recipe, "packing": pack if packing is None else bool(packing)}
 
