@@ -1,7 +1,8 @@
 """Export in Hugging Face format: weights (the loading table inverted), config, tokenizer/processor, model card.
 
-The export is written to a temporary sibling directory and renamed into place when complete, so a crash never leaves
-a half-written export that looks finished.
+The export goes through `finetune.writer`: written beside the target and swapped into place in one atomic step, so
+the target holds a complete export (old or new) whenever the process is killed; a directory that holds what finetune
+did not write is refused, never replaced.
 
 Example:
   >>> model.save_pretrained("out/minilm-reviews")   # then: AutoModelForSequenceClassification.from_pretrained(...)
@@ -12,8 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from finetune.errors import ConfigError
 from finetune.lora import merged
 from finetune.sharding import host_local, is_main_process
 from finetune.weights import export_weights
+from finetune.writer import check_target, write_directory
 
 LIBRARY = "finetune"
 TASK_TAGS = {
@@ -57,7 +57,8 @@ def write(
 
     Args:
       model: A `finetune.Model` loaded from a Hub-format checkpoint (it knows its architecture and config).
-      directory: The export directory; an existing export there is replaced.
+      directory: The export directory: new, empty, or an earlier finetune export (replaced atomically). A directory
+        holding other files, a checkpoint directory, ``""`` and the working directory are refused (`ConfigError`).
       datasets: Data set names for the model card.
       license: License for the model card (default: the base model's when known).
       metrics: Evaluation results for the model card (default: the model's last `evaluate`).
@@ -67,25 +68,19 @@ def write(
             "`save_pretrained` needs a model loaded with finetune.load (it knows its Hugging Face architecture); this "
             "model wraps a custom NNX module. Save it with a checkpoint instead (fit(checkpoint_dir=...))."
         )
-    target = Path(directory).absolute()
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"`directory` {str(target)!r} is a file; pass a directory path for the export.")
+    target = check_target(directory, kind="model")  # before any work
     local = host_local(model.module)  # several hosts: every process takes part in gathering sharded parameters
     if not is_main_process():
         return target  # only process 0 writes
     if local is not model.module:
         model = copy.copy(model)
         model.module = local
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         with deferred():  # saving configs and tokenizers may import transformers modules that import torch
             _write_files(model, staging, datasets=datasets, license=license, metrics=metrics)
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return write_directory(target, fill, kind="model")
 
 
 def _write_files(model: Any, out: Path, **card: Any) -> None:
@@ -106,17 +101,6 @@ def _write_files(model: Any, out: Path, **card: Any) -> None:
     recipe = model.recipe.to_dict() if model.recipe is not None else None
     (out / "finetune.json").write_text(json.dumps({"task": model.task, "recipe": recipe}, indent=1, default=str))
     (out / "README.md").write_text(model_card(model, **card))
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Renames the finished export into place; an older export there is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(

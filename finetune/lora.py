@@ -37,6 +37,7 @@ from finetune.models.dropout import Dropout
 from finetune.models.layers import Linear
 from finetune.rules import Group
 from finetune.weights import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
+from finetune.writer import write_directory
 
 GROUP = "lora"
 RULE = r"(?:.*/)?lora/lora_[ab]"
@@ -376,7 +377,8 @@ def save_adapter(model: Any, directory: str | Path, *, trainable: set[str] | Non
 
     Args:
       model: A `finetune.Model` loaded with `finetune.load`, with adapters.
-      directory: Created if missing; the two files in it are replaced.
+      directory: New, empty, or an earlier adapter export (replaced atomically, as `finetune.writer` describes); a
+        directory holding other files is refused.
       trainable: Parameter paths that trained; default: the trainable groups of the model's current plan.
 
     Returns:
@@ -420,8 +422,9 @@ def save_adapter(model: Any, directory: str | Path, *, trainable: set[str] | Non
         "use_rslora": False,
         "use_dora": False,
     }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    safetensors.numpy.save_file({**tensors, **head}, str(out / "adapter_model.safetensors"), {"format": "pt"})
-    return out
+
+    def fill(out: Path) -> None:
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        safetensors.numpy.save_file({**tensors, **head}, str(out / "adapter_model.safetensors"), {"format": "pt"})
+
+    return write_directory(directory, fill, kind="adapter")

@@ -178,6 +178,7 @@ class Model:
         keep: int = 3,
         monitor: str | None = None,
         resume: bool | str | os.PathLike = False,
+        allow_changed_data: bool = False,
         mesh: Any = None,
         sharding_rules: Mapping[str, Any] | None = None,
     ):
@@ -192,14 +193,21 @@ class Model:
           batch_size: Examples per micro-batch (default: the recipe's).
           callbacks: `finetune.callbacks.Callback` instances.
           verbose: 0 is silent; 1 prints the group report and a progress bar.
-          checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps).
+          checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps). The run locks it: a
+            second run into the same directory is refused at start (`CheckpointError`), as is a directory that cannot
+            be written.
           save_every: Also checkpoint every this many steps (micro-batches).
           save_each_epoch: Checkpoint at the end of every epoch (when ``checkpoint_dir`` is set).
           keep: Keep the last ``keep`` checkpoints...
           monitor: ...and the best by this epoch metric (e.g. ``"val_accuracy"``).
           resume: True continues from the latest checkpoint in ``checkpoint_dir`` when there is one; a path
             continues from the checkpoints there. The resumed run ends with the same parameters as an uninterrupted
-            one.
+            one. A newest checkpoint whose files are damaged is skipped (with a warning) for the newest intact one.
+            Resuming with other training data (its size or contents) or another ``batch_size`` than the checkpointed
+            run's is refused with a `CheckpointError` naming the change, unless ``allow_changed_data=True``.
+          allow_changed_data: With ``resume``, continue from the checkpoint even though the data or ``batch_size``
+            differ from the checkpointed run's: the rest of the epoch starts after as many examples as that run had
+            seen in it (the result then differs from an uninterrupted run).
           mesh: Spread training over devices: ``"data"`` (batch split), ``"fsdp"`` (parameters and optimizer state
             split too), ``"tensor"`` (heads and MLP split over a model axis), ``"fsdp+tensor"``, a mesh shape like
             ``{"data": 4, "model": 2}``, or a `jax.sharding.Mesh`. Default: ``compile(sharding=...)``'s, else one
@@ -234,6 +242,7 @@ class Model:
             keep=keep,
             monitor=monitor,
             resume=resume,
+            allow_changed_data=allow_changed_data,
         )
 
     def _eval_trainer(self):
@@ -308,7 +317,10 @@ class Model:
         """Writes Hugging Face format (safetensors, config.json, tokenizer/processor, model card) atomically.
 
         Args:
-          directory: Target directory; an earlier export there is replaced only once the new one is complete.
+          directory: Target directory: new, empty, or an earlier finetune export, which is replaced in one atomic step
+            once the new one is complete (`finetune.writer`). A directory holding files finetune did not write, a
+            checkpoint directory, ``""`` and the working directory are refused (`ConfigError`); a full or read-only
+            disk is an `ExportError`, with the directory as it was.
           **card: ``datasets=[...]``, ``license=...``, ``metrics={...}`` for the model card.
 
         Returns:
@@ -365,7 +377,8 @@ class Model:
         """Writes only the LoRA adapters (and a trained new head) in the format of the ``peft`` library.
 
         Args:
-          directory: Receives ``adapter_config.json`` and ``adapter_model.safetensors``.
+          directory: Receives ``adapter_config.json`` and ``adapter_model.safetensors`` (and ``finetune.json``); new,
+            empty, or an earlier adapter export, written as `save_pretrained` writes (`finetune.writer`).
 
         Returns:
           The directory, as a `pathlib.Path`.

@@ -182,21 +182,25 @@ def test_packing_where_it_cannot_apply_says_why(seq_dir):
         ft.Recipe(packing="yes")
 
 
-def test_a_checkpoint_of_a_run_that_did_not_pack_is_refused_once_its_architecture_packs(seq_dir, tmp_path, monkeypatch):
+def test_a_checkpoint_of_a_run_that_did_not_pack_resumes_unpacked_once_its_architecture_packs(
+    seq_dir, tmp_path, monkeypatch
+):
     from finetune.models.bert.modeling import Bert
 
     train = datasets.Dataset.from_dict(reviews(64))
     recipe = {"optimizer": "adamw", "batch_size": 16, "max_length": 32}
     model = ft.load(seq_dir, task="text-classification", num_labels=2)
     model.compile(**recipe)
-    monkeypatch.setattr(Bert, "supports_packing", False)  # as a release before BERT packed
+    monkeypatch.setattr(Bert, "supports_packing", False)  # as a release before BERT packed (or a mesh)
     shapes = model.fit(train, epochs=1, verbose=0, checkpoint_dir=tmp_path / "c").compiled_shapes
     assert all(s[0] == 16 for s in shapes)  # not packed; the recipe says packing=None all the same
     monkeypatch.undo()
     resumed = ft.load(seq_dir, task="text-classification", num_labels=2)
-    resumed.compile(**recipe)  # now packs: the rest of the run would see other batches
+    resumed.compile(**recipe, packing=True)  # another layout asked for explicitly: the rest would see other batches
     with pytest.raises(ft.ConfigError, match="the recipe differs in packing"):
         resumed.fit(train, epochs=2, verbose=0, checkpoint_dir=tmp_path / "c", resume=True)
-    resumed.compile(**recipe, packing=False)  # what that run did: resumes
+    resumed.compile(**recipe)  # packing=None: the resumed run keeps the layout the checkpoint recorded
     history = resumed.fit(train, epochs=2, verbose=0, checkpoint_dir=tmp_path / "c", resume=True)
     assert len(history.history["loss"]) == 2 and all(s[0] == 16 for s in history.compiled_shapes)
+    fresh = resumed.fit(train, epochs=1, verbose=0, checkpoint_dir=tmp_path / "fresh").compiled_shapes
+    assert all(s[0] < 16 for s in fresh)  # a new run packs now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -19,8 +20,8 @@ from tqdm.auto import tqdm
 from finetune import _xla, lora, optim
 from finetune import data as data_lib
 from finetune import sharding as sharding_lib
-from finetune.checkpoint import Checkpointer, fingerprint, read_meta
-from finetune.errors import ConfigError, LoadError
+from finetune.checkpoint import Checkpointer, data_changes, data_record, fingerprint
+from finetune.errors import CheckpointError, ConfigError, LoadError
 from finetune.recipe import Recipe
 from finetune.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.training import metrics as metrics_lib
@@ -29,6 +30,8 @@ from finetune.training.callbacks import Callback
 from finetune.training.history import History
 from finetune.training.step import Program, split
 from finetune.training.tasks import collect, kind, loss_fn, output_names, predict_family
+
+logger = logging.getLogger(__name__)
 
 
 def plan(model: Any, recipe: Recipe) -> Assignment:
@@ -185,8 +188,15 @@ class Trainer:
         if run.resume not in (True, False, None) and run.checkpoint_dir is None:
             run.checkpoint_dir = run.resume  # resume from a path, and keep writing there
         if run.checkpoint_dir is not None:
-            run.checkpointer = Checkpointer(run.checkpoint_dir, keep=run.keep, monitor=run.monitor)
-            run.resume_meta = _resume_meta(run)
+            _open_checkpoints(run)  # locks the directory: a second run into it is refused here
+        try:
+            return self._train(run, epochs=epochs, steps=steps)
+        finally:
+            if run.checkpointer is not None:
+                run.checkpointer.release()  # also when fit fails before training (closed by `_finish` otherwise)
+
+    def _train(self, run: _Run, *, epochs: int, steps: int | None) -> History:
+        """The phases of `fit`, between opening the checkpoints and releasing them."""
         if run.resume_meta is not None:
             run.history = History.from_dict(run.resume_meta["history"])
         for cb in run.callbacks:
@@ -228,7 +238,7 @@ class Trainer:
         if per_epoch and not steps and epochs * per_epoch < accumulate:
             raise ConfigError(f"Training is {epochs * per_epoch} micro-batches, fewer than `accumulate`={accumulate}.")
         epochs = epochs if not steps else (-(-micro_total // per_epoch) if per_epoch else 1 << 30)
-        run.packed = self._packs(run.source)
+        run.packed = self._packs(run.source, recorded=run.recorded_packed)
         self.build(
             next(run.source.batches(run.batch_size, seed=self.recipe.seed, pack=run.packed)),
             total_steps=micro_total // accumulate,
@@ -272,6 +282,7 @@ class Trainer:
                         run.save_every
                         and run.step % run.save_every == 0
                         and not (run.save_each_epoch and index + 1 == per_epoch)
+                        and done < micro_total  # the last step is saved after its epoch, with the epoch's metrics
                     ):
                         epoch_acc = self._flush(run, epoch_acc, bar)
                         self._save(run, phase, epoch, index + 1, done)
@@ -339,6 +350,8 @@ class Trainer:
             run.chunk = min(self.recipe.log_every, _AUTO_CHUNK_MAX)
 
     def _save(self, run: _Run, phase: int, epoch: int, batch: int, done: int, metrics: dict | None = None) -> None:
+        if run.checkpointer.latest() == run.step:  # saved already (an interrupt right after a periodic save)
+            return
         meta = {
             "phase": phase,
             "epoch": epoch,
@@ -347,6 +360,7 @@ class Trainer:
             "step": run.step,
             "recipe": self.recipe.to_dict(),
             "packed": run.packed,  # what `packing=None` meant for this run (the architectures that pack may grow)
+            "data": run.data,  # compared on resume: other data or another batch size is another run
             "history": run.history.to_dict(),
             "fingerprint": fingerprint(self.state),
         }
@@ -372,9 +386,27 @@ class Trainer:
                 f"Cannot resume from {str(run.checkpointer.directory)!r}: the recipe differs in {', '.join(changed)}. "
                 "Resume with the recipe of the checkpointed run, or start a new checkpoint_dir."
             )
-        self.state, _ = run.checkpointer.restore(meta["step"], self.state)
+        changes = data_changes(meta.get("data"), run.data)
+        if changes and not run.allow_changed_data:
+            raise CheckpointError(
+                f"Cannot resume from `checkpoint_dir`={str(run.checkpointer.directory)!r}: the checkpointed run "
+                f"trained on other data ({'; '.join(changes)}), so this would not continue that run. Pass the data and "
+                "batch_size of that run; or fit(..., allow_changed_data=True) to continue from the checkpoint on this "
+                "data; or start a new checkpoint_dir."
+            )
+        self.state, meta = run.checkpointer.restore_intact(
+            meta, self.state, accept=lambda m: m["phase"] == run.resume_meta["phase"]
+        )
+        if meta["step"] != run.resume_meta["step"]:  # the newest step was damaged: an older one's history
+            run.history = History.from_dict(meta["history"])
         run.step, run.resume_meta = meta["step"], None
-        return meta["epoch"], meta["batch"], meta["done"]
+        epoch, batch = meta["epoch"], meta["batch"]
+        if changes:  # allowed: continue after the examples the checkpointed run had seen in its epoch
+            logger.warning("Resuming on changed data (%s), as allow_changed_data=True asks.", "; ".join(changes))
+            batch = batch * meta["data"]["batch_size"] // run.batch_size
+            if batch >= (run.source.steps(run.batch_size) or batch + 1):
+                epoch, batch = epoch + 1, 0
+        return epoch, batch, meta["done"]
 
     def _start_log(self, run: _Run, step: int) -> None:
         """Starts the read of one log interval (metric sums, skipped steps, learning rates); `_flush` reports it.
@@ -441,8 +473,12 @@ class Trainer:
             return data_lib.prefetch_on_thread(batches, put=_ready)
         return batches
 
-    def _packs(self, source: Any) -> bool:
-        """Whether training batches are packed (`finetune.Recipe.packing`; causal LM packs its rows beforehand)."""
+    def _packs(self, source: Any, *, recorded: bool | None = None) -> bool:
+        """Whether training batches are packed (`finetune.Recipe.packing`; causal LM packs its rows beforehand).
+
+        ``packing=None`` packs where it can, which differs between one device and a mesh; a resumed run keeps the
+        layout its checkpoint ``recorded``, so a checkpoint resumes on any mesh or device count (a packed run cannot
+        continue packed on a mesh, and is refused there)."""
         wanted, task = self.recipe.packing, self.model.task
         if wanted is False or task != "text-classification":
             return False
@@ -453,6 +489,14 @@ class Trainer:
             (self.layout is not None or jax.process_count() > 1, "training is sharded over a mesh or several hosts"),
         ]
         reason = next((why for failed, why in reasons if failed), None)
+        if wanted is None and recorded is not None:
+            if recorded and reason is not None:
+                raise ConfigError(
+                    f"Cannot resume here: the checkpointed run packed its batches (packing=None), and {reason}, so "
+                    "this run cannot continue its data order. Resume where it can pack (on one device), or start a "
+                    "new checkpoint_dir (with packing=False to train the same way on every mesh)."
+                )
+            return recorded
         if reason is not None and wanted is True:
             raise ConfigError(
                 f"packing=True cannot be used here: {reason}. Pass packing=None (the default: packed where supported) "
@@ -535,6 +579,8 @@ class _Run:
     keep: int = 3
     monitor: str | None = None
     resume: Any = False
+    allow_changed_data: bool = False  # resume although the data or batch size differ from the checkpoint's
+    data: dict | None = None  # what identifies the training data (`finetune.checkpoint.data_record`)
     checkpointer: Checkpointer | None = None
     resume_meta: dict | None = None
     history: History = dataclasses.field(default_factory=History)
@@ -549,6 +595,7 @@ class _Run:
     epoch_skipped: int = 0  # steps skipped in the current epoch
     epoch_first: int = 1  # the current epoch's first step
     warned: tuple = ()  # the steps of the last interval warned about as all skipped
+    recorded_packed: bool | None = None  # whether the checkpointed run packed (a resumed run keeps its layout)
     pending: Any = None  # a log interval being read: ((flat values, zeroed sums), step in phase, global step)
     interrupts: signals.Interrupts = dataclasses.field(default_factory=signals.Interrupts)
 
@@ -568,8 +615,9 @@ _FIELDS_BEFORE_THEY_EXISTED = {"remat": False, "group_by_length": False}
 def _with_packing(recipe: dict, pack: bool) -> dict:
     """``recipe`` with ``packing`` as the run applies it: ``None`` (the default) packs or not as the run did
     (``pack``: the checkpoint's ``packed``, or for checkpoints from before that record, as this run does). So a
-    checkpoint written before the default (``False``) resumes wherever nothing is packed, and one whose run did not
-    pack is refused once its architecture packs (another data order), naming ``packing``."""
+    checkpoint written before the default (``False``) resumes wherever nothing is packed, and a resumed run with
+    ``packing=None`` keeps the layout its checkpoint recorded (`Trainer._packs`); an explicit ``packing`` that differs
+    from that layout is refused, naming ``packing``."""
     packing = recipe.get("packing", False)
     return {**recipe, "packing": pack if packing is None else bool(packing)}
 
@@ -581,20 +629,34 @@ def _recipe_changes(saved: dict, current: dict) -> list[str]:
     )
 
 
+def _open_checkpoints(run: _Run) -> None:
+    """Locks ``run.checkpoint_dir`` (`finetune.checkpoint.Checkpointer`), records what identifies the run's data, and
+    reads the metadata of the checkpoint to resume from (None: start fresh)."""
+    run.checkpointer = Checkpointer(run.checkpoint_dir, keep=run.keep, monitor=run.monitor, lock=True)
+    try:
+        run.data = data_record(run.source, run.batch_size)
+        run.resume_meta = _resume_meta(run)
+        if run.resume_meta is not None:
+            run.recorded_packed = run.resume_meta.get("packed")
+    except BaseException:
+        run.checkpointer.release()
+        raise
+
+
 def _resume_meta(run: _Run) -> dict | None:
     """The metadata of the checkpoint to resume from, or None to start fresh."""
     if not run.resume:
         return None
     if run.resume is not True:
         if os.path.abspath(run.resume) != os.path.abspath(run.checkpoint_dir):
-            run.checkpointer = Checkpointer(run.resume, keep=run.keep, monitor=run.monitor)
+            run.checkpointer.release()  # the run writes where it resumes from
+            run.checkpointer = Checkpointer(run.resume, keep=run.keep, monitor=run.monitor, lock=True)
         if run.checkpointer.latest() is None:
             raise LoadError(
                 f"`resume`={str(run.resume)!r} holds no complete checkpoint to resume from. Pass the checkpoint_dir "
                 "of an earlier run, or resume=True to continue only when a checkpoint exists."
             )
-    step = run.checkpointer.latest()
-    return None if step is None else read_meta(run.checkpointer.directory, step)
+    return run.checkpointer.newest_meta()
 
 
 def _record_problem_type(model: Any, family: str) -> None:
