@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
+
+from finetune import schema
 from finetune.model import Model
+from finetune.schema import Callbacks, Count, Text, Verbose
 
 
+def _model_or_name(value: Any) -> Any:
+    return value if isinstance(value, Model) else schema.check(schema.Path, value, name="model_or_name")
+
+
+ModelOrName = Annotated[Any, pydantic.AfterValidator(_model_or_name)]
+
+
+@schema.arguments
 def fit(
-    model_or_name: Model | str,
+    model_or_name: ModelOrName,
     train: Any,
     *,
-    task: str | None = None,
-    preset: str | None = None,
+    task: Text | None = None,
+    preset: Text | None = None,
     validation_data: Any = None,
-    num_labels: int | None = None,
-    callbacks: Any = (),
-    verbose: int = 1,
+    num_labels: Count | None = None,
+    callbacks: Callbacks = (),
+    verbose: Verbose = 1,
     mesh: Any = None,
     **overrides: Any,
 ):

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from finetune import schema
 from finetune.errors import ConfigError
 from finetune.models.registry import TASKS
+from finetune.schema import Callbacks, Card, Count, Flag, Path, Resume, Text, Verbose
 
 
 class Model:
@@ -160,24 +161,25 @@ class Model:
 
         return plan(self, self.recipe or Recipe())
 
+    @schema.arguments
     def fit(
         self,
         train: Any,
         validation_data: Any = None,
         *,
-        epochs: int | None = None,
-        steps: int | None = None,
-        batch_size: int | None = None,
-        callbacks: Sequence[Any] = (),
-        verbose: int = 1,
-        checkpoint_dir: str | os.PathLike | None = None,
-        save_every: int | None = None,
-        save_each_epoch: bool = True,
-        keep: int = 3,
-        monitor: str | None = None,
-        resume: bool | str | os.PathLike = False,
+        epochs: Count | None = None,
+        steps: Count | None = None,
+        batch_size: Count | None = None,
+        callbacks: Callbacks = (),
+        verbose: Verbose = 1,
+        checkpoint_dir: Path | None = None,
+        save_every: Count | None = None,
+        save_each_epoch: Flag = True,
+        keep: Count = 3,
+        monitor: Text | None = None,
+        resume: Resume = False,
         mesh: Any = None,
-        sharding_rules: Mapping[str, Any] | None = None,
+        sharding_rules: dict[Text, Any] | None = None,
     ):
         """Trains the model; returns a `finetune.History`.
 
@@ -188,7 +190,7 @@ class Model:
           epochs: Passes over ``train`` (default: the recipe's).
           steps: Optimizer steps instead of epochs.
           batch_size: Examples per micro-batch (default: the recipe's).
-          callbacks: `finetune.callbacks.Callback` instances.
+          callbacks: `finetune.callbacks.Callback` instances (or one).
           verbose: 0 is silent; 1 prints the group report and a progress bar.
           checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps).
           save_every: Also checkpoint every this many steps (micro-batches).
@@ -243,13 +245,15 @@ class Model:
         self._trainer.sync_model()
         return self._trainer
 
-    def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
+    @schema.arguments
+    def evaluate(self, data: Any, *, batch_size: Count | None = None) -> dict[str, float]:
         """Loss and metrics over ``data`` (inference mode, padding ignored)."""
         trainer = self._eval_trainer()
         self.last_metrics = trainer.evaluate(data, batch_size=batch_size or trainer.recipe.batch_size)
         return self.last_metrics
 
-    def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    @schema.arguments
+    def predict(self, data: Any, *, batch_size: Count | None = None) -> dict[str, np.ndarray]:
         """Predictions for every example: ``logits`` and, per task, ``labels`` + ``probabilities``, or
         ``predictions`` (regression); ``hidden_states`` for feature-extraction."""
         from finetune.training.tasks import kind, predictions
@@ -275,7 +279,8 @@ class Model:
             print(text)
         return text
 
-    def save_pretrained(self, directory: str | os.PathLike, **card: Any):
+    @schema.arguments
+    def save_pretrained(self, directory: Path, **card: Unpack[Card]):
         """Writes Hugging Face format (safetensors, config.json, tokenizer/processor, model card) atomically.
 
         Args:
@@ -295,15 +300,16 @@ class Model:
             self._trainer.sync_model()
         return write(self, directory, **card)
 
+    @schema.arguments
     def push_to_hub(
         self,
-        repo_id: str,
+        repo_id: Text,
         *,
-        private: bool | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        token: str | None = None,
-        **card: Any,
+        private: Flag | None = None,
+        revision: Text | None = None,
+        commit_message: Text | None = None,
+        token: Any = None,
+        **card: Unpack[Card],
     ) -> str:
         """Exports the model (as `save_pretrained`) and uploads it to a Hub repository in one commit.
 
@@ -332,7 +338,8 @@ class Model:
             self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token, **card
         )
 
-    def save_adapter(self, directory: str | os.PathLike):
+    @schema.arguments
+    def save_adapter(self, directory: Path):
         """Writes only the LoRA adapters (and a trained new head) in the format of the ``peft`` library.
 
         Args:
