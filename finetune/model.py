@@ -216,6 +216,8 @@ class Model:
 
         if self.recipe is None:
             self.recipe = Recipe()
+        if monitor is not None:
+            _check_monitor(monitor, self.task, self.recipe.metrics, validation=validation_data is not None)
         from finetune import sharding as sharding_lib
 
         trainer = Trainer(self, self.recipe, layout=sharding_lib.resolve(self.layout, mesh, rules=sharding_rules))
@@ -358,3 +360,32 @@ class Model:
         if self._trainer is not None:
             self._trainer.sync_model()
         return save_adapter(self, directory)
+
+
+# The kinds of labels each task can train on (finetune.training.tasks.kind), hence its default metrics.
+_FAMILIES = {
+    "text-classification": ("single", "multi", "regression"),
+    "image-classification": ("single", "multi", "regression"),
+    "token-classification": ("token",),
+    "causal-lm": ("lm",),
+}
+
+
+def _check_monitor(monitor: str, task: str, metrics: Sequence[Any], *, validation: bool) -> None:
+    """Refuses a `fit(monitor=...)` that is not an epoch metric of the run (a typo would keep no best checkpoint)."""
+    from finetune.training import metrics as metrics_lib
+
+    if metrics:
+        names = [m.name for m in metrics_lib.resolve(metrics)]
+    else:
+        defaults = metrics_lib.DEFAULT_METRICS
+        families = _FAMILIES.get(task, tuple(defaults))
+        names = list(dict.fromkeys(["loss", *(n for f in families for n in defaults[f])]))
+    available = names + [f"val_{n}" for n in names if validation]
+    if monitor in available:
+        return
+    hint = "" if validation else " (val_ metrics need validation_data)"
+    raise ConfigError(
+        f"`monitor` must be an epoch metric of this run: {', '.join(available)}{hint}; received monitor={monitor!r}"
+        f"{schema.close_names(monitor, [f'val_{n}' for n in names] + names)}. Monitor one of these."
+    )

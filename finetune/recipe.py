@@ -25,7 +25,7 @@ def _metrics(value: Any) -> tuple:
     from finetune.training import metrics as metrics_lib
 
     items = (value,) if isinstance(value, str) else value  # "accuracy" means ["accuracy"], in Python and --set
-    if not isinstance(items, list | tuple):
+    if not isinstance(items, list | tuple) or not all(isinstance(m, str | metrics_lib.Metric) for m in items):
         raise schema.violation(
             f"a metric name or a list of them ({', '.join(metrics_lib.METRICS)})",
             "Write e.g. ['accuracy', 'f1_macro'].",
@@ -70,6 +70,12 @@ def _lora(value: Any) -> Any:
     return dict(value)
 
 
+Groups = Annotated[
+    dict[Text, Group],
+    schema.allowed(
+        "a dict {group name: finetune.Group or a dict of its fields}", "Write e.g. {'backbone': {'lr_mult': 0.1}}."
+    ),
+]
 Metrics = Annotated[Any, pydantic.AfterValidator(_metrics)]
 Phases = Annotated[
     tuple[Annotated[Any, pydantic.AfterValidator(_phase)], ...],
@@ -156,7 +162,7 @@ class Recipe:
     clip_norm: Positive | None = None
     accumulate: Count = 1
     rules: Rules | None = None
-    groups: dict[Text, Group] | None = None
+    groups: Groups | None = None
     decay_rules: DecayRules = None
     optimizer_options: dict[Text, Any] = dataclasses.field(default_factory=dict)
     loss: schema.Function | None = None

@@ -35,7 +35,7 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, WrapValidator
 from pydantic_core import ArgsKwargs, PydanticCustomError
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict, Unpack, is_typeddict
 
 from finetune.errors import ConfigError, FinetuneError
 
@@ -43,6 +43,8 @@ from finetune.errors import ConfigError, FinetuneError
 CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 _KIND = "finetune"  # the pydantic error type of every violation described here (allowed + fix)
+# Errors further inside a value that `allowed` keeps (with their paths) rather than describing the whole value.
+_DEEPER = (_KIND, "unexpected_keyword_argument", "extra_forbidden")
 
 
 def violation(allowed: str, fix: str = "", *, path: str | None = None, value: Any = None) -> PydanticCustomError:
@@ -62,7 +64,7 @@ def allowed(text: str, fix: str = "") -> WrapValidator:
         try:
             return handler(value)
         except ValidationError as e:
-            if any(item["type"] == _KIND and item["loc"] for item in e.errors()):
+            if any(item["type"] in _DEEPER and item["loc"] for item in e.errors()):
                 raise
             raise violation(text, fix) from None
 
@@ -368,8 +370,8 @@ def _arguments_model(func: Callable) -> tuple[type[pydantic.BaseModel], str | No
         if p.kind is p.VAR_KEYWORD:
             var_keyword = p.name
             hint = hints[p.name]
-            hint = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Unpack else hint
-            if typing.is_typeddict(hint):
+            hint = typing.get_args(hint)[0] if typing.get_origin(hint) in (typing.Unpack, Unpack) else hint
+            if is_typeddict(hint):
                 fields[p.name] = (hint, {})
             continue
         fields[p.name] = (hints[p.name], ... if p.default is p.empty else p.default)
@@ -399,6 +401,8 @@ def checked(
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) <= len(names):  # positional arguments by name, so that a violation names its field
+            args, kwargs = (), {**dict(zip(names, args, strict=False)), **kwargs}
         try:
             init(self, *args, **kwargs)
         except ValidationError as e:
