@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 import pydantic
 
-from finetune import schema
+from finetune import schedules, schema
 from finetune.errors import ConfigError
 from finetune.rules import Assignment, path_str
 
@@ -38,7 +38,7 @@ _PLAIN = {
     "nadam": optax.nadam,
 }
 OPTIMIZERS = tuple(sorted([*_DECOUPLED, *_PLAIN, "adafactor"]))
-SCHEDULES = schema.SCHEDULES
+SCHEDULES = schedules.SCHEDULES
 # The arguments of each named optimizer that finetune sets itself (so they are not `optimizer_options`).
 _SET_BY_FINETUNE = {
     **{name: ("learning_rate", "weight_decay", "mask") for name in _DECOUPLED},
@@ -59,7 +59,7 @@ def option_names(optimizer: Any) -> tuple[str, ...] | None:
 
 
 def _steps(value: float | int | None, total: int | None, what: str) -> int:
-    """A step count given in steps or as a fraction of training (checked as `finetune.schema.Steps`)."""
+    """A step count given in steps or as a fraction of training (checked as `finetune.schedules.Steps`)."""
     if value is None:
         return 0
     if isinstance(value, float) and 0 <= value < 1:
@@ -74,11 +74,11 @@ def _steps(value: float | int | None, total: int | None, what: str) -> int:
 
 @schema.arguments
 def make_schedule(
-    spec: schema.Schedule = "constant",
+    spec: schedules.Schedule = "constant",
     *,
     learning_rate: schema.Positive,
     total_steps: schema.Index | None = None,
-    warmup: schema.Steps = 0,
+    warmup: schedules.Steps = 0,
 ) -> optax.Schedule:
     """Builds a learning-rate schedule peaking at ``learning_rate``.
 
@@ -190,8 +190,8 @@ class OptimizerSpec:
 
     optimizer: Optimizer = "adamw"
     learning_rate: schema.Positive = 1e-3
-    schedule: schema.Schedule = "constant"
-    warmup: schema.Steps = 0
+    schedule: schedules.Schedule = "constant"
+    warmup: schedules.Steps = 0
     weight_decay: schema.NonNegative = 0.0
     clip_norm: schema.Positive | None = None
     accumulate: schema.Count = 1

@@ -18,7 +18,8 @@ from finetune.errors import RulesError
 from finetune.lora import LoRAConfig
 from finetune.optim import Optimizer, OptimizerSpec, option_names
 from finetune.rules import DecayRules, Group, Rules
-from finetune.schema import Count, Flag, Index, NonNegative, Positive, Schedule, Steps, Text, Unit
+from finetune.schedules import Schedule, Steps
+from finetune.schema import Count, Flag, Index, NonNegative, Positive, Text, Unit
 
 
 def _metrics(value: Any) -> tuple:
@@ -82,6 +83,10 @@ Phases = Annotated[
     schema.allowed("a list of phases, each a dict of recipe overrides with `epochs`", "Write e.g. [{'epochs': 1}]."),
 ]
 Lora = Annotated[Any, pydantic.AfterValidator(_lora)]
+Packing = Annotated[
+    Annotated[bool, pydantic.Strict()] | None,
+    schema.allowed("None (pack where supported), True or False", "A string such as 'no' is not a bool."),
+]
 Precision = Annotated[Literal["float32", "bfloat16"], schema.allowed("'float32' or 'bfloat16'")]
 
 
@@ -172,7 +177,7 @@ class Recipe:
     batch_size: Count = 32
     max_length: Count | None = None
     columns: Columns | None = None
-    packing: Flag | None = None
+    packing: Packing = None
     group_by_length: Flag = True
     precision: Precision = "float32"
     remat: Flag = False

@@ -25,7 +25,7 @@ import numpy as np
 import pydantic
 from pydantic import Field, Strict
 
-from finetune import schema
+from finetune import schedules, schema
 from finetune.errors import RulesError
 
 # A group's LR multiplier: zero would train nothing while keeping optimizer state, so it is refused with the fix.
@@ -55,7 +55,7 @@ class Group:
     lr_mult: LrMult = 1.0
     wd_mult: schema.NonNegative = 1.0
     trainable: schema.Flag = True
-    schedule: schema.Schedule | None = None
+    schedule: schedules.Schedule | None = None
 
 
 DEFAULT_GROUPS: dict[str, Group] = {"backbone": Group(), "head": Group(), "new": Group()}

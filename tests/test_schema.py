@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import finetune as ft
-from finetune import cli, schema
+from finetune import cli, schedules, schema
 from finetune.lora import LoRAConfig, Targets
 from finetune.optim import OPTIMIZERS, SCHEDULES
 from finetune.recipe import Recipe
@@ -51,7 +51,7 @@ BAD = {
     schema.NonNegative: st.one_of(st.floats(max_value=-1e-9), st.integers(max_value=-1), NOT_FINITE, NOT_A_NUMBER),
     schema.Unit: st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001), NOT_FINITE, NOT_A_NUMBER),
     schema.Fraction: st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0), NOT_FINITE, NOT_A_NUMBER),
-    schema.Steps: st.one_of(
+    schedules.Steps: st.one_of(
         st.integers(max_value=-1),
         st.floats(min_value=1.01, max_value=1e6).filter(lambda x: not x.is_integer()),
         NOT_FINITE,
@@ -70,7 +70,7 @@ BAD_SCHEDULE = st.one_of(
     st.just({"name": "cosine", "zz_unknown": 1}),
     st.just({"name": "piecewise", "boundaries": [1], "scales": []}),
     st.builds(lambda v: {"name": "exponential", "decay_rate": v}, BAD[schema.Positive]),
-    st.builds(lambda v: {"name": "linear", "warmup": v}, BAD[schema.Steps]),
+    st.builds(lambda v: {"name": "linear", "warmup": v}, BAD[schedules.Steps]),
 )
 
 
@@ -88,6 +88,7 @@ def _own_types(depth: int) -> dict[str, st.SearchStrategy]:
         "loss": st.one_of(st.integers(), WORDS, JUNK),
         "metrics": st.one_of(st.integers(), WORDS.filter(lambda w: w not in METRICS), st.just([1]), JUNK),
         "columns": st.one_of(st.integers(), WORDS, st.just({"zz": "a"}), st.just({"text": 3}), st.just([["text"]])),
+        "packing": st.one_of(st.integers(), st.floats(), st.sampled_from(["no", "yes", "true", ""]), JUNK),
         "precision": st.one_of(WORDS.filter(lambda w: w not in ("float32", "bfloat16")), st.integers(), JUNK),
         "steps_per_execution": st.one_of(
             st.integers(max_value=0), st.floats(), WORDS.filter(lambda w: w != "auto"), st.booleans(), JUNK
