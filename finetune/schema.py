@@ -9,9 +9,11 @@ config, or a parameter of a public function via `arguments`), and checked by pyd
 - unknown keys are refused with the closest names;
 - nested values keep their place, so a violation names its dotted path (``groups.backbone.trainable``).
 
-`error` turns pydantic's `ValidationError` into one finetune exception whose message names the argument, the value
-received, what is allowed and the fix. Python and the command line (``--set``) go through the same types, so they
-accept and refuse the same values.
+Three entry points apply it: `checked` (a class decorator: a frozen pydantic dataclass, e.g. `finetune.Recipe`),
+`arguments` (a function decorator: the parameters' annotations) and `check` (one value, e.g. a command-line option).
+All three turn pydantic's `ValidationError` into one finetune exception (one converter, `_error`) whose message names
+the argument, the value received, what is allowed and the fix. Python and the command line (``--set``) go through the
+same types, so they accept and refuse the same values.
 
 Example:
   >>> check(Count, 0, name="batch_size")
@@ -223,7 +225,10 @@ def arguments(func: Callable | None = None, *, error: type[FinetuneError] = Conf
             bound = signature.bind(*args, **kwargs)
         except TypeError:
             names = [p for p in signature.parameters if p != "self"]
-            raise unknown([k for k in kwargs if k not in names], names, owner=owner, values=kwargs) from None
+            extra = [k for k in kwargs if k not in names]
+            if not extra:
+                raise  # a call that misses a required argument: Python's own message says which
+            raise unknown(extra, names, owner=owner, values=kwargs) from None
         model, var_keyword = _arguments_model(func)
         values = {k: v for k, v in bound.arguments.items() if k in model.model_fields}
         try:

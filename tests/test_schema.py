@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import finetune as ft
 from finetune import cli, schedules, schema
 from finetune.lora import LoRAConfig, Targets
-from finetune.optim import OPTIMIZERS, SCHEDULES
+from finetune.optim import OPTIMIZERS, SCHEDULES, make_schedule
 from finetune.recipe import Recipe
 from finetune.rules import Group, LrMult
 from finetune.training.metrics import METRICS
@@ -202,3 +202,46 @@ def test_a_value_the_schema_takes_is_kept_as_given():
     assert recipe.learning_rate == 1.0 and recipe.warmup == 0.1 and recipe.metrics == ("f1",)
     assert recipe.groups == {"head": ft.Group(lr_mult=2.0)} and recipe.rules == ((".*", "backbone"),)
     assert math.isclose(Recipe().replace(schedule={"name": "cosine", "warmup": 10}).schedule["warmup"], 10)
+
+
+X = {"x": [[0.0] * 8] * 4, "labels": [0, 1, 0, 1]}
+# (public call with one bad option, the fragments its ConfigError must hold: the argument and the value)
+OPTIONS = [
+    ("fit-epochs", lambda: MODEL.fit(X, epochs=2.5), ["`epochs`", "epochs=2.5"]),
+    ("fit-verbose", lambda: MODEL.fit(X, verbose="loud"), ["`verbose`", "verbose='loud'"]),
+    ("fit-keep", lambda: MODEL.fit(X, keep=0), ["`keep`", "keep=0"]),
+    ("fit-save-each-epoch", lambda: MODEL.fit(X, save_each_epoch="yes"), ["`save_each_epoch`", "'yes'"]),
+    ("fit-checkpoint-dir", lambda: MODEL.fit(X, checkpoint_dir=""), ["`checkpoint_dir`", "checkpoint_dir=''"]),
+    ("fit-resume", lambda: MODEL.fit(X, resume=3), ["`resume`", "resume=3"]),
+    ("fit-unknown", lambda: MODEL.fit(X, epoch=2), ["`epoch`", "did you mean 'epochs'"]),
+    ("evaluate-batch-size", lambda: MODEL.evaluate(X, batch_size=True), ["`batch_size`", "batch_size=True"]),
+    ("predict-batch-size", lambda: MODEL.predict(X, batch_size="8"), ["`batch_size`", "batch_size='8'"]),
+    ("save-pretrained-directory", lambda: MODEL.save_pretrained(None), ["`directory`", "directory=None"]),
+    ("save-pretrained-metrics", lambda: MODEL.save_pretrained("d", metrics={"f1": "x"}), ["`metrics.f1`", "'x'"]),
+    ("save-adapter-directory", lambda: MODEL.save_adapter(5), ["`directory`", "directory=5"]),
+    ("push-private", lambda: MODEL.push_to_hub("me/x", private="no"), ["`private`", "private='no'"]),
+    ("push-revision", lambda: MODEL.push_to_hub("me/x", revision=2), ["`revision`", "revision=2"]),
+    ("load-allow-pickle", lambda: ft.load("nobody/x", allow_pickle="yes"), ["`allow_pickle`", "'yes'"]),
+    ("load-seed", lambda: ft.load("nobody/x", seed=-1), ["`seed`", "seed=-1"]),
+    ("from-config-num-labels", lambda: ft.from_config(None, num_labels=0), ["`num_labels`", "num_labels=0"]),
+    ("from-config-dtype", lambda: ft.from_config(None, dtype="int8"), ["`dtype`", "dtype='int8'"]),
+    ("api-fit-num-labels", lambda: ft.fit("nobody/x", X, num_labels=-1), ["`num_labels`", "num_labels=-1"]),
+    ("early-stopping-patience", lambda: ft.callbacks.EarlyStopping(patience=1.5), ["`patience`", "patience=1.5"]),
+    ("early-stopping-mode", lambda: ft.callbacks.EarlyStopping(mode="maximum"), ["`mode`", "mode='maximum'"]),
+    ("early-stopping-min-delta", lambda: ft.callbacks.EarlyStopping(min_delta=NAN), ["`min_delta`", "=nan"]),
+    ("jsonl-logger-path", lambda: ft.callbacks.JSONLLogger(None), ["`path`", "path=None"]),
+    ("csv-logger-path", lambda: ft.callbacks.CSVLogger(3), ["`path`", "path=3"]),
+    ("group-positional", lambda: ft.Group(0), ["`lr_mult`", "lr_mult=0", "trainable=False"]),
+    ("layer-decay-layer", lambda: ft.LayerDecay(0.5, 4, layer=1.5), ["`layer`", "layer=1.5"]),
+    ("schedule-learning-rate", lambda: make_schedule("cosine", learning_rate=NAN), ["`learning_rate`", "=nan"]),
+]
+
+
+@pytest.mark.parametrize("case, call, fragments", OPTIONS, ids=[o[0] for o in OPTIONS])
+def test_every_public_call_refuses_a_bad_option_naming_it(tmp_path, monkeypatch, case, call, fragments):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ft.ConfigError) as e:
+        call()
+    for fragment in fragments:
+        assert fragment in str(e.value), str(e.value)
+    assert list(tmp_path.iterdir()) == []
