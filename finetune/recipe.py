@@ -56,8 +56,14 @@ def _phase(value: Any) -> dict:
     what = "a dict of recipe overrides with `epochs` (an int >= 1), e.g. {'epochs': 1, 'learning_rate': 1e-3}"
     if not isinstance(value, Mapping) or "epochs" not in value or "phases" in value:
         raise schema.violation(what, "A phase takes recipe fields (no `phases` of its own) and must set `epochs`.")
-    schema.validate(Recipe, value)  # every override checked as the recipe field it is, at its path
+    # Every override checked as the recipe field it is, at its path; options of an optimizer the phase inherits are
+    # checked by the recipe holding it (`_options_of_the_optimizer`), so here it stands in as a factory of the user's.
+    schema.validate(Recipe, {"optimizer": _inherited, **value})
     return dict(value)
+
+
+def _inherited(learning_rate: float, **options: Any) -> Any:
+    raise AssertionError("a stand-in for the optimizer a phase inherits; never called")
 
 
 def _lora(value: Any) -> Any:
@@ -191,16 +197,23 @@ class Recipe:
 
     @pydantic.model_validator(mode="after")
     def _options_of_the_optimizer(self) -> Recipe:
-        names = option_names(self.optimizer)
-        for key, value in self.optimizer_options.items():
-            if names is not None and key not in names:
-                takes = ", ".join(names) or "no options"
-                raise schema.violation(
-                    f"an option that the optimizer {self.optimizer!r} takes ({takes}){schema.close_names(key, names)}",
-                    "Drop it, or pick an optimizer that takes it.",
-                    path=f"optimizer_options.{key}",
-                    value=value,
-                )
+        # A phase that keeps the run's optimizer is checked here, against it (its own check could not know it).
+        runs = [("", self.optimizer, self.optimizer_options)] + [
+            (f"phases[{i}].", self.optimizer, p.get("optimizer_options") or {})
+            for i, p in enumerate(self.phases)
+            if "optimizer" not in p
+        ]
+        for where, optimizer, options in runs:
+            names = option_names(optimizer)
+            for key, value in options.items():
+                if names is not None and key not in names:
+                    takes = ", ".join(names) or "no options"
+                    raise schema.violation(
+                        f"an option that the optimizer {optimizer!r} takes ({takes}){schema.close_names(key, names)}",
+                        "Drop it, or pick an optimizer that takes it.",
+                        path=f"{where}optimizer_options.{key}",
+                        value=value,
+                    )
         return self
 
     def replace(self, **overrides: Any) -> Recipe:

@@ -101,8 +101,14 @@ class LayerDecay:
 
 
 # One rule: a full-match regex over parameter paths and its group (a name, or a LayerDecay).
+def _target(value: Any) -> Any:
+    if isinstance(value, str | LayerDecay):
+        return value
+    raise schema.violation("a group name or a finetune.LayerDecay", "Write e.g. (r'.*', 'backbone').")
+
+
 Rule = Annotated[
-    tuple[schema.Regex, Annotated[str, Strict()] | LayerDecay],
+    tuple[schema.Regex, Annotated[Any, pydantic.AfterValidator(_target)]],
     schema.allowed(
         "a (regex, group) pair, the group a group name or a finetune.LayerDecay", "Write e.g. (r'.*', 'backbone')."
     ),

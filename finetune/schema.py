@@ -44,8 +44,6 @@ from finetune.errors import ConfigError, FinetuneError
 CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 _KIND = "finetune"  # the pydantic error type of every violation described here (allowed + fix)
-# Errors further inside a value that `allowed` keeps (with their paths) rather than describing the whole value.
-_DEEPER = (_KIND, "unexpected_keyword_argument", "extra_forbidden")
 
 
 def violation(allowed: str, fix: str = "", *, path: str | None = None, value: Any = None) -> PydanticCustomError:
@@ -58,14 +56,15 @@ def violation(allowed: str, fix: str = "", *, path: str | None = None, value: An
 def allowed(text: str, fix: str = "") -> WrapValidator:
     """Annotation: any failure of the type it follows is reported as ``must be <text>`` with ``fix``.
 
-    Violations already described further in (a bad regex inside a rule) are kept as they are, with their paths.
+    Violations further in (a bad regex inside a rule) are kept as they are, with their paths. (So the type should
+    hold no union: pydantic names a union's failed members in the path.)
     """
 
     def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
         try:
             return handler(value)
         except ValidationError as e:
-            if any(item["type"] in _DEEPER and item["loc"] for item in e.errors()):
+            if any(item["loc"] for item in e.errors()):  # a part of the value is wrong: name that part
                 raise
             raise violation(text, fix) from None
 
@@ -364,25 +363,25 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
+# What pydantic's own checks (of the structure around the schema's types) allow, and the fix.
 _PHRASES = {
-    "int_type": "an int",
-    "int_from_float": "an int",
-    "bool_type": "True or False",
-    "float_type": "a number",
-    "finite_number": "a finite number",
-    "string_type": "a string",
-    "dict_type": "a dict",
-    "list_type": "a list",
-    "tuple_type": "a list",
-    "callable_type": "a callable",
-    "missing": "given (it is required)",
+    "int_type": ("an int", _INT_FIX),
+    "int_from_float": ("an int", _INT_FIX),
+    "bool_type": ("True or False", "Write True or False."),
+    "float_type": ("a number", _NUMBER_FIX),
+    "finite_number": ("a finite number", _NUMBER_FIX),
+    "string_type": ("a string", "Quote the value as a string."),
+    "dict_type": ("a dict", "Write a dict, e.g. {'name': value}."),
+    "list_type": ("a list", "Write a list, e.g. [value, ...]."),
+    "tuple_type": ("a list", "Write a list, e.g. [value, ...]."),
+    "callable_type": ("a callable", "Pass a function."),
 }
 
 
 def _sentence(item: Mapping[str, Any], prefix: str) -> str:
     ctx = item.get("ctx") or {}
     loc = tuple(p for p in item["loc"] if p not in ("[key]",))
-    path = ctx.get("path") or _dotted(((prefix,) if prefix else ()) + loc) or prefix or "value"
+    path = _dotted(((prefix,) if prefix else ()) + loc + ((ctx["path"],) if "path" in ctx else ())) or "value"
     received = f"received {path}={ctx['received'] if 'received' in ctx else _show(item['input'])}"
     if isinstance(ctx.get("error"), FinetuneError):
         return str(ctx["error"])
@@ -391,8 +390,11 @@ def _sentence(item: Mapping[str, Any], prefix: str) -> str:
         return f"`{path}` must be {ctx['allowed']}; {received}.{fix}"
     if item["type"] == "missing":
         return f"`{path}` is required and was not given."
-    phrase = _PHRASES.get(item["type"]) or item["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
-    return f"`{path}` must be {phrase}; {received}."
+    phrase, fix = _PHRASES.get(item["type"]) or (
+        item["msg"].removeprefix("Input should be "),
+        "Give a value of that form.",
+    )
+    return f"`{path}` must be {phrase}; {received}. {fix}"
 
 
 def _problems(e: ValidationError, prefix: str, owner: str, names: tuple[str, ...], skip: str | None) -> list[str]:
