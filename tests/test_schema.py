@@ -245,3 +245,20 @@ def test_every_public_call_refuses_a_bad_option_naming_it(tmp_path, monkeypatch,
     for fragment in fragments:
         assert fragment in str(e.value), str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_phase_keeping_the_recipe_optimizer_is_checked_against_it():
+    phase = {"epochs": 1, "optimizer_options": {"momentum": 0.9}}
+    assert Recipe(optimizer="sgd", phases=[phase]).phases == (phase,)
+    with pytest.raises(ft.ConfigError, match=r"`phases\[0\]\.optimizer_options\.momentum` .* 'adamw'"):
+        Recipe(optimizer="adamw", phases=[phase])
+    with pytest.raises(ft.ConfigError, match=r"`phases\[0\]\.optimizer_options\.momentum` .* 'adam'"):
+        Recipe(optimizer="sgd", phases=[{**phase, "optimizer": "adam"}])
+
+
+def test_a_preset_file_with_a_bad_field_is_named(monkeypatch):
+    from finetune import presets
+
+    monkeypatch.setattr(presets, "_load_all", lambda: {"broken": {"name": "broken", "learning_rate": "fast"}})
+    with pytest.raises(ft.ConfigError, match=r"broken\.toml .*`learning_rate` .* received learning_rate='fast'"):
+        presets.get("broken")
