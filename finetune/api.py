@@ -12,7 +12,14 @@ from finetune.schema import Callbacks, Count, Text, Verbose
 
 
 def _model_or_name(value: Any) -> Any:
-    return value if isinstance(value, Model) else schema.check(schema.Path, value, name="model_or_name")
+    if isinstance(value, Model):
+        return value
+    try:
+        return schema.validate_as(schema.Source, value)
+    except pydantic.ValidationError:
+        raise schema.violation(
+            "a finetune.Model, a Hub id or a local directory", "Pass e.g. 'sentence-transformers/all-MiniLM-L6-v2'."
+        ) from None
 
 
 ModelOrName = Annotated[Any, pydantic.AfterValidator(_model_or_name)]

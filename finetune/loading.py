@@ -113,7 +113,7 @@ def default_rules(arch: registry.Architecture, module: nnx.Module, new_paths: tu
 
 @schema.arguments
 def load(
-    name_or_path: schema.Path,
+    name_or_path: schema.Source,
     task: Text = "feature-extraction",
     num_labels: Count | None = None,
     revision: Text | None = None,

@@ -114,6 +114,19 @@ def _path(value: Any) -> Any:
 Path = Annotated[Any, pydantic.AfterValidator(_path)]
 
 
+def _source(value: Any) -> Any:
+    if isinstance(value, str) and value or isinstance(value, os.PathLike):
+        return value
+    raise violation(
+        "a Hub id ('org/name' or 'hf://org/name') or a local directory (a str or an os.PathLike)",
+        "Pass e.g. 'sentence-transformers/all-MiniLM-L6-v2' or the directory of a saved model.",
+    )
+
+
+# Where a model comes from: a Hub id or a local directory.
+Source = Annotated[Any, pydantic.AfterValidator(_source)]
+
+
 def _callable(value: Any) -> Any:
     if callable(value):
         return value

@@ -225,6 +225,7 @@ OPTIONS = [
     ("load-seed", lambda: ft.load("nobody/x", seed=-1), ["`seed`", "seed=-1"]),
     ("from-config-num-labels", lambda: ft.from_config(None, num_labels=0), ["`num_labels`", "num_labels=0"]),
     ("from-config-dtype", lambda: ft.from_config(None, dtype="int8"), ["`dtype`", "dtype='int8'"]),
+    ("api-fit-model", lambda: ft.fit(3, X), ["`model_or_name`", "model_or_name=3", "finetune.Model"]),
     ("api-fit-num-labels", lambda: ft.fit("nobody/x", X, num_labels=-1), ["`num_labels`", "num_labels=-1"]),
     ("early-stopping-patience", lambda: ft.callbacks.EarlyStopping(patience=1.5), ["`patience`", "patience=1.5"]),
     ("early-stopping-mode", lambda: ft.callbacks.EarlyStopping(mode="maximum"), ["`mode`", "mode='maximum'"]),
