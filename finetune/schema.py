@@ -105,8 +105,12 @@ def _regex(value: str) -> str:
 Regex = Annotated[str, Strict(), allowed("a regular expression (a string)"), pydantic.AfterValidator(_regex)]
 
 
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and value != "" or isinstance(value, os.PathLike)
+
+
 def _path(value: Any) -> Any:
-    if isinstance(value, str) and value or isinstance(value, os.PathLike):
+    if _is_path(value):
         return value
     raise violation("a non-empty path (a str or an os.PathLike)", "Pass a directory or file path.")
 
@@ -115,7 +119,7 @@ Path = Annotated[Any, pydantic.AfterValidator(_path)]
 
 
 def _source(value: Any) -> Any:
-    if isinstance(value, str) and value or isinstance(value, os.PathLike):
+    if _is_path(value):
         return value
     raise violation(
         "a Hub id ('org/name' or 'hf://org/name') or a local directory (a str or an os.PathLike)",
