@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
+
+from finetune import schema
 from finetune.model import Model
+from finetune.schema import Callbacks, Count, Text, Verbose
 
 
+def _model_or_name(value: Any) -> Any:
+    if isinstance(value, Model):
+        return value
+    try:
+        return schema.validate_as(schema.Source, value)
+    except pydantic.ValidationError:
+        raise schema.violation(
+            "a finetune.Model, a Hub id or a local directory", "Pass e.g. 'sentence-transformers/all-MiniLM-L6-v2'."
+        ) from None
+
+
+ModelOrName = Annotated[Any, pydantic.AfterValidator(_model_or_name)]
+
+
+@schema.arguments
 def fit(
-    model_or_name: Model | str,
+    model_or_name: ModelOrName,
     train: Any,
     *,
-    task: str | None = None,
-    preset: str | None = None,
+    task: Text | None = None,
+    preset: Text | None = None,
     validation_data: Any = None,
-    num_labels: int | None = None,
-    callbacks: Any = (),
-    verbose: int = 1,
+    num_labels: Count | None = None,
+    callbacks: Callbacks = (),
+    verbose: Verbose = 1,
     mesh: Any = None,
     **overrides: Any,
 ):

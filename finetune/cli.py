@@ -86,11 +86,40 @@ def _data(args) -> tuple[Any, Any]:
     return train, validation
 
 
-def _load(args, train=None):
+# The numeric options of every subcommand, with their types in the schema (the same types as the Python API's).
+_OPTIONS = {
+    "num_labels": ("--num-labels", "Count"),
+    "batch_size": ("--batch-size", "Count"),
+    "limit": ("--limit", "Count"),
+    "steps": ("--steps", "Count"),
+    "num_processes": ("--num-processes", "Count"),
+    "process_id": ("--process-id", "Index"),
+}
+
+
+def _checked(args, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checks the command's options and its recipe (preset + ``--set``) before anything is loaded or written.
+
+    Returns the ``--set`` overrides; a bad value raises the `ConfigError` of the Python API, so the command exits
+    2 at once with its message.
+    """
+    from finetune import presets, schema
+    from finetune.recipe import Recipe
+
+    for attr, (flag, kind) in _OPTIONS.items():
+        if getattr(args, attr, None) is not None:
+            schema.check(getattr(schema, kind), getattr(args, attr), name=flag)
+    overrides = overrides if overrides is not None else parse_sets(getattr(args, "set", None) or [])
+    preset = getattr(args, "preset", None)
+    (presets.get(preset) if preset else Recipe()).replace(**overrides)
+    return overrides
+
+
+def _load(args, train=None, columns=None):
     import finetune
     from finetune.data import count_labels
 
-    num_labels = args.num_labels or (count_labels(train, args.task) if train is not None else None)
+    num_labels = args.num_labels or (count_labels(train, args.task, columns) if train is not None else None)
     return finetune.load(args.model or _default_model(), task=args.task, num_labels=num_labels)
 
 
@@ -98,13 +127,17 @@ def cmd_fit(args) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"`--output` {str(output)!r} is a file; pass a directory (it is created if missing).")
-    layout = _layout(args)  # before anything else touches JAX
     overrides = parse_sets(args.set or [])
+    if args.batch_size is not None:
+        overrides.setdefault("batch_size", args.batch_size)
     if args.data is None:
         overrides = {**MAIN_JOB, **overrides}
+    _checked(args, overrides)
+    layout = _layout(args)  # before anything else touches JAX
+    if args.data is None:
         print(f"No --data given: the main job fine-tunes {DEFAULT_MODEL} on {DEFAULT_DATA}.")
     train, validation = _data(args)
-    model = _load(args, train)
+    model = _load(args, train, overrides.get("columns"))
     model.compile(args.preset, sharding=layout, **overrides)
     before = model.evaluate(validation)
     print(f"validation before fine-tuning: {_fmt(before)}")
@@ -156,6 +189,7 @@ def _fmt(metrics: dict) -> str:
 
 
 def cmd_evaluate(args) -> int:
+    overrides = _checked(args)
     if args.data is None:
         validation = _data(args)[1]
     else:
@@ -164,7 +198,7 @@ def cmd_evaluate(args) -> int:
         validation = load_file(args.data)
         if args.limit:
             validation = validation.select(range(min(args.limit, len(validation))))
-    model = _load(args, None)
+    model = _load(args, None).compile(**overrides)
     print(json.dumps(model.evaluate(validation, batch_size=args.batch_size), indent=1))
     return 0
 
@@ -172,8 +206,9 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from finetune.data import load_file
 
+    overrides = _checked(args)
     data = load_file(args.data)
-    model = _load(args, None)
+    model = _load(args, None).compile(**overrides)
     text = "".join(json.dumps(row) + "\n" for row in prediction_rows(model, data, batch_size=args.batch_size))
     if args.output:
         Path(args.output).write_text(text)
@@ -223,8 +258,9 @@ def cmd_presets(args) -> int:
 def cmd_schedule(args) -> int:
     from finetune.plots import plot_schedule, schedule_curves
 
+    overrides = _checked(args)
     model = _load(args, None) if args.model or args.layer_model else _schema_model()
-    model.compile(args.preset, **parse_sets(args.set or []))
+    model.compile(args.preset, **overrides)
     curves = schedule_curves(model, model.recipe, args.steps)
     for group, values in sorted(curves.items()):
         print(f"{group:12s} peak {values.max():.3g}  first {values[0]:.3g}  last {values[-1]:.3g}")
@@ -270,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", default="text-classification", help="Task (default: text-classification).")
         p.add_argument("--num-labels", type=int, help="Number of classes (default: from the data or checkpoint).")
         p.add_argument("--data", required=data_required, help=f"A csv / json / parquet file (default: {DEFAULT_DATA}).")
-        p.add_argument("--batch-size", type=int, default=32, help="Examples per batch (default: 32).")
+        p.add_argument("--batch-size", type=int, help="Examples per batch (default: the recipe's, 32).")
 
     p = sub.add_parser(
         "fit",
@@ -309,9 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="This process's index (with --distributed).")
     p.set_defaults(func=cmd_fit)
 
+    set_help = "Override a recipe field, as for fit (e.g. --set columns.text=review --set max_length=128)."
     p = sub.add_parser("evaluate", help="Evaluate a model on a data file.")
     model_args(p, data_required=False)
     p.add_argument("--limit", type=int, help="Evaluate on the first N examples only.")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_evaluate, validation=None)
 
     p = sub.add_parser(
@@ -321,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model_args(p, data_required=True)
     p.add_argument("--output", help="Write predictions here (default: standard output).")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("presets", help="List the presets, or describe one.")

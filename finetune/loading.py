@@ -21,11 +21,12 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune import hub, pooling, sharding, weights
+from finetune import hub, pooling, schema, sharding, weights
 from finetune._torch import deferred
 from finetune.errors import ConfigError, LoadError
 from finetune.model import Model
 from finetune.models import registry
+from finetune.schema import Count, DType, Flag, Index, Labels, Text
 
 logger = logging.getLogger("finetune")
 
@@ -84,7 +85,7 @@ def resolve_labels(
                 f", id2label={id2label!r} with task={task!r}. Drop them, or pick a classification task."
             )
         return None, None
-    if id2label is not None:
+    if id2label is not None:  # `load` / `from_config` checked it (finetune.schema.Labels)
         id2label = {int(k): str(v) for k, v in id2label.items()}
         if num_labels is not None and num_labels != len(id2label):
             raise ConfigError(
@@ -95,8 +96,6 @@ def resolve_labels(
     config_labels = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
     if num_labels is None:
         num_labels = len(config_labels) or 2
-    if num_labels < 1:
-        raise ConfigError(f"`num_labels` must be at least 1; received num_labels={num_labels}.")
     return num_labels, (config_labels if len(config_labels) == num_labels else None)
 
 
@@ -151,18 +150,19 @@ def default_rules(arch: registry.Architecture, module: nnx.Module, new_paths: tu
     return [*rules, (".*", "backbone")]
 
 
+@schema.arguments
 def load(
-    name_or_path: str | os.PathLike,
-    task: str = "feature-extraction",
-    num_labels: int | None = None,
-    revision: str | None = None,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    allow_pickle: bool = False,
+    name_or_path: schema.Source,
+    task: Text = "feature-extraction",
+    num_labels: Count | None = None,
+    revision: Text | None = None,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
+    allow_pickle: Flag = False,
     *,
-    id2label: Mapping[int, str] | None = None,
-    token: str | bool | None = None,
-    seed: int = 0,
+    id2label: Labels | None = None,
+    token: Any = None,
+    seed: Index = 0,
     mesh: Any = None,
 ) -> Model:
     """Loads a pretrained Hugging Face checkpoint as a `finetune.Model`.
@@ -195,6 +195,12 @@ def load(
       >>> model.new_paths
       ('classifier/bias', 'classifier/kernel')
     """
+    if revision is not None and pathlib.Path(name_or_path).is_dir():
+        raise ConfigError(
+            f"`revision` applies to Hub repositories, and {os.fspath(name_or_path)!r} is a local directory, which has "
+            f"no revisions; received revision={revision!r}. Drop `revision`, or check out that revision into the "
+            "directory."
+        )
     directory = hub.resolve(name_or_path, revision=revision, token=token, allow_pickle=allow_pickle)
     hf_config = read_config(directory)
     arch = registry.get(hf_config.model_type)
@@ -238,17 +244,18 @@ def load(
     return model
 
 
+@schema.arguments
 def from_config(
     config: Any,
-    task: str = "feature-extraction",
-    num_labels: int | None = None,
+    task: Text = "feature-extraction",
+    num_labels: Count | None = None,
     *,
-    id2label: Mapping[int, str] | None = None,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+    id2label: Labels | None = None,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
     tokenizer: Any = None,
     processor: Any = None,
-    seed: int = 0,
+    seed: Index = 0,
 ) -> Model:
     """A freshly initialised model (no pretrained weights) from a Hugging Face config, to train from scratch.
 

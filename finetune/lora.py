@@ -25,13 +25,15 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import jax.numpy as jnp
 import numpy as np
+import pydantic
 import safetensors.numpy
 from flax import nnx
 
+from finetune import schema
 from finetune.errors import ConfigError
 from finetune.models.dropout import Dropout
 from finetune.models.layers import Linear
@@ -53,7 +55,22 @@ PEFT_TASKS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+def _targets(value: Any) -> Any:
+    return (value,) if isinstance(value, str) else value
+
+
+# One regex or a list of them (kept as a tuple), each a valid pattern.
+Targets = Annotated[
+    tuple[schema.Regex, ...],
+    pydantic.BeforeValidator(_targets),
+    pydantic.Field(min_length=1),
+    schema.allowed(
+        "a regex or a non-empty list of regexes over module paths", "Write e.g. targets='.*attention/(query|value)'."
+    ),
+]
+
+
+@schema.checked(what="the LoRA config")
 class LoRAConfig:
     """Which layers get adapters, and their shape.
 
@@ -65,42 +82,20 @@ class LoRAConfig:
       dropout: Dropout on the adapter's input while training.
     """
 
-    targets: tuple[str, ...]
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    targets: Targets
+    rank: schema.Count = 8
+    alpha: schema.Positive = 16.0
+    dropout: schema.Fraction = 0.0
 
     @classmethod
     def from_mapping(cls, value: Mapping[str, Any] | LoRAConfig) -> LoRAConfig:
         """Reads a recipe's ``lora`` field, e.g. ``{"targets": ".*attention/(query|value)", "rank": 8}``."""
         if isinstance(value, LoRAConfig):
             return value
-        fields = [f.name for f in dataclasses.fields(cls)]
         if not isinstance(value, Mapping):
-            raise ConfigError(f"`lora` must be a dict with keys {', '.join(fields)}; received lora={value!r}.")
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise ConfigError(f"`lora` has unknown key(s) {unknown}; allowed: {', '.join(fields)}.")
-        targets = value.get("targets")
-        targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
-        if not targets or not all(isinstance(t, str) for t in targets):
-            raise ConfigError(
-                f"`lora.targets` must be a regex or a list of regexes over module paths; received "
-                f"{value.get('targets')!r}. Write e.g. targets='.*attention/(query|value)'."
-            )
-        for pattern in targets:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"`lora.targets` has an invalid regex {pattern!r}: {e}. Fix the pattern.") from None
-        config = cls(targets, **{k: value[k] for k in ("rank", "alpha", "dropout") if k in value})
-        if not isinstance(config.rank, int) or isinstance(config.rank, bool) or config.rank < 1:
-            raise ConfigError(f"`lora.rank` must be an int >= 1; received rank={config.rank!r}. Typical: 8 or 16.")
-        if not isinstance(config.alpha, int | float) or config.alpha <= 0:
-            raise ConfigError(f"`lora.alpha` must be a number > 0; received alpha={config.alpha!r}. Typical: 2 * rank.")
-        if not isinstance(config.dropout, int | float) or not 0 <= config.dropout < 1:
-            raise ConfigError(f"`lora.dropout` must be in [0, 1); received dropout={config.dropout!r}.")
-        return config
+            fields = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"`lora` must be a dict with keys {fields}; received lora={value!r}.")
+        return schema.check(cls, dict(value), name="lora")
 
 
 class LoRALinear(Linear):

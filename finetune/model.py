@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from finetune import schema
 from finetune.errors import ConfigError
 from finetune.models.registry import TASKS
 from finetune.pooling import Pooling
+from finetune.schema import Callbacks, Card, Count, Flag, Path, Resume, Text, Verbose
 
 
 class Model:
@@ -162,25 +163,26 @@ class Model:
 
         return plan(self, self.recipe or Recipe())
 
+    @schema.arguments
     def fit(
         self,
         train: Any,
         validation_data: Any = None,
         *,
-        epochs: int | None = None,
-        steps: int | None = None,
-        batch_size: int | None = None,
-        callbacks: Sequence[Any] = (),
-        verbose: int = 1,
-        checkpoint_dir: str | os.PathLike | None = None,
-        save_every: int | None = None,
-        save_each_epoch: bool = True,
-        keep: int = 3,
-        monitor: str | None = None,
-        resume: bool | str | os.PathLike = False,
-        allow_changed_data: bool = False,
+        epochs: Count | None = None,
+        steps: Count | None = None,
+        batch_size: Count | None = None,
+        callbacks: Callbacks = (),
+        verbose: Verbose = 1,
+        checkpoint_dir: Path | None = None,
+        save_every: Count | None = None,
+        save_each_epoch: Flag = True,
+        keep: Count = 3,
+        monitor: Text | None = None,
+        resume: Resume = False,
+        allow_changed_data: Flag = False,
         mesh: Any = None,
-        sharding_rules: Mapping[str, Any] | None = None,
+        sharding_rules: dict[Text, Any] | None = None,
     ):
         """Trains the model; returns a `finetune.History`.
 
@@ -191,7 +193,7 @@ class Model:
           epochs: Passes over ``train`` (default: the recipe's).
           steps: Optimizer steps instead of epochs.
           batch_size: Examples per micro-batch (default: the recipe's).
-          callbacks: `finetune.callbacks.Callback` instances.
+          callbacks: `finetune.callbacks.Callback` instances (or one).
           verbose: 0 is silent; 1 prints the group report and a progress bar.
           checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps). The run locks it: a
             second run into the same directory is refused at start (`CheckpointError`), as is a directory that cannot
@@ -224,6 +226,8 @@ class Model:
 
         if self.recipe is None:
             self.recipe = Recipe()
+        if monitor is not None:
+            _check_monitor(monitor, self.task, self.recipe.metrics, validation=validation_data is not None)
         from finetune import sharding as sharding_lib
 
         trainer = Trainer(self, self.recipe, layout=sharding_lib.resolve(self.layout, mesh, rules=sharding_rules))
@@ -254,14 +258,16 @@ class Model:
         self._trainer.sync_model()
         return self._trainer
 
-    def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
+    @schema.arguments
+    def evaluate(self, data: Any, *, batch_size: Count | None = None) -> dict[str, float]:
         """Loss and metrics over ``data`` (inference mode, padding ignored)."""
         trainer = self._eval_trainer()
         self.last_metrics = trainer.evaluate(data, batch_size=batch_size or trainer.recipe.batch_size)
         return self.last_metrics
 
+    @schema.arguments
     def predict(
-        self, data: Any, *, batch_size: int | None = None, outputs: Sequence[str] | None = None
+        self, data: Any, *, batch_size: Count | None = None, outputs: list[Text] | None = None
     ) -> dict[str, Any]:
         """Predictions for every example (inference mode, padding ignored), as numpy arrays with one row per example.
 
@@ -313,7 +319,8 @@ class Model:
             print(text)
         return text
 
-    def save_pretrained(self, directory: str | os.PathLike, **card: Any):
+    @schema.arguments
+    def save_pretrained(self, directory: Path, **card: Unpack[Card]):
         """Writes Hugging Face format (safetensors, config.json, tokenizer/processor, model card) atomically.
 
         Args:
@@ -336,15 +343,16 @@ class Model:
             self._trainer.sync_model()
         return write(self, directory, **card)
 
+    @schema.arguments
     def push_to_hub(
         self,
-        repo_id: str,
+        repo_id: Text,
         *,
-        private: bool | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        token: str | None = None,
-        **card: Any,
+        private: Flag | None = None,
+        revision: Text | None = None,
+        commit_message: Text | None = None,
+        token: Any = None,
+        **card: Unpack[Card],
     ) -> str:
         """Exports the model (as `save_pretrained`) and uploads it to a Hub repository in one commit.
 
@@ -373,7 +381,8 @@ class Model:
             self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token, **card
         )
 
-    def save_adapter(self, directory: str | os.PathLike):
+    @schema.arguments
+    def save_adapter(self, directory: Path):
         """Writes only the LoRA adapters (and a trained new head) in the format of the ``peft`` library.
 
         Args:
@@ -393,3 +402,32 @@ class Model:
         if self._trainer is not None:
             self._trainer.sync_model()
         return save_adapter(self, directory)
+
+
+# The kinds of labels each task can train on (finetune.training.tasks.kind), hence its default metrics.
+_FAMILIES = {
+    "text-classification": ("single", "multi", "regression"),
+    "image-classification": ("single", "multi", "regression"),
+    "token-classification": ("token",),
+    "causal-lm": ("lm",),
+}
+
+
+def _check_monitor(monitor: str, task: str, metrics: Sequence[Any], *, validation: bool) -> None:
+    """Refuses a `fit(monitor=...)` that is not an epoch metric of the run (a typo would keep no best checkpoint)."""
+    from finetune.training import metrics as metrics_lib
+
+    if metrics:
+        names = [m.name for m in metrics_lib.resolve(metrics)]
+    else:
+        defaults = metrics_lib.DEFAULT_METRICS
+        families = _FAMILIES.get(task, tuple(defaults))
+        names = list(dict.fromkeys(["loss", *(n for f in families for n in defaults[f])]))
+    available = names + [f"val_{n}" for n in names if validation]
+    if monitor in available:
+        return
+    hint = "" if validation else " (val_ metrics need validation_data)"
+    raise ConfigError(
+        f"`monitor` must be an epoch metric of this run: {', '.join(available)}{hint}; received monitor={monitor!r}"
+        f"{schema.close_names(monitor, [f'val_{n}' for n in names] + names)}. Monitor one of these."
+    )

@@ -13,14 +13,16 @@ The chain, over the trainable parameters only (frozen ones are not in the tree a
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+import pydantic
 
+from finetune import schedules, schema
 from finetune.errors import ConfigError
 from finetune.rules import Assignment, path_str
 
@@ -36,17 +38,28 @@ _PLAIN = {
     "nadam": optax.nadam,
 }
 OPTIMIZERS = tuple(sorted([*_DECOUPLED, *_PLAIN, "adafactor"]))
-SCHEDULES = ("constant", "cosine", "linear", "exponential", "piecewise", "joined")
+SCHEDULES = schedules.SCHEDULES
+# The arguments of each named optimizer that finetune sets itself (so they are not `optimizer_options`).
+_SET_BY_FINETUNE = {
+    **{name: ("learning_rate", "weight_decay", "mask") for name in _DECOUPLED},
+    **{name: ("learning_rate",) for name in _PLAIN},
+    "adafactor": ("learning_rate", "weight_decay_rate", "weight_decay_mask"),
+}
 
 
-def _unknown(kind: str, value: Any, allowed: tuple[str, ...]) -> ConfigError:
-    close = difflib.get_close_matches(str(value), allowed, n=3)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return ConfigError(f"Unknown {kind} {value!r}.{hint} Allowed: {', '.join(allowed)}.")
+def option_names(optimizer: Any) -> tuple[str, ...] | None:
+    """The `optimizer_options` a named optimizer takes (its optax factory's arguments that finetune does not set);
+    ``()`` for a transformation without learning rate; None for a factory of the user's (its options are its own)."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return ()
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
+        return None
+    factory = _DECOUPLED.get(optimizer) or _PLAIN.get(optimizer) or optax.adafactor
+    return tuple(p for p in inspect.signature(factory).parameters if p not in _SET_BY_FINETUNE[optimizer])
 
 
 def _steps(value: float | int | None, total: int | None, what: str) -> int:
-    """A step count given in steps (int >= 1, or 0) or as a fraction of training (float in [0, 1))."""
+    """A step count given in steps or as a fraction of training (checked as `finetune.schedules.Steps`)."""
     if value is None:
         return 0
     if isinstance(value, float) and 0 <= value < 1:
@@ -56,15 +69,16 @@ def _steps(value: float | int | None, total: int | None, what: str) -> int:
                 "or pass `total_steps`."
             )
         return int(round(value * total))
-    if isinstance(value, int | float) and value >= 0 and float(value).is_integer():
-        return int(value)
-    raise ConfigError(
-        f"`{what}` must be a number of steps (int >= 0) or a fraction of training in [0, 1); received {what}={value!r}."
-    )
+    return int(value)
 
 
+@schema.arguments
 def make_schedule(
-    spec: Any = "constant", *, learning_rate: float, total_steps: int | None = None, warmup: float | int = 0
+    spec: schedules.Schedule = "constant",
+    *,
+    learning_rate: schema.Positive,
+    total_steps: schema.Index | None = None,
+    warmup: schedules.Steps = 0,
 ) -> optax.Schedule:
     """Builds a learning-rate schedule peaking at ``learning_rate``.
 
@@ -93,8 +107,6 @@ def make_schedule(
     args = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
     name = args.pop("name", "constant")
     warmup_steps = _steps(args.pop("warmup", warmup), total_steps, "warmup")
-    if name not in SCHEDULES:
-        raise _unknown("schedule", name, SCHEDULES)
     if total_steps is not None and warmup_steps > total_steps:
         raise ConfigError(
             f"`warmup` is {warmup_steps} steps, longer than training ({total_steps} steps). Shorten the warmup (e.g. "
@@ -121,8 +133,6 @@ def make_schedule(
         parts = [make_schedule(s, learning_rate=learning_rate, total_steps=total_steps) for s in args.pop("schedules")]
         bounds = [_steps(b, total_steps, "boundaries") for b in args.pop("boundaries")]
         main = optax.join_schedules(parts, bounds)
-    if args:
-        raise ConfigError(f"Unknown argument(s) {sorted(args)} for the {name!r} schedule. See make_schedule's docs.")
     if warmup_steps == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), main], [warmup_steps])
@@ -152,7 +162,7 @@ def _base_factory(optimizer: Any, options: Mapping[str, Any]) -> Callable[..., o
         return lambda learning_rate, weight_decay, mask: optax.chain(
             optax.add_decayed_weights(weight_decay, mask), _PLAIN[optimizer](learning_rate, **options)
         )
-    raise _unknown("optimizer", optimizer, OPTIMIZERS)
+    raise AssertionError(optimizer)  # OptimizerSpec's schema admits only the cases above
 
 
 def _labeller(mapping: Mapping[str, Any]) -> Callable[[Any], Any]:
@@ -160,18 +170,32 @@ def _labeller(mapping: Mapping[str, Any]) -> Callable[[Any], Any]:
     return lambda tree: jax.tree_util.tree_map_with_path(lambda kp, _: mapping[path_str(kp)], tree)
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-    """Everything `build` needs besides the rules."""
+def _optimizer(value: Any) -> Any:
+    if isinstance(value, optax.GradientTransformation) or callable(value) or value in OPTIMIZERS:
+        return value
+    raise schema.violation(
+        f"one of {', '.join(OPTIMIZERS)}{schema.close_names(value, OPTIMIZERS)}, an optax optimizer factory "
+        "(learning_rate, **options) -> GradientTransformation, or a transformation without learning rate",
+        "Pick one of these names.",
+    )
 
-    optimizer: Any = "adamw"
-    learning_rate: float = 1e-3
-    schedule: Any = "constant"
-    warmup: float | int = 0
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
-    accumulate: int = 1
-    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+# A named optimizer, an optax factory ``(learning_rate, **options)``, or a transformation without learning rate.
+Optimizer = Annotated[Any, pydantic.AfterValidator(_optimizer)]
+
+
+@schema.checked(what="the optimizer spec")
+class OptimizerSpec:
+    """Everything `build` needs besides the rules (the same types as the `finetune.Recipe` fields it comes from)."""
+
+    optimizer: Optimizer = "adamw"
+    learning_rate: schema.Positive = 1e-3
+    schedule: schedules.Schedule = "constant"
+    warmup: schedules.Steps = 0
+    weight_decay: schema.NonNegative = 0.0
+    clip_norm: schema.Positive | None = None
+    accumulate: schema.Count = 1
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def build(
@@ -189,16 +213,6 @@ def build(
       ``(transformation, {group: schedule})``; the transformation expects the pure dict of trainable parameters, and
       the train step applies it with `apply_step`.
     """
-    if not isinstance(spec.learning_rate, int | float) or spec.learning_rate <= 0:
-        raise ConfigError(f"`learning_rate` must be a number > 0; received learning_rate={spec.learning_rate!r}.")
-    if not isinstance(spec.weight_decay, int | float) or spec.weight_decay < 0:
-        raise ConfigError(
-            f"`weight_decay` must be a number >= 0; received weight_decay={spec.weight_decay!r}. Use 0 for none."
-        )
-    if not isinstance(spec.accumulate, int) or spec.accumulate < 1:
-        raise ConfigError(f"`accumulate` must be an int >= 1 (micro-batches per step); received {spec.accumulate!r}.")
-    if spec.clip_norm is not None and not spec.clip_norm > 0:
-        raise ConfigError(f"`clip_norm` must be > 0 or None (no clipping); received clip_norm={spec.clip_norm!r}.")
     factory = _base_factory(spec.optimizer, spec.options)
     mask = _labeller(decay)
     inject = optax.inject_hyperparams(lambda learning_rate, weight_decay: factory(learning_rate, weight_decay, mask))

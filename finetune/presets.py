@@ -63,7 +63,10 @@ def _check(name: str) -> dict[str, Any]:
 def get(name: str) -> Recipe:
     """The `finetune.Recipe` of a preset. Unknown names get an error with the closest names."""
     data = dict(_check(name))
-    return Recipe().replace(**data)
+    try:
+        return Recipe().replace(**data)
+    except ConfigError as e:  # a preset file edited by hand: say which file
+        raise type(e)(f"The preset file {name}.toml does not hold a valid recipe. {e}") from None
 
 
 def describe(name: str) -> str:

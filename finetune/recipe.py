@@ -1,21 +1,111 @@
-"""`Recipe`: every hyperparameter of a fine-tuning run, as one frozen dataclass.
+"""`Recipe`: every hyperparameter of a fine-tuning run, as one frozen dataclass checked by `finetune.schema`.
 
 A recipe comes from `Model.compile` (a preset by name plus overrides) and is saved with checkpoints and exports.
+Every field has a type from the schema, so a bad value (``learning_rate=nan``, ``group_by_length="no"``,
+``groups.backbone.trainable="no"``) is a `ConfigError` naming its dotted path when the recipe is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from finetune.errors import ConfigError
-from finetune.optim import OPTIMIZERS, OptimizerSpec
-from finetune.rules import Group
+import pydantic
+
+from finetune import schema
+from finetune.errors import RulesError
+from finetune.lora import LoRAConfig
+from finetune.optim import Optimizer, OptimizerSpec, option_names
+from finetune.rules import DecayRules, Group, Rules
+from finetune.schedules import Schedule, Steps
+from finetune.schema import Count, Flag, Index, NonNegative, Positive, Text, Unit
 
 
-@dataclasses.dataclass(frozen=True)
+def _metrics(value: Any) -> tuple:
+    from finetune.training import metrics as metrics_lib
+
+    items = (value,) if isinstance(value, str) else value  # "accuracy" means ["accuracy"], in Python and --set
+    if not isinstance(items, list | tuple) or not all(isinstance(m, str | metrics_lib.Metric) for m in items):
+        raise schema.violation(
+            f"a metric name or a list of them ({', '.join(metrics_lib.METRICS)})",
+            "Write e.g. ['accuracy', 'f1_macro'].",
+        )
+    metrics_lib.resolve(items)  # an unknown name: its ConfigError, with the closest names
+    return tuple(items)
+
+
+def _role(value: str) -> str:
+    from finetune.preprocess import ROLES
+
+    if value in ROLES:
+        return value
+    raise schema.violation(f"a column role: one of {', '.join(ROLES)}{schema.close_names(value, ROLES)}")
+
+
+Columns = Annotated[
+    dict[Annotated[str, pydantic.Strict(), pydantic.AfterValidator(_role)], Text],
+    schema.allowed(
+        "a dict {role: column name}, e.g. {'text': 'review', 'label': 'sentiment'}",
+        "Name the column of each role that detection does not find.",
+    ),
+]
+
+
+def _phase(value: Any) -> dict:
+    what = "a dict of recipe overrides with `epochs` (an int >= 1), e.g. {'epochs': 1, 'learning_rate': 1e-3}"
+    if not isinstance(value, Mapping) or "epochs" not in value or "phases" in value:
+        raise schema.violation(what, "A phase takes recipe fields (no `phases` of its own) and must set `epochs`.")
+    # Every override checked as the recipe field it is, at its path; options of an optimizer the phase inherits are
+    # checked by the recipe holding it (`_options_of_the_optimizer`), so here it stands in as a factory of the user's.
+    schema.validate(Recipe, {"optimizer": _inherited, **value})
+    return dict(value)
+
+
+def _inherited(learning_rate: float, **options: Any) -> Any:
+    raise AssertionError("a stand-in for the optimizer a phase inherits; never called")
+
+
+def _lora(value: Any) -> Any:
+    if isinstance(value, LoRAConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise schema.violation(
+            "a dict with keys targets, rank, alpha, dropout", "Write e.g. {'targets': '.*attention/(query|value)'}."
+        )
+    schema.validate(LoRAConfig, value)
+    return dict(value)
+
+
+Groups = Annotated[
+    dict[Text, Group],
+    schema.allowed(
+        "a dict {group name: finetune.Group or a dict of its fields}", "Write e.g. {'backbone': {'lr_mult': 0.1}}."
+    ),
+]
+Metrics = Annotated[Any, pydantic.AfterValidator(_metrics)]
+Phases = Annotated[
+    tuple[Annotated[Any, pydantic.AfterValidator(_phase)], ...],
+    schema.allowed("a list of phases, each a dict of recipe overrides with `epochs`", "Write e.g. [{'epochs': 1}]."),
+]
+Lora = Annotated[Any, pydantic.AfterValidator(_lora)]
+Packing = Annotated[
+    Annotated[bool, pydantic.Strict()] | None,
+    schema.allowed("None (pack where supported), True or False", "A string such as 'no' is not a bool."),
+]
+Precision = Annotated[Literal["float32", "bfloat16"], schema.allowed("'float32' or 'bfloat16'")]
+
+
+def _steps_per_execution(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise schema.violation("an int >= 1 or 'auto'", "Use 1 for one step per call, or 'auto' to let fit choose.")
+
+
+StepsPerExecution = Annotated[Any, pydantic.AfterValidator(_steps_per_execution)]
+
+
+@schema.checked(what="the recipe", errors={"rules": RulesError, "groups": RulesError, "decay_rules": RulesError})
 class Recipe:
     """Every hyperparameter of a run.
 
@@ -72,107 +162,71 @@ class Recipe:
         module paths), ``rank``, ``alpha`` and ``dropout`` (see `finetune.lora.LoRAConfig`); overrides merge into it.
     """
 
-    name: str | None = None
-    description: str = ""
-    provenance: str = ""
-    optimizer: Any = "adamw"
-    learning_rate: float = 5e-5
-    schedule: Any = "constant"
-    warmup: float | int = 0
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
-    accumulate: int = 1
-    rules: tuple | None = None
-    groups: Mapping[str, Group] | None = None
-    decay_rules: Any = None
-    optimizer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    loss: Any = None
-    metrics: tuple = ()
-    epochs: int = 1
-    steps: int | None = None
-    batch_size: int = 32
-    max_length: int | None = None
-    columns: Mapping[str, str] | None = None
-    packing: bool | None = None
-    group_by_length: bool = True
-    precision: str = "float32"
-    remat: bool = False
-    max_nonfinite: int = 10
-    seed: int = 0
-    log_every: int = 10
-    steps_per_execution: int | str = "auto"
-    layer_decay: float | None = None
-    phases: tuple = ()
-    lora: Mapping[str, Any] | None = None
+    name: Text | None = None
+    description: Text = ""
+    provenance: Text = ""
+    optimizer: Optimizer = "adamw"
+    learning_rate: Positive = 5e-5
+    schedule: Schedule = "constant"
+    warmup: Steps = 0
+    weight_decay: NonNegative = 0.0
+    clip_norm: Positive | None = None
+    accumulate: Count = 1
+    rules: Rules | None = None
+    groups: Groups | None = None
+    decay_rules: DecayRules = None
+    optimizer_options: dict[Text, Any] = dataclasses.field(default_factory=dict)
+    loss: schema.Function | None = None
+    metrics: Metrics = ()
+    epochs: Count = 1
+    steps: Count | None = None
+    batch_size: Count = 32
+    max_length: Count | None = None
+    columns: Columns | None = None
+    packing: Packing = None
+    group_by_length: Flag = True
+    precision: Precision = "float32"
+    remat: Flag = False
+    max_nonfinite: Count = 10
+    seed: Index = 0
+    log_every: Count = 10
+    steps_per_execution: StepsPerExecution = "auto"
+    layer_decay: Unit | None = None
+    phases: Phases = ()
+    lora: Lora | None = None
 
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "max_nonfinite", "log_every", "accumulate"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"`{name}` must be an int >= 1; received {name}={value!r}.")
-        spe = self.steps_per_execution
-        if spe != "auto" and (not isinstance(spe, int) or isinstance(spe, bool) or spe < 1):
-            raise ConfigError(
-                f"`steps_per_execution` must be an int >= 1 or 'auto'; received steps_per_execution={spe!r}. Use 1 "
-                "for one step per call, or 'auto' to let fit choose."
-            )
-        if self.packing not in (None, True, False):
-            raise ConfigError(
-                f"`packing` must be None (pack where supported), True or False; received packing={self.packing!r}."
-            )
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ConfigError(
-                f"`steps` must be an int >= 1 or None (train for `epochs`); received steps={self.steps!r}."
-            )
-        if (
-            isinstance(self.learning_rate, bool)
-            or not isinstance(self.learning_rate, int | float)
-            or (self.learning_rate <= 0)
-        ):
-            raise ConfigError(f"`learning_rate` must be a number > 0; received learning_rate={self.learning_rate!r}.")
-        if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
-            raise ConfigError(
-                f"`weight_decay` must be a number >= 0; received weight_decay={self.weight_decay!r}. Use 0 for none."
-            )
-        if self.clip_norm is not None and (not isinstance(self.clip_norm, int | float) or self.clip_norm <= 0):
-            raise ConfigError(f"`clip_norm` must be > 0 or None (no clipping); received clip_norm={self.clip_norm!r}.")
-        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
-            close = difflib.get_close_matches(self.optimizer, OPTIMIZERS, n=2)
-            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"Unknown optimizer {self.optimizer!r}.{hint} Allowed: {', '.join(OPTIMIZERS)}.")
-        if self.layer_decay is not None and not (
-            isinstance(self.layer_decay, int | float) and 0 < self.layer_decay <= 1
-        ):
-            raise ConfigError(f"`layer_decay` must be in (0, 1] or None; received layer_decay={self.layer_decay!r}.")
-        if not isinstance(self.remat, bool):
-            raise ConfigError(f"`remat` must be True or False; received remat={self.remat!r}.")
-        if self.precision not in ("float32", "bfloat16"):
-            raise ConfigError(f"`precision` must be 'float32' or 'bfloat16'; received precision={self.precision!r}.")
-        if self.lora is not None:
-            from finetune.lora import LoRAConfig
-
-            LoRAConfig.from_mapping(self.lora)  # a bad `lora` field fails here, not after data loading
+    @pydantic.model_validator(mode="after")
+    def _options_of_the_optimizer(self) -> Recipe:
+        # A phase that keeps the run's optimizer is checked here, against it (its own check could not know it).
+        runs = [("", self.optimizer, self.optimizer_options)] + [
+            (f"phases[{i}].", self.optimizer, p.get("optimizer_options") or {})
+            for i, p in enumerate(self.phases)
+            if "optimizer" not in p
+        ]
+        for where, optimizer, options in runs:
+            names = option_names(optimizer)
+            for key, value in options.items():
+                if names is not None and key not in names:
+                    takes = ", ".join(names) or "no options"
+                    raise schema.violation(
+                        f"an option that the optimizer {optimizer!r} takes ({takes}){schema.close_names(key, names)}",
+                        "Drop it, or pick an optimizer that takes it.",
+                        path=f"{where}optimizer_options.{key}",
+                        value=value,
+                    )
+        return self
 
     def replace(self, **overrides: Any) -> Recipe:
-        """A copy with fields replaced; unknown field names get an error with the closest names."""
+        """A copy with fields replaced (and checked); unknown field names get an error with the closest names.
+
+        A ``lora`` dict merges into the current one (``--set lora.rank=4`` keeps the targets).
+        """
         fields = [f.name for f in dataclasses.fields(self)]
         unknown = [k for k in overrides if k not in fields]
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, fields, n=2)
-                hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
-            raise ConfigError(f"Unknown recipe field(s): {', '.join(hints)}. Recipe fields: {', '.join(fields)}.")
-        if "rules" in overrides and overrides["rules"] is not None:
-            overrides["rules"] = tuple(tuple(r) for r in overrides["rules"])
-        if "metrics" in overrides and overrides["metrics"] is not None:
-            overrides["metrics"] = tuple(overrides["metrics"])
-        if overrides.get("groups") is not None:
-            overrides["groups"] = {k: _group(k, v) for k, v in overrides["groups"].items()}
-        if isinstance(overrides.get("lora"), Mapping) and self.lora is not None:  # `--set lora.rank=4` keeps targets
+            raise schema.unknown(unknown, fields, owner="the recipe", values=overrides)
+        if isinstance(overrides.get("lora"), Mapping) and isinstance(self.lora, Mapping):
             overrides["lora"] = {**self.lora, **overrides["lora"]}
-        if overrides.get("phases") is not None:
-            overrides["phases"] = tuple(_phase(i, p) for i, p in enumerate(overrides["phases"]))
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,27 +246,9 @@ class Recipe:
         )
 
 
-def _group(name: str, value: Any) -> Group:
-    if isinstance(value, Group):
-        return value
-    if isinstance(value, Mapping):
-        allowed = {f.name for f in dataclasses.fields(Group)}
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"Group {name!r} has unknown field(s) {unknown}; a group takes {', '.join(sorted(allowed))}."
-            )
-        return Group(**value)
-    raise ConfigError(f"`groups[{name!r}]` must be a finetune.Group or a dict of its fields; received {value!r}.")
-
-
-def _phase(index: int, value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping) or not isinstance(value.get("epochs"), int) or value["epochs"] < 1:
-        raise ConfigError(
-            f"`phases[{index}]` must be a dict of recipe overrides with `epochs` (an int >= 1); received {value!r}."
-        )
-    Recipe().replace(**{k: v for k, v in value.items() if k != "phases"})  # validates the field names early
-    return dict(value)
+schema.nested("groups", tuple(f.name for f in dataclasses.fields(Group)))
+schema.nested("lora", tuple(f.name for f in dataclasses.fields(LoRAConfig)))
+schema.nested("phases", tuple(f.name for f in dataclasses.fields(Recipe)))
 
 
 def _plain(value: Any) -> Any:

@@ -18,15 +18,29 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import jax
 import numpy as np
+import pydantic
+from pydantic import Field, Strict
 
+from finetune import schedules, schema
 from finetune.errors import RulesError
 
+# A group's LR multiplier: zero would train nothing while keeping optimizer state, so it is refused with the fix.
+LrMult = Annotated[
+    float,
+    Strict(),
+    Field(gt=0, allow_inf_nan=False),
+    schema.allowed(
+        "a finite number > 0",
+        "To stop a group from training, use Group(trainable=False) instead of a zero multiplier.",
+    ),
+]
 
-@dataclasses.dataclass(frozen=True)
+
+@schema.checked(error=RulesError, what="Group")
 class Group:
     """How one group of parameters trains.
 
@@ -38,46 +52,32 @@ class Group:
         group's learning rate is then ``schedule(step) * lr_mult``.
     """
 
-    lr_mult: float = 1.0
-    wd_mult: float = 1.0
-    trainable: bool = True
-    schedule: Any = None
-
-    def __post_init__(self):
-        if not isinstance(self.lr_mult, int | float) or not self.lr_mult > 0:
-            raise RulesError(
-                f"`lr_mult` must be a number > 0; received lr_mult={self.lr_mult!r}. To stop a group from training, "
-                "use Group(trainable=False) instead of a zero multiplier."
-            )
-        if not isinstance(self.wd_mult, int | float) or not self.wd_mult >= 0:
-            raise RulesError(
-                f"`wd_mult` must be a number >= 0 (0 turns weight decay off); received wd_mult={self.wd_mult!r}."
-            )
+    lr_mult: LrMult = 1.0
+    wd_mult: schema.NonNegative = 1.0
+    trainable: schema.Flag = True
+    schedule: schedules.Schedule | None = None
 
 
 DEFAULT_GROUPS: dict[str, Group] = {"backbone": Group(), "head": Group(), "new": Group()}
 
 
-@dataclasses.dataclass(frozen=True)
+@schema.checked(error=RulesError, what="LayerDecay")
 class LayerDecay:
     """A rule target that gives layer ``i`` of ``num_layers`` the LR multiplier ``decay ** (num_layers - i)``.
 
     Use it in place of a group name. The layer index is group 1 of the rule's regex, or ``layer`` when given (e.g.
-    ``layer=-1`` for embeddings, which then get ``decay ** (num_layers + 1)``, as in BEiT / timm).
+    ``layer=-1`` for embeddings, which then get ``decay ** (num_layers + 1)``, as in BEiT / timm). A rule whose
+    regex captures a layer index >= ``num_layers`` is an error (that layer would get a multiplier above 1).
 
     Example:
       >>> rules = [(r"encoder/layers/(\\d+)/.*", LayerDecay(0.75, 6)),
       ...          (r"embeddings/.*", LayerDecay(0.75, 6, layer=-1))]
     """
 
-    decay: float
-    num_layers: int
-    layer: int | None = None
-    wd_mult: float = 1.0
-
-    def __post_init__(self):
-        if not 0 < self.decay <= 1:
-            raise RulesError(f"`decay` of LayerDecay must be in (0, 1]; received decay={self.decay!r}. Typical: 0.75.")
+    decay: schema.Unit
+    num_layers: schema.Count
+    layer: schema.Integer | None = None
+    wd_mult: schema.NonNegative = 1.0
 
     def resolve(self, match: re.Match) -> tuple[str, Group]:
         if self.layer is not None:
@@ -89,11 +89,53 @@ class LayerDecay:
                 f"A LayerDecay rule needs its regex to capture the layer index as group 1, or an explicit `layer`; "
                 f"received regex {match.re.pattern!r}. Write e.g. r'encoder/layers/(\\d+)/.*'."
             )
+        if index >= self.num_layers:
+            raise RulesError(
+                f"`num_layers` of LayerDecay must exceed every layer index its rule matches; received "
+                f"num_layers={self.num_layers}, and the regex {match.re.pattern!r} matches layer {index} (at "
+                f"{match.string!r}), which would get lr_mult {self.decay ** (self.num_layers - index):.3g}. Set "
+                f"num_layers to the model's layer count (at least {index + 1})."
+            )
         name = "embeddings" if index < 0 else f"layer_{index:02d}"
         return name, Group(lr_mult=self.decay ** (self.num_layers - index), wd_mult=self.wd_mult)
 
 
-Rule = tuple[str, "str | LayerDecay"]
+# One rule: a full-match regex over parameter paths and its group (a name, or a LayerDecay).
+def _target(value: Any) -> Any:
+    if isinstance(value, str | LayerDecay):
+        return value
+    raise schema.violation("a group name or a finetune.LayerDecay", "Write e.g. (r'.*', 'backbone').")
+
+
+Rule = Annotated[
+    tuple[schema.Regex, Annotated[Any, pydantic.AfterValidator(_target)]],
+    schema.allowed(
+        "a (regex, group) pair, the group a group name or a finetune.LayerDecay", "Write e.g. (r'.*', 'backbone')."
+    ),
+]
+Rules = Annotated[
+    tuple[Rule, ...], schema.allowed("a list of (regex, group) pairs", "Write e.g. [(r'.*', 'backbone')].")
+]
+# Weight-decay rules: (regex, bool) pairs, first full match wins.
+DecayRule = Annotated[
+    tuple[schema.Regex, schema.Flag],
+    schema.allowed("a (regex, bool) pair", "Write e.g. (r'.*/bias', False)."),
+]
+
+_DecayRuleList = Annotated[
+    tuple[DecayRule, ...],
+    schema.allowed("None, a list of (regex, bool) pairs, or a callable (path, array) -> bool"),
+]
+
+
+def _decay_rules(value: Any) -> Any:
+    if value is None or callable(value):
+        return value
+    return schema.validate_as(_DecayRuleList, value)
+
+
+# `decay_rules`: None (ndim >= 2 decays), (regex, bool) rules, or a callable (path, array) -> bool.
+DecayRules = Annotated[Any, pydantic.AfterValidator(_decay_rules)]
 
 
 def path_str(keys: Iterable[Any]) -> str:
@@ -139,36 +181,20 @@ def _near_misses(pattern: str, paths: Sequence[str], n: int = 5) -> list[str]:
     return difflib.get_close_matches(pattern, list(paths), n=n, cutoff=0.3)
 
 
-def _compile(rules: Sequence[Rule], groups: Mapping[str, Group]) -> list[tuple[re.Pattern, Any]]:
-    compiled, unknown = [], []
-    for i, rule in enumerate(rules):
-        if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
-            raise RulesError(
-                f"Each rule must be a (regex, group) pair; received rules[{i}]={rule!r}. "
-                "Write e.g. (r'.*', 'backbone')."
-            )
-        pattern, target = rule
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise RulesError(f"`rules[{i}]` has an invalid regex {pattern!r}: {e}. Fix the pattern.") from None
-        if isinstance(target, str) and target not in groups:
-            unknown.append(f"rules[{i}] = ({pattern!r}, {target!r})")
-        elif not isinstance(target, str | LayerDecay):
-            raise RulesError(
-                f"The group of `rules[{i}]` must be a group name or a LayerDecay; received {target!r}. "
-                f"Defined groups: {', '.join(sorted(groups))}."
-            )
-        compiled.append((regex, target))
+def _compile(rules: Sequence[Any], groups: Mapping[str, Group]) -> list[tuple[re.Pattern, Any]]:
+    rules = schema.check(Rules, rules, name="rules", error=RulesError)
+    unknown = [
+        f"rules[{i}] = ({p!r}, {t!r})" for i, (p, t) in enumerate(rules) if isinstance(t, str) and t not in groups
+    ]
     if unknown:
         raise RulesError(
             f"These rules name groups that are not defined: {'; '.join(unknown)}. Defined groups: "
             f"{', '.join(sorted(groups))}. Fix the name, or define the group with groups={{name: Group(...)}}."
         )
-    return compiled
+    return [(re.compile(pattern), target) for pattern, target in rules]
 
 
-def assign(paths: Sequence[str], rules: Sequence[Rule], groups: Mapping[str, Group] | None = None) -> Assignment:
+def assign(paths: Sequence[str], rules: Sequence[Any], groups: Mapping[str, Group] | None = None) -> Assignment:
     """Assigns every path to a group: first rule whose regex fully matches wins.
 
     Args:

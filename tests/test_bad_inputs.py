@@ -285,3 +285,215 @@ def _with_tokenizer(path):
 
 def test_the_catalogue_has_at_least_forty_cases():
     assert len(CASES) + 3 >= 40
+
+
+# ---------------------------------------------------------------------------------------------------- the catalogue
+# Rows of the bad-input catalogue about arguments (types and ranges) and the command line: each is refused by the
+# call that took the value, with a finetune error whose message names the argument and the value, and nothing written
+# or deleted. (case id with the catalogue row, callable(tmp_path, bert fixture), exception type, message fragments)
+def _loaded(b):
+    return ft.load(b[1], task="text-classification")
+
+
+def _layer_decay_beyond_its_layers(b):
+    rules = [(r"encoder/layers/(\d+)/.*", ft.LayerDecay(0.8, 1)), (".*", "backbone")]
+    return _loaded(b).compile(rules=rules)
+
+
+ROWS = [
+    (
+        "C01-nan-learning-rate",
+        lambda t, b: tiny(learning_rate=float("nan")),
+        ft.ConfigError,
+        ["`learning_rate`", "=nan"],
+    ),
+    ("C02-inf-weight-decay", lambda t, b: tiny(weight_decay=float("inf")), ft.ConfigError, ["`weight_decay`", "=inf"]),
+    ("C03-negative-batch-size", lambda t, b: fit(batch_size=-1), ft.ConfigError, ["`batch_size`", "batch_size=-1"]),
+    ("C05-zero-steps", lambda t, b: fit(steps=0), ft.ConfigError, ["`steps`", "steps=0"]),
+    ("C06-negative-steps", lambda t, b: fit(steps=-3), ft.ConfigError, ["`steps`", "steps=-3"]),
+    (
+        "C08-string-save-every",
+        lambda t, b: fit(checkpoint_dir=t / "ck", save_every="2"),
+        ft.ConfigError,
+        ["`save_every`", "save_every='2'", "int >= 1"],
+    ),
+    (
+        "C10-callback-not-a-callback",
+        lambda t, b: fit(callbacks=[print]),
+        ft.ConfigError,
+        ["`callbacks`", "Callback", "builtin_function_or_method"],
+    ),
+    ("C13-string-seed", lambda t, b: tiny(seed="abc"), ft.ConfigError, ["`seed`", "seed='abc'"]),
+    (
+        "C14-option-adamw-lacks",
+        lambda t, b: tiny(optimizer="adamw", optimizer_options={"momentum": 0.9}),
+        ft.ConfigError,
+        ["`optimizer_options.momentum`", "momentum=0.9", "'adamw'", "b1, b2"],
+    ),
+    (
+        "C15-piecewise-without-scales",
+        lambda t, b: tiny(schedule={"name": "piecewise", "boundaries": [0.5]}),
+        ft.ConfigError,
+        ["`schedule`", "'boundaries': [0.5]", "`scales`", "same length"],
+    ),
+    (
+        "C16-joined-without-schedules",
+        lambda t, b: tiny(schedule="joined"),
+        ft.ConfigError,
+        ["`schedule`", "schedule='joined'", "`schedules`"],
+    ),
+    ("C18-string-layer-decay", lambda t, b: ft.LayerDecay("0.75", 6), ft.RulesError, ["`decay`", "decay='0.75'"]),
+    ("C20-rules-not-a-list", lambda t, b: tiny(rules=3), ft.RulesError, ["`rules`", "rules=3"]),
+    ("C21-phases-not-a-list", lambda t, b: tiny(phases=1), ft.ConfigError, ["`phases`", "phases=1"]),
+    (
+        "C22-string-group-by-length",
+        lambda t, b: tiny(group_by_length="no"),
+        ft.ConfigError,
+        ["`group_by_length`", "group_by_length='no'", "True or False"],
+    ),
+    (
+        "C22b-string-trainable",
+        lambda t, b: ft.Group(trainable="no"),
+        ft.RulesError,
+        ["`trainable`", "trainable='no'", "True or False"],
+    ),
+    ("D13-negative-max-length", lambda t, b: tiny(max_length=-5), ft.ConfigError, ["`max_length`", "max_length=-5"]),
+    (
+        "D14-columns-not-a-dict",
+        lambda t, b: tiny(columns="text"),
+        ft.ConfigError,
+        ["`columns`", "columns='text'", "{role: column name}"],
+    ),
+    (
+        "D23b-fractional-num-labels",
+        lambda t, b: ft.load(b[1], task="text-classification", num_labels=2.5),
+        ft.ConfigError,
+        ["`num_labels`", "num_labels=2.5"],
+    ),
+    ("D25-unknown-dtype", lambda t, b: ft.load(b[1], dtype="fp8"), ft.ConfigError, ["`dtype`", "dtype='fp8'"]),
+    (
+        "D26-revision-of-a-local-directory",
+        lambda t, b: ft.load(b[1], revision="v2"),
+        ft.ConfigError,
+        ["`revision`", "revision='v2'", "local directory"],
+    ),
+    ("D28-model-not-a-path", lambda t, b: ft.load(123), ft.ConfigError, ["`name_or_path`", "name_or_path=123"]),
+    (
+        "D29-non-integer-label-ids",
+        lambda t, b: ft.load(b[1], task="text-classification", id2label={"x": "a"}),
+        ft.ConfigError,
+        ["`id2label`", "id2label={'x': 'a'}"],
+    ),
+    (
+        "H07-license-not-a-string",
+        lambda t, b: _loaded(b).push_to_hub("me/tiny", license=123),
+        ft.ConfigError,
+        ["`license`", "license=123"],
+    ),
+    (
+        "H07b-export-license-not-a-string",
+        lambda t, b: _loaded(b).save_pretrained(t / "export", license=123),
+        ft.ConfigError,
+        ["`license`", "license=123"],
+    ),
+    (
+        "H09-unknown-push-option",
+        lambda t, b: _loaded(b).push_to_hub("me/tiny", foo=1),
+        ft.ConfigError,
+        ["`foo`", "foo=1", "commit_message", "license"],
+    ),
+    (
+        "H10-commit-message-not-a-string",
+        lambda t, b: _loaded(b).push_to_hub("me/tiny", commit_message=123),
+        ft.ConfigError,
+        ["`commit_message`", "commit_message=123"],
+    ),
+    (
+        "U03-decay-rule-bad-regex",
+        lambda t, b: tiny(decay_rules=[("encoder/(", True)]),
+        ft.RulesError,
+        ["`decay_rules[0][0]`", "'encoder/('", "regular expression"],
+    ),
+    ("U06-layer-decay-no-layers", lambda t, b: ft.LayerDecay(0.8, 0), ft.RulesError, ["`num_layers`", "num_layers=0"]),
+    (
+        "U06b-layer-decay-fewer-layers-than-matched",
+        lambda t, b: _layer_decay_beyond_its_layers(b),
+        ft.RulesError,
+        ["`num_layers`", "num_layers=1", "layer 1"],
+    ),
+    (
+        "R08-monitor-typo",
+        lambda t, b: fit(validation_data=(X, Y), checkpoint_dir=t / "ck", monitor="val_acuracy"),
+        ft.ConfigError,
+        ["`monitor`", "monitor='val_acuracy'", "val_accuracy"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case, make, error, fragments", ROWS, ids=[r[0] for r in ROWS])
+def test_catalogue_row_is_refused_by_the_call_with_nothing_written(tmp_path, bert, case, make, error, fragments):
+    from tests.catalogue import assert_unchanged, snapshot
+
+    before, model_files = snapshot(tmp_path), snapshot(bert[0])
+    with pytest.raises(error) as e:
+        make(tmp_path, bert)
+    message = str(e.value)
+    assert message[:1].isupper() or message[:1] in "`'", message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in: {message}"
+    assert_unchanged(before, tmp_path)
+    assert_unchanged(model_files, bert[0])
+
+
+def test_C09_one_callback_is_taken_as_a_list_of_one():
+    stopper = ft.callbacks.EarlyStopping("loss")
+    fit(callbacks=stopper)
+    assert stopper.best is not None and stopper.best_epoch == 0
+
+
+def test_K02_a_single_metric_name_means_the_same_in_python_and_on_the_command_line(capsys):
+    assert tiny(metrics="accuracy").recipe.metrics == ("accuracy",)
+    assert cli.main(["schedule", "--preset", "full", "--steps", "10", "--set", "metrics=accuracy"]) == 0
+    assert cli.main(["schedule", "--preset", "full", "--steps", "10", "--set", "metrics=acuracy"]) == 2
+    assert "'acuracy'" in capsys.readouterr().err
+
+
+# (case id with the catalogue row, command line after the subcommand's --model/--data, fragments of stderr)
+CLI_ROWS = [
+    ("K01-groups-not-a-dict", ["fit", "--set", "groups=3"], ["`groups`", "groups=3"]),
+    (
+        "K03-string-trainable",
+        ["fit", "--set", "groups.backbone.trainable=no"],
+        ["`groups.backbone.trainable`", "groups.backbone.trainable='no'"],
+    ),
+    ("K04-zero-num-labels", ["fit", "--num-labels", "0"], ["`--num-labels`", "--num-labels=0"]),
+    ("K06-nan-learning-rate", ["fit", "--set", "learning_rate=NaN"], ["`learning_rate`", "learning_rate=nan"]),
+    ("K08a-zero-batch-size", ["evaluate", "--batch-size", "0"], ["`--batch-size`", "--batch-size=0"]),
+    ("K08c-negative-batch-size", ["predict", "--batch-size", "-2"], ["`--batch-size`", "--batch-size=-2"]),
+    ("K15-negative-limit", ["fit", "--limit", "-5"], ["`--limit`", "--limit=-5"]),
+    ("K02b-unknown-metric", ["fit", "--set", "metrics=acuracy"], ["`metrics`", "'acuracy'"]),
+]
+
+
+@pytest.mark.parametrize("case, argv, fragments", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])
+def test_catalogue_row_exits_2_on_the_command_line_with_nothing_written(tmp_path, bert, capsys, case, argv, fragments):
+    from tests.catalogue import assert_unchanged, snapshot
+
+    root, path = bert
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"w{i} x,{i % 3}\n" for i in range(12)))
+    before, model_files = snapshot(tmp_path), snapshot(root)
+    command, *rest = argv
+    extra = ["--output", str(tmp_path / "out")] if command == "fit" else []
+    code = cli.main([command, "--model", str(path), "--data", str(tmp_path / "d.csv"), *extra, *rest])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in: {err}"
+    assert_unchanged(before, tmp_path)
+    assert_unchanged(model_files, root)
+
+
+def test_K11_schedule_with_negative_steps_exits_2(capsys):
+    assert cli.main(["schedule", "--preset", "full", "--steps", "-5"]) == 2
+    assert "`--steps` must be an int >= 1; received --steps=-5" in capsys.readouterr().err

@@ -160,3 +160,30 @@ def test_the_main_job_runs_with_no_model_or_data(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "main job" in printed and "validation after fine-tuning:  loss=" in printed
     assert (out / "model" / "config.json").exists() and (out / "lr_schedule.png").exists()
+
+
+def test_CLI1_fit_trains_on_the_label_column_named_by_set_columns(csv_data, tmp_path, capsys):
+    root, model_dir = csv_data
+    words = ["good", "great", "fun", "bad", "dull", "awful"]
+    rows = ["text,sentiment"] + [f"{words[i % 6]} film,{'pos' if i % 6 < 3 else 'neg'}" for i in range(24)]
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    argv = ["fit", "--model", model_dir, "--data", str(tmp_path / "s.csv"), "--output", str(out), "--quiet"]
+    sets = ["columns.label=sentiment", "epochs=1", "max_length=8", "batch_size=8"]
+    assert cli.main(argv + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["neg", "pos"]
+
+
+def test_CLI3_evaluate_and_predict_take_the_column_options_of_fit(csv_data, tmp_path, capsys):
+    root, model_dir = csv_data
+    rows = ["review,sentiment"] + [f"w{i} film,{i % 2}" for i in range(10)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    data = ["--model", model_dir, "--num-labels", "2", "--data", str(tmp_path / "r.csv")]
+    columns = ["--set", "columns.text=review", "--set", "columns.label=sentiment", "--set", "max_length=8"]
+    assert cli.main(["evaluate", *data, *columns]) == 0, capsys.readouterr().err
+    assert "accuracy" in json.loads(capsys.readouterr().out)
+    assert cli.main(["predict", *data, "--set", "columns.text=review"]) == 0, capsys.readouterr().err
+    assert len(capsys.readouterr().out.splitlines()) == 10
+    assert cli.main(["evaluate", *data, "--set", "columns.txt=review"]) == 2
+    assert "`columns.txt`" in capsys.readouterr().err

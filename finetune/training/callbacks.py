@@ -11,9 +11,12 @@ import csv
 import json
 import math
 import os
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from finetune import schema
 from finetune.errors import ConfigError
+
+Mode = Annotated[Literal["auto", "min", "max"], schema.allowed("'auto', 'min' or 'max'", "Write e.g. mode='max'.")]
 
 
 class Callback:
@@ -39,17 +42,16 @@ class EarlyStopping(Callback):
       restore_best_weights: At the end, put back the parameters of the best epoch.
     """
 
+    @schema.arguments
     def __init__(
         self,
-        monitor: str = "val_loss",
+        monitor: schema.Text = "val_loss",
         *,
-        patience: int = 0,
-        mode: str = "auto",
-        min_delta: float = 0.0,
-        restore_best_weights: bool = False,
+        patience: schema.Index = 0,
+        mode: Mode = "auto",
+        min_delta: schema.NonNegative = 0.0,
+        restore_best_weights: schema.Flag = False,
     ):
-        if mode not in ("auto", "min", "max"):
-            raise ConfigError(f"`mode` must be 'auto', 'min' or 'max'; received mode={mode!r}.")
         if mode == "auto":
             mode = "max" if any(k in monitor for k in ("acc", "f1", "precision", "recall")) else "min"
         self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, abs(min_delta)
@@ -89,7 +91,8 @@ class EarlyStopping(Callback):
 class JSONLLogger(Callback):
     """Appends one JSON line per log interval (``"kind": "step"``) and per epoch (``"kind": "epoch"``)."""
 
-    def __init__(self, path: str | os.PathLike):
+    @schema.arguments
+    def __init__(self, path: schema.Path):
         self.path = os.fspath(path)
 
     def _write(self, record: dict) -> None:
@@ -107,7 +110,8 @@ class JSONLLogger(Callback):
 class CSVLogger(Callback):
     """Writes one CSV row per epoch (Keras' CSVLogger): ``epoch`` and every epoch log."""
 
-    def __init__(self, path: str | os.PathLike):
+    @schema.arguments
+    def __init__(self, path: schema.Path):
         self.path, self.rows = os.fspath(path), []
 
     def on_epoch_end(self, epoch, logs=None):
