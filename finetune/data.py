@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 import os
 import pathlib
@@ -35,6 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from finetune import datacheck
 from finetune import labels as labels_lib
 from finetune.errors import DataError
 
@@ -271,10 +273,15 @@ class ArrayData:
 
 
 class BatchIterable:
-    """Ready batches (an iterable of dicts, re-iterated every epoch); partial batches get padded and masked."""
+    """Ready batches (an iterable of dicts, re-iterated every epoch); partial batches get padded and masked.
 
-    def __init__(self, batches: Iterable[Mapping[str, Any]]):
+    ``check(batch, index=i)`` is called on every batch before it is handed out (`finetune.datacheck.check_batch`);
+    an iterable that yields no batch at all is a `DataError`, not a bare ``StopIteration``.
+    """
+
+    def __init__(self, batches: Iterable[Mapping[str, Any]], *, check: Any = None):
         self.source = batches
+        self.check = check
         self.size = None
         self.shapes: set[tuple[int, ...]] = set()
 
@@ -292,6 +299,7 @@ class BatchIterable:
         pack: bool = False,
     ) -> Iterator[Batch]:
         del seed, epoch, group, pack  # ready batches keep their order and shapes
+        i = -1
         for i, b in enumerate(self.source):
             if i < start:
                 continue
@@ -303,11 +311,20 @@ class BatchIterable:
                     "columns or a datasets.Dataset."
                 )
             batch = {k: np.asarray(v) for k, v in b.items()}
+            if not batch or not len(next(iter(batch.values()))):
+                raise DataError(f"Item {i} of the iterable passed as data is an empty batch. Give every batch rows.")
+            if self.check is not None:
+                self.check(batch, index=i)
             n = len(next(iter(batch.values())))
             batch.setdefault("example_mask", np.ones(n, np.float32))
             batch = pad(batch, max(batch_size, n))
             self.shapes.add(_shape(batch))
             yield batch
+        if i < 0:
+            raise DataError(
+                "The data is empty: the iterable passed as data yielded no batches (a generator is used up after one "
+                "pass). Pass batches, or a list of them (re-iterated every epoch)."
+            )
 
 
 def _first_fit(lengths: np.ndarray, width: int) -> tuple[list[int], np.ndarray]:
@@ -371,8 +388,10 @@ def as_source(
     packing: bool = False,
     stage: str = "fit",
     padding: str = "buckets",
+    argument: str = "data",
 ) -> ArrayData | BatchIterable:
-    """Wraps what the user passed into a source of batches (``.batches(...)``, ``.steps(...)``).
+    """Wraps what the user passed into a source of batches (``.batches(...)``, ``.steps(...)``), checked against the
+    model before any step runs (`finetune.datacheck`).
 
     Args:
       data: A `datasets.Dataset`, a path to a local csv / tsv / json / jsonl / parquet file, a dict of arrays or of
@@ -388,15 +407,17 @@ def as_source(
         ``min(512, the model's positions)``.
       packing: Causal LM only: concatenate short examples into rows of up to ``max_length`` tokens.
       stage: ``fit`` (labels required; label names may be set on the model), ``evaluate`` (labels required) or
-        ``predict`` (labels optional).
+        ``predict`` (labels ignored).
       padding: ``buckets`` (pad each batch to the smallest length bucket) or ``longest`` (pad every batch to the data
         set's longest sequence: one shape, so per-token outputs of all batches can be concatenated).
+      argument: The name of the argument that took ``data`` (``train``, ``validation_data``...), for messages.
 
     Returns:
       An `ArrayData` (or a `BatchIterable` for ready batches).
 
     Raises:
-      DataError: Data of an unsupported type, a missing column, bad labels, an empty data set, or no tokenizer.
+      DataError: Data of an unsupported type, a missing column, bad labels, an empty data set, no tokenizer, or
+        data the model cannot take (`finetune.datacheck`). The message starts with ``argument``.
 
     Example:
       >>> source = as_source({"text": ["good", "bad"], "label": ["pos", "neg"]}, task="text-classification",
@@ -406,6 +427,16 @@ def as_source(
     if isinstance(data, ArrayData | BatchIterable):
         return data
     options = dict(task=task, model=model, columns=columns, max_length=max_length, packing=packing, stage=stage)
+    try:
+        return _as_source(data, padding=padding, **options)
+    except DataError as e:
+        raise DataError(f"`{argument}`: {e}") from None
+
+
+def _as_source(data: Any, *, padding: str, **options: Any) -> ArrayData | BatchIterable:
+    task, model, stage = options["task"], options["model"], options["stage"]
+    if isinstance(data, list | tuple | Mapping) and len(data) == 0:
+        raise DataError(f"The data is empty (an empty {type(data).__name__}). Pass at least one example.")
     if isinstance(data, str | os.PathLike):
         data = load_file(data)
     import datasets
@@ -423,11 +454,15 @@ def as_source(
         data = _pair_to_columns(data, task=task, model=model)
     if isinstance(data, Mapping) and _numeric(data):
         cols = dict(data)
-        if "labels" in cols and task != "causal-lm":
+        if stage == "predict":
+            cols.pop("labels", None)  # predictions need no labels
+        elif "labels" in cols and task != "causal-lm":
             cols["labels"] = labels_lib.encode(cols["labels"], model=model, column="labels", stage=stage)
-        return ArrayData(cols)
+        source = ArrayData(cols)
+        datacheck.check(source, model=model, task=task)
+        return source
     if isinstance(data, Mapping):
-        data = datasets.Dataset.from_dict({k: list(v) for k, v in data.items()})
+        data = datacheck.to_dataset(data)
     if isinstance(data, datasets.Dataset):
         return _cached(data, padding=padding, **options)
     if isinstance(data, datasets.IterableDataset):
@@ -436,7 +471,7 @@ def as_source(
             "`streaming=True`, or pass an iterable of ready batches (dicts of arrays)."
         )
     if isinstance(data, Iterable) and not isinstance(data, str | bytes | np.ndarray):
-        return BatchIterable(data)
+        return BatchIterable(data, check=functools.partial(datacheck.check_batch, model=model, task=task))
     raise DataError(
         f"Cannot make batches from data of type {type(data).__name__}. Pass a datasets.Dataset, a path to a csv / "
         "json / parquet file, a dict of numpy arrays (with a `labels` column), an (x, y) pair of arrays, or an "
@@ -476,7 +511,18 @@ def load_file(path: str | os.PathLike) -> Any:
     import datasets
 
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # pandas / pyarrow / datasets errors on a malformed or empty file
+        if "corresponds to no data" not in str(e):  # datasets' words for a file without rows
+            raise DataError(
+                f"The data file {str(path)!r} cannot be read as {fmt}: {type(e).__name__}: {e}. Check the file's "
+                "format (one header row, the same columns in every row)."
+            ) from None
+        ds = None
+    if ds is None or len(ds) == 0:
+        raise DataError(f"The data file {str(path)!r} has no rows (at most a header). Pass a file with examples.")
+    return ds
 
 
 def _numeric(data: Mapping[str, Any]) -> bool:
@@ -499,6 +545,8 @@ def _pair_to_columns(data: tuple, *, task: str, model: Any) -> Mapping[str, Any]
     first = x[0] if len(x) else None
     if isinstance(first, str) or (isinstance(x, np.ndarray) and x.dtype.kind in "US"):
         return {"text": list(x), "label": list(y)}
+    if task == "image-classification" and not isinstance(x, np.ndarray) and len({np.shape(i) for i in x}) > 1:
+        return {"image": list(x), "label": list(y)}  # images of several sizes: the image processor resizes them
     x = np.asarray(x)
     if task == "image-classification":
         config = getattr(model, "hf_config", None)
@@ -545,6 +593,7 @@ def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData
         else:  # "longest": one shape, the longest sequence
             buckets = (min(prepared.max_length, int(lengths.max())),)
     source = ArrayData(prepared.columns, sequences=prepared.sequences, buckets=buckets, pad_values=prepared.pad_values)
+    datacheck.check(source, model=model, task=options["task"])
     if model is not None:
         per_model[before] = per_model[key()] = source  # the label names may have just been set from this data
         while len(per_model) > _CACHE_SIZE:
