@@ -275,13 +275,14 @@ class ArrayData:
 class BatchIterable:
     """Ready batches (an iterable of dicts, re-iterated every epoch); partial batches get padded and masked.
 
-    ``check(batch, index=i)`` is called on every batch before it is handed out (`finetune.datacheck.check_batch`);
-    an iterable that yields no batch at all is a `DataError`, not a bare ``StopIteration``.
+    ``check(batch)`` is called on every batch before it is handed out (`finetune.datacheck.check_batch`); an
+    iterable that yields no batch at all is a `DataError`, not a bare ``StopIteration``. ``argument`` names the
+    argument the iterable was passed as, for messages.
     """
 
-    def __init__(self, batches: Iterable[Mapping[str, Any]], *, check: Any = None):
+    def __init__(self, batches: Iterable[Mapping[str, Any]], *, check: Any = None, argument: str = "data"):
         self.source = batches
-        self.check = check
+        self.check, self.argument = check, argument
         self.size = None
         self.shapes: set[tuple[int, ...]] = set()
 
@@ -305,16 +306,20 @@ class BatchIterable:
                 continue
             if not isinstance(b, Mapping):
                 raise DataError(
-                    f"Item {i} of the iterable passed as data is a {type(b).__name__} ({b!r:.60}), not a batch. An "
-                    "iterable is read as ready batches: dicts of arrays such as {'input_ids': ..., 'labels': ...}. "
+                    f"Item {i} of the iterable passed as `{self.argument}` is a {type(b).__name__} ({b!r:.60}), not "
+                    "a batch. An iterable is read as ready batches: dicts of arrays such as {'input_ids': ..., "
+                    "'labels': ...}. "
                     "For raw examples pass a list of texts, a list of rows ({'text': ..., 'label': ...}), a dict of "
                     "columns or a datasets.Dataset."
                 )
             batch = {k: np.asarray(v) for k, v in b.items()}
             if not batch or not len(next(iter(batch.values()))):
-                raise DataError(f"Item {i} of the iterable passed as data is an empty batch. Give every batch rows.")
+                raise DataError(f"`{self.argument}` (batch {i}): The batch is empty. Give every batch rows.")
             if self.check is not None:
-                self.check(batch, index=i)
+                try:
+                    self.check(batch)
+                except DataError as e:
+                    raise DataError(f"`{self.argument}` (batch {i}): {e}") from None
             n = len(next(iter(batch.values())))
             batch.setdefault("example_mask", np.ones(n, np.float32))
             batch = pad(batch, max(batch_size, n))
@@ -322,8 +327,8 @@ class BatchIterable:
             yield batch
         if i < 0:
             raise DataError(
-                "The data is empty: the iterable passed as data yielded no batches (a generator is used up after one "
-                "pass). Pass batches, or a list of them (re-iterated every epoch)."
+                f"`{self.argument}`: The data is empty: the iterable yielded no batches (a generator is used up after "
+                "one pass). Pass batches, or a list of them (re-iterated every epoch)."
             )
 
 
@@ -428,12 +433,12 @@ def as_source(
         return data
     options = dict(task=task, model=model, columns=columns, max_length=max_length, packing=packing, stage=stage)
     try:
-        return _as_source(data, padding=padding, **options)
+        return _as_source(data, padding=padding, argument=argument, **options)
     except DataError as e:
         raise DataError(f"`{argument}`: {e}") from None
 
 
-def _as_source(data: Any, *, padding: str, **options: Any) -> ArrayData | BatchIterable:
+def _as_source(data: Any, *, padding: str, argument: str, **options: Any) -> ArrayData | BatchIterable:
     task, model, stage = options["task"], options["model"], options["stage"]
     if isinstance(data, list | tuple | Mapping) and len(data) == 0:
         raise DataError(f"The data is empty (an empty {type(data).__name__}). Pass at least one example.")
@@ -459,7 +464,7 @@ def _as_source(data: Any, *, padding: str, **options: Any) -> ArrayData | BatchI
         elif "labels" in cols and task != "causal-lm":
             cols["labels"] = labels_lib.encode(cols["labels"], model=model, column="labels", stage=stage)
         source = ArrayData(cols)
-        datacheck.check(source, model=model, task=task)
+        datacheck.check(source, model=model, task=task, stage=stage)
         return source
     if isinstance(data, Mapping):
         data = datacheck.to_dataset(data)
@@ -471,7 +476,8 @@ def _as_source(data: Any, *, padding: str, **options: Any) -> ArrayData | BatchI
             "`streaming=True`, or pass an iterable of ready batches (dicts of arrays)."
         )
     if isinstance(data, Iterable) and not isinstance(data, str | bytes | np.ndarray):
-        return BatchIterable(data, check=functools.partial(datacheck.check_batch, model=model, task=task))
+        check = functools.partial(datacheck.check_batch, model=model, task=task, stage=stage)
+        return BatchIterable(data, check=check, argument=argument)
     raise DataError(
         f"Cannot make batches from data of type {type(data).__name__}. Pass a datasets.Dataset, a path to a csv / "
         "json / parquet file, a dict of numpy arrays (with a `labels` column), an (x, y) pair of arrays, or an "
@@ -593,7 +599,7 @@ def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData
         else:  # "longest": one shape, the longest sequence
             buckets = (min(prepared.max_length, int(lengths.max())),)
     source = ArrayData(prepared.columns, sequences=prepared.sequences, buckets=buckets, pad_values=prepared.pad_values)
-    datacheck.check(source, model=model, task=options["task"])
+    datacheck.check(source, model=model, task=options["task"], stage=options["stage"])
     if model is not None:
         per_model[before] = per_model[key()] = source  # the label names may have just been set from this data
         while len(per_model) > _CACHE_SIZE:

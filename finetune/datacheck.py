@@ -59,10 +59,14 @@ def check_tokenizer(tokenizer: Any, model: Any) -> None:
         )
 
 
-def check(source: Any, *, model: Any, task: str) -> None:
-    """Checks a prepared `finetune.data.ArrayData` against ``model`` (see the module doc); raises `DataError`."""
+def check(source: Any, *, model: Any, task: str, stage: str) -> None:
+    """Checks a prepared `finetune.data.ArrayData` against ``model`` (see the module doc); raises `DataError`.
+
+    ``stage`` is ``fit``, ``evaluate`` or ``predict``: the first two need labels for a classification task.
+    """
     if model is None:
         return
+    _check_has_labels([*source.columns, *source.sequences], task, stage)
     sequences = {name: values for name, (values, _) in source.sequences.items()}
     arrays = {k: v for k, v in source.columns.items() if not hasattr(v, "dataset_column")} | sequences
     _check_inputs([*source.columns, *source.sequences], model)
@@ -72,15 +76,21 @@ def check(source: Any, *, model: Any, task: str) -> None:
     _check_values(arrays, model, task, dense=set(source.columns) - set(sequences))
 
 
-def check_batch(batch: Mapping[str, np.ndarray], *, model: Any, task: str, index: int) -> None:
-    """Checks one ready batch (item ``index`` of an iterable of batches), as `check` checks a data set."""
+def check_batch(batch: Mapping[str, np.ndarray], *, model: Any, task: str, stage: str) -> None:
+    """Checks one ready batch (of an iterable of batches), as `check` checks a data set."""
     if model is None:
         return
-    try:
-        _check_inputs(list(batch), model)
-        _check_values(batch, model, task, dense=set(batch))
-    except DataError as e:
-        raise DataError(f"Batch {index} of the iterable passed as data: {e}") from None
+    _check_has_labels(list(batch), task, stage)
+    _check_inputs(list(batch), model)
+    _check_values(batch, model, task, dense=set(batch))
+
+
+def _check_has_labels(names: list[str], task: str, stage: str) -> None:
+    if stage != "predict" and task in labels_lib.CLASSIFICATION_TASKS and "labels" not in names:
+        raise DataError(
+            f"The data has columns {list(names)} and no `labels`, which `{stage}` needs for task {task!r}. Add a "
+            "`labels` column (or pass raw data with a label column), or use `predict`, which needs none."
+        )
 
 
 def _check_inputs(names: list[str], model: Any) -> None:

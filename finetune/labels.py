@@ -166,10 +166,11 @@ def _label_matrix(values: np.ndarray, *, model: Any, column: str, stage: str, na
         if names is not None:
             _check_names(names, model, column, stage)
         return values.astype(np.float32)
+    width = f"num_labels={size}" if size is not None else "num_labels"
     raise DataError(
         f"Column `{column}` has labels of shape {values.shape} and dtype {values.dtype}, which are neither one label "
-        f"per example ([N] or [N, 1]) nor multi-hot targets (values in [0, 1], [N, num_labels={size}]). Pass class "
-        "ids of shape [N], or one 0/1 per label and example."
+        f"per example ([N] or [N, 1]) nor multi-hot targets (values in [0, 1], [N, {width}]). Pass class ids of "
+        "shape [N], or one 0/1 per label and example."
     )
 
 
