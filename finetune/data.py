@@ -558,6 +558,9 @@ def _pair_to_columns(data: tuple, *, task: str, model: Any) -> Mapping[str, Any]
         config = getattr(model, "hf_config", None)
         channels = getattr(config, "num_channels", 3)
         if not (x.ndim == 4 and x.dtype.kind == "f" and x.shape[1] == channels):
+            from finetune.images import pixels
+
+            x = pixels(x, "`x` of the (x, y) pair")  # checked at once, not one by one after a copy
             return {"image": list(x), "label": list(y)}  # raw images: the model's image processor prepares them
         return {"pixel_values": x, "labels": y}
     key = "input_ids" if np.issubdtype(x.dtype, np.integer) and x.ndim == 2 else "x"

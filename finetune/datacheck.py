@@ -11,7 +11,9 @@ loss or an error from deep inside jax. What is checked:
   tokenizes itself, `finetune.preprocess.resolve_max_length`);
 * labels are finite and of the head's kind, shape and range (`finetune.labels.check_encoded`).
 
-A tokenizer larger than the embedding table is refused before any text is tokenized (`check_tokenizer`).
+A tokenizer larger than the embedding table is refused before any text is tokenized (`check_tokenizer`), and raw
+columns (a dict or rows) whose values mix types are refused, naming a row of each type, before they become a table
+(`to_dataset`). Labels (`finetune.labels`) and images (`finetune.images.pixels`) are checked where they are encoded.
 Each check reads each array once (a minimum, a maximum, a mask), so 100k examples take milliseconds.
 """
 

@@ -63,7 +63,7 @@ def to_image(value: Any, channels: int, index: int, column: str) -> Any:
     if isinstance(value, Image.Image):
         mode = {1: "L", 3: "RGB"}.get(channels)
         return value.convert(mode) if mode and value.mode != mode else value
-    array = _pixels(np.asarray(value), index, column)
+    array = pixels(np.asarray(value), f"Image {index} in column `{column}`")
     if array.ndim == 2 and channels == 1:
         return array[..., None]
     if array.ndim == 3 and channels in (array.shape[-1], array.shape[0]):
@@ -90,8 +90,9 @@ def _open(value: Any, index: int, column: str) -> Any:
         ) from None
 
 
-def _pixels(array: np.ndarray, index: int, column: str) -> np.ndarray:
-    """An image array as ``uint8``: integers must lie in [0, 255] and floats in [0, 1] (they are scaled to 255)."""
+def pixels(array: np.ndarray, what: str) -> np.ndarray:
+    """An image array (or a stack of them) as ``uint8``: integers must lie in [0, 255] and floats in [0, 1] (they
+    are scaled to 255), else a `DataError` that starts with ``what`` (e.g. "Image 3 in column `image`")."""
     kind = array.dtype.kind
     if kind in "biuf" and array.size:
         low, high = array.min(), array.max()
@@ -102,7 +103,7 @@ def _pixels(array: np.ndarray, index: int, column: str) -> np.ndarray:
     else:
         found = f"dtype {array.dtype}" if array.ndim else f"a {type(array.item()).__name__} ({array.item()!r:.60})"
     raise DataError(
-        f"Image {index} in column `{column}` has {found}, but images are uint8 in [0, 255] (or integers in that "
+        f"{what} has {found}, but images are uint8 in [0, 255] (or integers in that "
         "range) or floats in [0, 1]. Scale the images to one of these ranges (e.g. undo a normalisation), or pass "
         "the processed `pixel_values` (float32, [N, channels, height, width]) instead of images."
     )

@@ -177,12 +177,20 @@ CASES = [
     (
         "I06-normalised-float-images",
         lambda d, t: _fit(_bert(d, "vit"), (np.random.default_rng(0).normal(size=(4, 16, 16, 3)), [0, 1, 2, 0])),
-        ["`image`", "float", "uint8 in [0, 255]", "floats in [0, 1]"],
+        ["`x`", "dtype float64 with values in [-", "uint8 in [0, 255]", "floats in [0, 1]"],
+    ),
+    (
+        "I06-normalised-float-images-in-an-image-column",
+        lambda d, t: _fit(
+            _bert(d, "vit"),
+            {"image": list(np.random.default_rng(0).normal(size=(4, 16, 16, 3))), "label": [0, 1, 2, 0]},
+        ),
+        ["Image 0 in column `image`", "values in [-", "floats in [0, 1]"],
     ),
     (
         "I06-sixteen-bit-images",
         lambda d, t: _fit(_bert(d, "vit"), (np.full((4, 16, 16, 3), 4000, np.uint16), [0, 1, 2, 0])),
-        ["`image`", "[4000, 4000]", "uint8 in [0, 255]"],
+        ["`x`", "dtype uint16 with values in [4000, 4000]", "uint8 in [0, 255]"],
     ),
     ("P02-evaluate-an-empty-list", lambda d, t: _tiny().evaluate([]), ["`data`", "empty"]),
     ("P02-evaluate-an-empty-generator", lambda d, t: _tiny().evaluate(iter([])), ["`data`", "empty", "no batches"]),
