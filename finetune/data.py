@@ -27,90 +27,22 @@ import functools
 import logging
 import os
 import pathlib
-import queue
-import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from finetune import datacheck
 from finetune import labels as labels_lib
+from finetune.buckets import BUCKET_MULTIPLE, SMALLEST_BUCKET, fitted_buckets, length_buckets  # noqa: F401
 from finetune.errors import DataError
+from finetune.prefetch import prefetch, prefetch_on_thread  # noqa: F401  (part of this module's interface)
 
 logger = logging.getLogger("finetune")
 
 Batch = dict[str, np.ndarray]
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-SMALLEST_BUCKET = 16
-
-
-def length_buckets(max_length: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
-    """Padded lengths a batch may take: powers of two from ``smallest`` below ``max_length``, then ``max_length``.
-
-    Example:
-      >>> length_buckets(100)
-      (16, 32, 64, 100)
-    """
-    sizes, size = [], smallest
-    while size < max_length:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, max_length)
-
-
-BUCKET_MULTIPLE = 8  # bucket widths `fitted_buckets` may pick: multiples of this (and the limit itself)
-
-
-def fitted_buckets(lengths: Any, limit: int, *, multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
-    """Length buckets placed where the data's lengths are: no more of them than `length_buckets`, less padding.
-
-    The number of buckets is the number of `length_buckets` (powers of two from 16 up to ``limit``) that the
-    examples fall into, so no more shapes are compiled. Their widths are multiples of ``multiple`` (or ``limit``),
-    chosen by dynamic programming to minimise the padding of the examples, each padded to its bucket; batches
-    grouped by length (`finetune.Recipe.group_by_length`) come close to that. The longest bucket is the longest
-    example rounded up to ``multiple``, at most ``limit``. For 2,000 rotten-tomatoes reviews (MiniLM tokens, 1 to 64
-    long) the three buckets are 24, 40 and 64 instead of 16, 32 and 64: 73.7k padded tokens in grouped batches of
-    32 instead of 79.4k (54.1k real).
-
-    Args:
-      lengths: Token count of every example.
-      limit: The truncation limit (longer examples count as ``limit``).
-      multiple: Bucket widths are multiples of this, so that they suit vector units.
-
-    Example:
-      >>> fitted_buckets([20] * 100 + [40] * 100 + [60] * 10, limit=128)
-      (40, 64)
-    """
-    lengths = np.clip(np.asarray(lengths, np.int64), 1, limit)
-    if lengths.size == 0:
-        return (limit,)
-    powers = np.asarray(length_buckets(limit))
-    count = len(np.unique(np.searchsorted(powers, lengths)))  # the power-of-two buckets the examples fall into
-    top = min(limit, -(-int(lengths.max()) // multiple) * multiple)
-    widths = np.asarray(sorted({*range(multiple, top, multiple), top}))
-    below = np.concatenate([[0], np.cumsum(np.bincount(np.searchsorted(widths, lengths), minlength=len(widths)))])
-    # cost[k][j]: fewest tokens for the examples up to widths[j] in k + 1 buckets, the largest widths[j].
-    cost = [widths * below[1:]]
-    choice = []
-    for _ in range(1, min(count, len(widths))):
-        prev = cost[-1]
-        best = np.full(len(widths), np.iinfo(np.int64).max // 2)
-        arg = np.zeros(len(widths), np.int64)
-        for j in range(1, len(widths)):
-            totals = prev[:j] + widths[j] * (below[j + 1] - below[1 : j + 1])
-            arg[j] = int(np.argmin(totals))
-            best[j] = totals[arg[j]]
-        cost.append(best)
-        choice.append(arg)
-    k = int(np.argmin([c[-1] for c in cost]))
-    picked, j = [len(widths) - 1], len(widths) - 1
-    for arg in reversed(choice[:k]):
-        j = int(arg[j])
-        picked.append(j)
-    return tuple(int(widths[i]) for i in reversed(picked))
 
 
 class ArrayData:
@@ -608,87 +540,6 @@ def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData
         while len(per_model) > _CACHE_SIZE:
             per_model.popitem(last=False)
     return source.view()
-
-
-# ---------------------------------------------------------------- to device, ahead of the step
-def prefetch(batches: Iterator[Batch], *, size: int = 2, sharding: Any = None) -> Iterator[dict[str, jax.Array]]:
-    """Moves batches to device ``size`` ahead of the consumer.
-
-    Transfers and steps are dispatched asynchronously, so while the device runs step ``n`` the host already pads
-    batch ``n + 1`` and starts its transfer; this needs no background thread (which would contend with the steps'
-    dispatch for the interpreter lock, and costs more than the small models' steps themselves).
-
-    Args:
-      batches: Host batches.
-      size: How many device batches may be in flight ahead of the consumer.
-      sharding: Where to put them (default: the default device).
-
-    Returns:
-      An iterator of device batches, in order.
-
-    Example:
-      >>> for batch in prefetch(source.batches(32, seed=0)):
-      ...     state = train_step(state, batch)
-    """
-    ahead: collections.deque = collections.deque()
-    put = (lambda b: jax.device_put(b, sharding)) if sharding is not None else jax.device_put
-    for batch in batches:
-        ahead.append(put(batch))
-        if len(ahead) > size:
-            yield ahead.popleft()
-    while ahead:
-        yield ahead.popleft()
-
-
-def prefetch_on_thread(batches: Iterator[Batch], *, size: int = 2, put: Any = None) -> Iterator[Batch]:
-    """``batches`` made ``size`` ahead of the consumer on a background thread, each passed through ``put`` there.
-
-    For synchronous dispatch (JAX on CPU as finetune sets it up: `finetune._xla`), where a step call returns only
-    once the step is done, so the host work of the next batch (gathering, padding, packing, images) would otherwise
-    wait for it; the thread does that work while the step runs, as asynchronous dispatch did. An error in the
-    thread is raised here, in order; closing the iterator stops the thread.
-
-    Example:
-      >>> for batch in prefetch_on_thread(source.batches(32, seed=0)):
-      ...     state = train_step(state, batch)
-    """
-    ahead: queue.Queue = queue.Queue(maxsize=size)
-    stop, end = threading.Event(), object()
-
-    def offer(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for batch in batches:
-                if not offer(put(batch) if put is not None else batch):
-                    return
-            offer(end)
-        except BaseException as error:  # handed to the consumer, which raises it
-            offer(_Failed(error))
-
-    thread = threading.Thread(target=work, name="finetune-batches", daemon=True)
-    thread.start()
-    try:
-        while (item := ahead.get()) is not end:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-
-
-class _Failed:
-    """An error raised while making batches on `prefetch_on_thread`'s thread."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def count_labels(ds: Any, task: str, columns: Mapping[str, str] | None = None) -> int | None:
