@@ -87,6 +87,9 @@ def encode(
         return _label_matrix(values, model=model, column=column, stage=stage, names=names)
     values = list(values) if not isinstance(values, np.ndarray) else values
     if len(values) and isinstance(values[0], list | tuple | np.ndarray):
+        matrix = _as_matrix(values, num_labels(model))
+        if matrix is not None:
+            return _label_matrix(matrix, model=model, column=column, stage=stage, names=names)
         return _multi_hot(values, model=model, column=column, stage=stage, names=names)
     array = np.asarray(values)
     size = num_labels(model)
@@ -152,6 +155,23 @@ def check_encoded(labels: np.ndarray, *, model: Any, column: str, task: str) -> 
             f"Column `{column}` has labels of shape {labels.shape}, read as multi-hot targets, but the model has "
             f"num_labels={size}. Pass one class id per example ([N]), or one 0/1 per label ([N, {size}])."
         )
+
+
+def _as_matrix(values: Sequence[Any], size: int | None) -> np.ndarray | None:
+    """Lists of numbers that form a label matrix: one per example (``[N, 1]``), or 0/1 rows of width ``size``
+    (multi-hot). None for lists of names or ids, which `_multi_hot` encodes."""
+    lengths = {len(v) for v in values}
+    if len(lengths) != 1 or not all(isinstance(v, list | tuple | np.ndarray) for v in values):
+        return None
+    try:
+        matrix = np.asarray(values)
+    except ValueError:
+        return None
+    if matrix.ndim != 2 or matrix.dtype.kind not in "biuf" or not matrix.size:
+        return None
+    if matrix.shape[1] == 1 or (matrix.shape[1] == size and np.isin(matrix, (0, 1)).all()):
+        return matrix
+    return None
 
 
 def _label_matrix(values: np.ndarray, *, model: Any, column: str, stage: str, names: Sequence[str] | None):

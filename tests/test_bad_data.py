@@ -254,6 +254,19 @@ def test_D05_multi_hot_needs_0_1_rows_of_width_num_labels():
     assert model.evaluate({"x": X, "labels": multi})["loss"] == pytest.approx(bce, rel=1e-5)
 
 
+def test_D05_a_data_set_of_one_id_lists_is_single_label_and_of_0_1_rows_multi_label(dirs):
+    model = _bert(dirs)
+    single = _dataset({"input_ids": IDS.tolist(), "labels": [[i % 3] for i in range(8)]})
+    labels = next(data_lib.as_source(single, task=model.task, model=model).batches(8, seed=None))["labels"]
+    assert labels.tolist() == [i % 3 for i in range(8)]
+    _fit(model, single)
+    assert model.hf_config.problem_type == "single_label_classification"
+    rows = [[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]] * 2  # multi-hot, not ids: row 0 is classes 0 and 2
+    multi = _dataset({"input_ids": IDS.tolist(), "labels": rows})
+    labels = next(data_lib.as_source(multi, task=model.task, model=model).batches(8, seed=None))["labels"]
+    np.testing.assert_array_equal(labels, np.asarray(rows, np.float32))
+
+
 def test_D11_predict_ignores_labels_the_model_lacks(dirs):
     model = _bert(dirs)
     _fit(model, {"text": TEXTS, "label": ["a", "b", "c", "a"]})
