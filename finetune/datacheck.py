@@ -84,6 +84,8 @@ def check_batch(batch: Mapping[str, np.ndarray], *, model: Any, task: str, stage
         return
     _check_has_labels(list(batch), task, stage)
     _check_inputs(list(batch), model)
+    if stage == "predict":  # predictions ignore labels, as they do in data sets
+        batch = {k: v for k, v in batch.items() if k != "labels"}
     _check_values(batch, model, task, dense=set(batch))
 
 

@@ -275,6 +275,8 @@ def test_D11_predict_ignores_labels_the_model_lacks(dirs):
     np.testing.assert_array_equal(labelled["logits"], unlabelled["logits"])
     arrays = {"input_ids": IDS, "labels": np.full(8, 99)}  # ids the 3-class head does not have
     assert model.predict(arrays)["labels"].shape == (8,)
+    ready = model.predict([arrays])["logits"]  # one ready batch of 8, where the arrays made two batches of 4
+    np.testing.assert_allclose(ready, model.predict(arrays)["logits"], atol=1e-5)
 
 
 def test_I01_images_of_four_sizes_are_resized_as_the_image_column_is(dirs):
