@@ -393,7 +393,7 @@ def _as_source(data: Any, *, padding: str, argument: str, **options: Any) -> Arr
         cols = dict(data)
         if stage == "predict":
             cols.pop("labels", None)  # predictions need no labels
-        elif "labels" in cols and task != "causal-lm":
+        elif "labels" in cols and task not in ("causal-lm", "token-classification"):  # those are per token, as given
             cols["labels"] = labels_lib.encode(cols["labels"], model=model, column="labels", stage=stage)
         source = ArrayData(cols)
         datacheck.check(source, model=model, task=task, stage=stage)

@@ -147,7 +147,7 @@ def check_encoded(labels: np.ndarray, *, model: Any, column: str, task: str) -> 
     if task == "causal-lm":
         from finetune.datacheck import vocab_size
 
-        check_range(labels.astype(np.int64), vocab_size(model), column)
+        check_range(labels.astype(np.int64), vocab_size(model), column, limit="vocab_size")
     elif task == "token-classification" or (labels.dtype.kind in "iub" and labels.ndim == 1 and size != 1):
         check_range(labels.astype(np.int64), size, column)
     elif labels.ndim == 2 and task in CLASSIFICATION_TASKS and size is not None and labels.shape[1] != size:
@@ -210,18 +210,23 @@ def vocabulary(found: Sequence[str], *, model: Any, column: str, stage: str) -> 
     return found
 
 
-def check_range(ids: np.ndarray, size: int | None, column: str) -> None:
-    """Raises a `DataError` naming both when class ids fall outside ``[0, size)`` (-100 means "no label")."""
+def check_range(ids: np.ndarray, size: int | None, column: str, *, limit: str = "num_labels") -> None:
+    """Raises a `DataError` naming both when ids fall outside ``[0, size)`` (-100 means "no label"); ``limit``
+    names ``size`` (``num_labels`` for class ids, ``vocab_size`` for the token ids of a causal LM)."""
     real = ids[ids != -100]
     if not real.size:
         return
     low, high = int(real.min()), int(real.max())
     if low < 0 or (size is not None and high >= size):
         bad = sorted(set(real[(real < 0) | (real >= (size or np.iinfo(np.int64).max))].tolist()))[:5]
+        fix = (
+            f"Load the model with num_labels={high + 1} (finetune.load(..., num_labels={high + 1})), or fix the labels."
+            if limit == "num_labels"
+            else "Use the token ids of the model's tokenizer (-100 for tokens without a label)."
+        )
         raise DataError(
-            f"Column `{column}` has class ids outside [0, num_labels) = [0, {size}): e.g. {bad}"
-            f" (the ids range over [{low}, {high}]). Load the model with num_labels={high + 1} (finetune.load(..., "
-            f"num_labels={high + 1})), or fix the labels."
+            f"Column `{column}` has {'class' if limit == 'num_labels' else 'token'} ids outside [0, {limit}) = "
+            f"[0, {size}): e.g. {bad} (the ids range over [{low}, {high}]). {fix}"
         )
 
 

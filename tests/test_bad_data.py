@@ -37,8 +37,10 @@ def dirs(tmp_path_factory):
         "bert": {"num_labels": 3, "vocab_size": len(tokenizer)},
         "regression": {"num_labels": 1, "vocab_size": len(tokenizer)},
         "small-vocab": {"num_labels": 3, "vocab_size": 100},
+        "tokens": {"num_labels": 3, "vocab_size": len(tokenizer)},
     }.items():
-        _, out[name] = tiny_bert(root / name, "BertForSequenceClassification", **BERT, **overrides)
+        head = "BertForTokenClassification" if name == "tokens" else "BertForSequenceClassification"
+        _, out[name] = tiny_bert(root / name, head, **BERT, **overrides)
         tokenizer.save_pretrained(out[name])
     vit = transformers.ViTConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8,
@@ -51,7 +53,7 @@ def dirs(tmp_path_factory):
 
 
 def _bert(dirs, name="bert"):
-    task = "image-classification" if name == "vit" else "text-classification"
+    task = {"vit": "image-classification", "tokens": "token-classification"}.get(name, "text-classification")
     return ft.load(dirs[name], task=task).compile(learning_rate=1e-3, batch_size=4)
 
 
@@ -165,6 +167,11 @@ CASES = [
         ["`token_type_ids`", "the id 2", "`type_vocab_size`=2"],
     ),
     (
+        "token-labels-outside-the-head",
+        lambda d, t: _fit(_bert(d, "tokens"), {"input_ids": IDS, "labels": np.where(IDS == 40, 5, IDS % 3)}),
+        ["`labels`", "class ids outside [0, num_labels) = [0, 3)", "[5]"],
+    ),
+    (
         "ready-batches-with-ids-past-the-table",
         lambda d, t: _fit(_bert(d, "small-vocab"), [{"input_ids": IDS + 50, "labels": np.zeros(8, np.int32)}], steps=1),
         ["`train` (batch 0)", "the id 139", "`vocab_size`=100"],
@@ -265,6 +272,15 @@ def test_D05_a_data_set_of_one_id_lists_is_single_label_and_of_0_1_rows_multi_la
     multi = _dataset({"input_ids": IDS.tolist(), "labels": rows})
     labels = next(data_lib.as_source(multi, task=model.task, model=model).batches(8, seed=None))["labels"]
     np.testing.assert_array_equal(labels, np.asarray(rows, np.float32))
+
+
+def test_token_labels_given_as_arrays_are_trained_as_given(dirs):
+    model = _bert(dirs, "tokens")
+    labels = np.where(np.arange(12) < 2, -100, IDS % 3)  # -100: tokens without a label
+    source = data_lib.as_source({"input_ids": IDS, "labels": labels}, task=model.task, model=model)
+    np.testing.assert_array_equal(next(source.batches(8, seed=None))["labels"], labels)
+    history = _fit(model, source)
+    assert np.isfinite(history.history["loss"]).all()
 
 
 def test_D11_predict_ignores_labels_the_model_lacks(dirs):
