@@ -10,6 +10,11 @@ What `fit` / `evaluate` / `predict` accept, and what happens to it:
 * a dict of numeric numpy arrays (model inputs and ``labels``) or an ``(x, y)`` pair of numeric arrays: used as is.
 * an iterable of ready batches (dicts of arrays): re-iterated every epoch.
 
+Every data set is checked against the model once, before the first step (`finetune.datacheck`): the model's inputs,
+token ids within its embedding table, user-given sequences within its positions, labels finite and of the head's
+kind, shape and range, one value type per raw column, image files, dtypes and ranges, and no empty data. `fit`
+prepares (and so checks) its validation data before training starts. ``predict`` ignores labels.
+
 Token sequences are kept ragged and every batch is padded to the smallest length bucket that holds its longest
 sequence, so only a few shapes are ever compiled. The buckets are fitted to the data set's lengths (`fitted_buckets`):
 as many as powers of two from 16 up to ``max_length`` would use, at the multiples of 8 that leave the fewest padding
