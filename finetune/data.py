@@ -10,6 +10,11 @@ What `fit` / `evaluate` / `predict` accept, and what happens to it:
 * a dict of numeric numpy arrays (model inputs and ``labels``) or an ``(x, y)`` pair of numeric arrays: used as is.
 * an iterable of ready batches (dicts of arrays): re-iterated every epoch.
 
+Every data set is checked against the model once, before the first step (`finetune.datacheck`): the model's inputs,
+token ids within its embedding table, user-given sequences within its positions, labels finite and of the head's
+kind, shape and range, one value type per raw column, image files, dtypes and ranges, and no empty data. `fit`
+prepares (and so checks) its validation data before training starts. ``predict`` ignores labels.
+
 Token sequences are kept ragged and every batch is padded to the smallest length bucket that holds its longest
 sequence, so only a few shapes are ever compiled. The buckets are fitted to the data set's lengths (`fitted_buckets`):
 as many as powers of two from 16 up to ``max_length`` would use, at the multiples of 8 that leave the fewest padding
@@ -23,92 +28,26 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 import os
 import pathlib
-import queue
-import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
+from finetune import datacheck
 from finetune import labels as labels_lib
+from finetune.buckets import BUCKET_MULTIPLE, SMALLEST_BUCKET, fitted_buckets, length_buckets  # noqa: F401
 from finetune.errors import DataError
+from finetune.prefetch import prefetch, prefetch_on_thread  # noqa: F401  (part of this module's interface)
 
 logger = logging.getLogger("finetune")
 
 Batch = dict[str, np.ndarray]
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-SMALLEST_BUCKET = 16
-
-
-def length_buckets(max_length: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
-    """Padded lengths a batch may take: powers of two from ``smallest`` below ``max_length``, then ``max_length``.
-
-    Example:
-      >>> length_buckets(100)
-      (16, 32, 64, 100)
-    """
-    sizes, size = [], smallest
-    while size < max_length:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, max_length)
-
-
-BUCKET_MULTIPLE = 8  # bucket widths `fitted_buckets` may pick: multiples of this (and the limit itself)
-
-
-def fitted_buckets(lengths: Any, limit: int, *, multiple: int = BUCKET_MULTIPLE) -> tuple[int, ...]:
-    """Length buckets placed where the data's lengths are: no more of them than `length_buckets`, less padding.
-
-    The number of buckets is the number of `length_buckets` (powers of two from 16 up to ``limit``) that the
-    examples fall into, so no more shapes are compiled. Their widths are multiples of ``multiple`` (or ``limit``),
-    chosen by dynamic programming to minimise the padding of the examples, each padded to its bucket; batches
-    grouped by length (`finetune.Recipe.group_by_length`) come close to that. The longest bucket is the longest
-    example rounded up to ``multiple``, at most ``limit``. For 2,000 rotten-tomatoes reviews (MiniLM tokens, 1 to 64
-    long) the three buckets are 24, 40 and 64 instead of 16, 32 and 64: 73.7k padded tokens in grouped batches of
-    32 instead of 79.4k (54.1k real).
-
-    Args:
-      lengths: Token count of every example.
-      limit: The truncation limit (longer examples count as ``limit``).
-      multiple: Bucket widths are multiples of this, so that they suit vector units.
-
-    Example:
-      >>> fitted_buckets([20] * 100 + [40] * 100 + [60] * 10, limit=128)
-      (40, 64)
-    """
-    lengths = np.clip(np.asarray(lengths, np.int64), 1, limit)
-    if lengths.size == 0:
-        return (limit,)
-    powers = np.asarray(length_buckets(limit))
-    count = len(np.unique(np.searchsorted(powers, lengths)))  # the power-of-two buckets the examples fall into
-    top = min(limit, -(-int(lengths.max()) // multiple) * multiple)
-    widths = np.asarray(sorted({*range(multiple, top, multiple), top}))
-    below = np.concatenate([[0], np.cumsum(np.bincount(np.searchsorted(widths, lengths), minlength=len(widths)))])
-    # cost[k][j]: fewest tokens for the examples up to widths[j] in k + 1 buckets, the largest widths[j].
-    cost = [widths * below[1:]]
-    choice = []
-    for _ in range(1, min(count, len(widths))):
-        prev = cost[-1]
-        best = np.full(len(widths), np.iinfo(np.int64).max // 2)
-        arg = np.zeros(len(widths), np.int64)
-        for j in range(1, len(widths)):
-            totals = prev[:j] + widths[j] * (below[j + 1] - below[1 : j + 1])
-            arg[j] = int(np.argmin(totals))
-            best[j] = totals[arg[j]]
-        cost.append(best)
-        choice.append(arg)
-    k = int(np.argmin([c[-1] for c in cost]))
-    picked, j = [len(widths) - 1], len(widths) - 1
-    for arg in reversed(choice[:k]):
-        j = int(arg[j])
-        picked.append(j)
-    return tuple(int(widths[i]) for i in reversed(picked))
 
 
 class ArrayData:
@@ -271,10 +210,16 @@ class ArrayData:
 
 
 class BatchIterable:
-    """Ready batches (an iterable of dicts, re-iterated every epoch); partial batches get padded and masked."""
+    """Ready batches (an iterable of dicts, re-iterated every epoch); partial batches get padded and masked.
 
-    def __init__(self, batches: Iterable[Mapping[str, Any]]):
+    ``check(batch)`` is called on every batch before it is handed out (`finetune.datacheck.check_batch`); an
+    iterable that yields no batch at all is a `DataError`, not a bare ``StopIteration``. ``argument`` names the
+    argument the iterable was passed as, for messages.
+    """
+
+    def __init__(self, batches: Iterable[Mapping[str, Any]], *, check: Any = None, argument: str = "data"):
         self.source = batches
+        self.check, self.argument = check, argument
         self.size = None
         self.shapes: set[tuple[int, ...]] = set()
 
@@ -292,22 +237,36 @@ class BatchIterable:
         pack: bool = False,
     ) -> Iterator[Batch]:
         del seed, epoch, group, pack  # ready batches keep their order and shapes
+        i = -1
         for i, b in enumerate(self.source):
             if i < start:
                 continue
             if not isinstance(b, Mapping):
                 raise DataError(
-                    f"Item {i} of the iterable passed as data is a {type(b).__name__} ({b!r:.60}), not a batch. An "
-                    "iterable is read as ready batches: dicts of arrays such as {'input_ids': ..., 'labels': ...}. "
+                    f"Item {i} of the iterable passed as `{self.argument}` is a {type(b).__name__} ({b!r:.60}), not "
+                    "a batch. An iterable is read as ready batches: dicts of arrays such as {'input_ids': ..., "
+                    "'labels': ...}. "
                     "For raw examples pass a list of texts, a list of rows ({'text': ..., 'label': ...}), a dict of "
                     "columns or a datasets.Dataset."
                 )
             batch = {k: np.asarray(v) for k, v in b.items()}
+            if not batch or not len(next(iter(batch.values()))):
+                raise DataError(f"`{self.argument}` (batch {i}): The batch is empty. Give every batch rows.")
+            if self.check is not None:
+                try:
+                    self.check(batch)
+                except DataError as e:
+                    raise DataError(f"`{self.argument}` (batch {i}): {e}") from None
             n = len(next(iter(batch.values())))
             batch.setdefault("example_mask", np.ones(n, np.float32))
             batch = pad(batch, max(batch_size, n))
             self.shapes.add(_shape(batch))
             yield batch
+        if i < 0:
+            raise DataError(
+                f"`{self.argument}`: The data is empty: the iterable yielded no batches (a generator is used up after "
+                "one pass). Pass batches, or a list of them (re-iterated every epoch)."
+            )
 
 
 def _first_fit(lengths: np.ndarray, width: int) -> tuple[list[int], np.ndarray]:
@@ -371,8 +330,10 @@ def as_source(
     packing: bool = False,
     stage: str = "fit",
     padding: str = "buckets",
+    argument: str = "data",
 ) -> ArrayData | BatchIterable:
-    """Wraps what the user passed into a source of batches (``.batches(...)``, ``.steps(...)``).
+    """Wraps what the user passed into a source of batches (``.batches(...)``, ``.steps(...)``), checked against the
+    model before any step runs (`finetune.datacheck`).
 
     Args:
       data: A `datasets.Dataset`, a path to a local csv / tsv / json / jsonl / parquet file, a dict of arrays or of
@@ -388,15 +349,17 @@ def as_source(
         ``min(512, the model's positions)``.
       packing: Causal LM only: concatenate short examples into rows of up to ``max_length`` tokens.
       stage: ``fit`` (labels required; label names may be set on the model), ``evaluate`` (labels required) or
-        ``predict`` (labels optional).
+        ``predict`` (labels ignored).
       padding: ``buckets`` (pad each batch to the smallest length bucket) or ``longest`` (pad every batch to the data
         set's longest sequence: one shape, so per-token outputs of all batches can be concatenated).
+      argument: The name of the argument that took ``data`` (``train``, ``validation_data``...), for messages.
 
     Returns:
       An `ArrayData` (or a `BatchIterable` for ready batches).
 
     Raises:
-      DataError: Data of an unsupported type, a missing column, bad labels, an empty data set, or no tokenizer.
+      DataError: Data of an unsupported type, a missing column, bad labels, an empty data set, no tokenizer, or
+        data the model cannot take (`finetune.datacheck`). The message starts with ``argument``.
 
     Example:
       >>> source = as_source({"text": ["good", "bad"], "label": ["pos", "neg"]}, task="text-classification",
@@ -406,6 +369,16 @@ def as_source(
     if isinstance(data, ArrayData | BatchIterable):
         return data
     options = dict(task=task, model=model, columns=columns, max_length=max_length, packing=packing, stage=stage)
+    try:
+        return _as_source(data, padding=padding, argument=argument, **options)
+    except DataError as e:
+        raise DataError(f"`{argument}`: {e}") from None
+
+
+def _as_source(data: Any, *, padding: str, argument: str, **options: Any) -> ArrayData | BatchIterable:
+    task, model, stage = options["task"], options["model"], options["stage"]
+    if isinstance(data, list | tuple | Mapping) and len(data) == 0:
+        raise DataError(f"The data is empty (an empty {type(data).__name__}). Pass at least one example.")
     if isinstance(data, str | os.PathLike):
         data = load_file(data)
     import datasets
@@ -423,11 +396,15 @@ def as_source(
         data = _pair_to_columns(data, task=task, model=model)
     if isinstance(data, Mapping) and _numeric(data):
         cols = dict(data)
-        if "labels" in cols and task != "causal-lm":
+        if stage == "predict":
+            cols.pop("labels", None)  # predictions need no labels
+        elif "labels" in cols and task not in ("causal-lm", "token-classification"):  # those are per token, as given
             cols["labels"] = labels_lib.encode(cols["labels"], model=model, column="labels", stage=stage)
-        return ArrayData(cols)
+        source = ArrayData(cols)
+        datacheck.check(source, model=model, task=task, stage=stage)
+        return source
     if isinstance(data, Mapping):
-        data = datasets.Dataset.from_dict({k: list(v) for k, v in data.items()})
+        data = datacheck.to_dataset(data)
     if isinstance(data, datasets.Dataset):
         return _cached(data, padding=padding, **options)
     if isinstance(data, datasets.IterableDataset):
@@ -436,7 +413,8 @@ def as_source(
             "`streaming=True`, or pass an iterable of ready batches (dicts of arrays)."
         )
     if isinstance(data, Iterable) and not isinstance(data, str | bytes | np.ndarray):
-        return BatchIterable(data)
+        check = functools.partial(datacheck.check_batch, model=model, task=task, stage=stage)
+        return BatchIterable(data, check=check, argument=argument)
     raise DataError(
         f"Cannot make batches from data of type {type(data).__name__}. Pass a datasets.Dataset, a path to a csv / "
         "json / parquet file, a dict of numpy arrays (with a `labels` column), an (x, y) pair of arrays, or an "
@@ -476,7 +454,18 @@ def load_file(path: str | os.PathLike) -> Any:
     import datasets
 
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # pandas / pyarrow / datasets errors on a malformed or empty file
+        if "corresponds to no data" not in str(e):  # datasets' words for a file without rows
+            raise DataError(
+                f"The data file {str(path)!r} cannot be read as {fmt}: {type(e).__name__}: {e}. Check the file's "
+                "format (one header row, the same columns in every row)."
+            ) from None
+        ds = None
+    if ds is None or len(ds) == 0:
+        raise DataError(f"The data file {str(path)!r} has no rows (at most a header). Pass a file with examples.")
+    return ds
 
 
 def _numeric(data: Mapping[str, Any]) -> bool:
@@ -499,11 +488,16 @@ def _pair_to_columns(data: tuple, *, task: str, model: Any) -> Mapping[str, Any]
     first = x[0] if len(x) else None
     if isinstance(first, str) or (isinstance(x, np.ndarray) and x.dtype.kind in "US"):
         return {"text": list(x), "label": list(y)}
+    if task == "image-classification" and not isinstance(x, np.ndarray) and len({np.shape(i) for i in x}) > 1:
+        return {"image": list(x), "label": list(y)}  # images of several sizes: the image processor resizes them
     x = np.asarray(x)
     if task == "image-classification":
         config = getattr(model, "hf_config", None)
         channels = getattr(config, "num_channels", 3)
         if not (x.ndim == 4 and x.dtype.kind == "f" and x.shape[1] == channels):
+            from finetune.images import pixels
+
+            x = pixels(x, "`x` of the (x, y) pair")  # checked at once, not one by one after a copy
             return {"image": list(x), "label": list(y)}  # raw images: the model's image processor prepares them
         return {"pixel_values": x, "labels": y}
     key = "input_ids" if np.issubdtype(x.dtype, np.integer) and x.ndim == 2 else "x"
@@ -545,92 +539,12 @@ def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData
         else:  # "longest": one shape, the longest sequence
             buckets = (min(prepared.max_length, int(lengths.max())),)
     source = ArrayData(prepared.columns, sequences=prepared.sequences, buckets=buckets, pad_values=prepared.pad_values)
+    datacheck.check(source, model=model, task=options["task"], stage=options["stage"])
     if model is not None:
         per_model[before] = per_model[key()] = source  # the label names may have just been set from this data
         while len(per_model) > _CACHE_SIZE:
             per_model.popitem(last=False)
     return source.view()
-
-
-# ---------------------------------------------------------------- to device, ahead of the step
-def prefetch(batches: Iterator[Batch], *, size: int = 2, sharding: Any = None) -> Iterator[dict[str, jax.Array]]:
-    """Moves batches to device ``size`` ahead of the consumer.
-
-    Transfers and steps are dispatched asynchronously, so while the device runs step ``n`` the host already pads
-    batch ``n + 1`` and starts its transfer; this needs no background thread (which would contend with the steps'
-    dispatch for the interpreter lock, and costs more than the small models' steps themselves).
-
-    Args:
-      batches: Host batches.
-      size: How many device batches may be in flight ahead of the consumer.
-      sharding: Where to put them (default: the default device).
-
-    Returns:
-      An iterator of device batches, in order.
-
-    Example:
-      >>> for batch in prefetch(source.batches(32, seed=0)):
-      ...     state = train_step(state, batch)
-    """
-    ahead: collections.deque = collections.deque()
-    put = (lambda b: jax.device_put(b, sharding)) if sharding is not None else jax.device_put
-    for batch in batches:
-        ahead.append(put(batch))
-        if len(ahead) > size:
-            yield ahead.popleft()
-    while ahead:
-        yield ahead.popleft()
-
-
-def prefetch_on_thread(batches: Iterator[Batch], *, size: int = 2, put: Any = None) -> Iterator[Batch]:
-    """``batches`` made ``size`` ahead of the consumer on a background thread, each passed through ``put`` there.
-
-    For synchronous dispatch (JAX on CPU as finetune sets it up: `finetune._xla`), where a step call returns only
-    once the step is done, so the host work of the next batch (gathering, padding, packing, images) would otherwise
-    wait for it; the thread does that work while the step runs, as asynchronous dispatch did. An error in the
-    thread is raised here, in order; closing the iterator stops the thread.
-
-    Example:
-      >>> for batch in prefetch_on_thread(source.batches(32, seed=0)):
-      ...     state = train_step(state, batch)
-    """
-    ahead: queue.Queue = queue.Queue(maxsize=size)
-    stop, end = threading.Event(), object()
-
-    def offer(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for batch in batches:
-                if not offer(put(batch) if put is not None else batch):
-                    return
-            offer(end)
-        except BaseException as error:  # handed to the consumer, which raises it
-            offer(_Failed(error))
-
-    thread = threading.Thread(target=work, name="finetune-batches", daemon=True)
-    thread.start()
-    try:
-        while (item := ahead.get()) is not end:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-
-
-class _Failed:
-    """An error raised while making batches on `prefetch_on_thread`'s thread."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def count_labels(ds: Any, task: str, columns: Mapping[str, str] | None = None) -> int | None:

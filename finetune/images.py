@@ -1,14 +1,19 @@
 """Images -> ``pixel_values`` with the checkpoint's own image processor, once per data set.
 
-Images may be PIL images (what a `datasets` ``Image`` feature gives) or numpy arrays (``[H, W, C]``, ``[C, H, W]``,
-or ``[H, W]`` for one channel). PIL images are converted to the model's colour mode (``RGB`` for 3 channels), as the
-usual fine-tuning scripts do; arrays with another number of channels are refused with the shape received. The
+Images may be PIL images (what a `datasets` ``Image`` feature gives), paths of image files, or numpy arrays
+(``[H, W, C]``, ``[C, H, W]``, or ``[H, W]`` for one channel) of ``uint8`` in [0, 255] (or integers in that range) or
+floats in [0, 1]; images of different sizes are resized by the processor. PIL images are converted to the model's
+colour mode (``RGB`` for 3 channels), as the usual fine-tuning scripts do; arrays with another number of channels, or
+of another dtype or range (e.g. already normalised floats), are refused with the shape, dtype and range received.
+Every path is checked to exist before any image is processed. The
 processed tensors are stored by `datasets` (Arrow, memory-mapped when the data set is on disk) and read one batch at
 a time, so a large image set does not have to fit in memory.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,13 +57,13 @@ def to_image(value: Any, channels: int, index: int, column: str) -> Any:
     from PIL import Image
 
     if isinstance(value, Mapping) and ("bytes" in value or "path" in value):  # an undecoded datasets Image
-        import io
-
-        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    if isinstance(value, str | os.PathLike | io.IOBase):
+        value = _open(value, index, column)
     if isinstance(value, Image.Image):
         mode = {1: "L", 3: "RGB"}.get(channels)
         return value.convert(mode) if mode and value.mode != mode else value
-    array = np.asarray(value)
+    array = pixels(np.asarray(value), f"Image {index} in column `{column}`")
     if array.ndim == 2 and channels == 1:
         return array[..., None]
     if array.ndim == 3 and channels in (array.shape[-1], array.shape[0]):
@@ -70,29 +75,79 @@ def to_image(value: Any, channels: int, index: int, column: str) -> Any:
     )
 
 
-def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, stage: str) -> Any:
-    """``pixel_values`` (and encoded ``labels``) for an image data set; checks channels and the processed size.
+def _open(value: Any, index: int, column: str) -> Any:
+    """An image file (a path or a file object) opened with PIL, or a `DataError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(value)
+        image.load()
+        return image
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(
+            f"Image {index} in column `{column}` ({str(value)[:200]!r}) cannot be read as an image: {e}. Pass paths "
+            "of existing image files, PIL images or arrays."
+        ) from None
+
+
+def pixels(array: np.ndarray, what: str) -> np.ndarray:
+    """An image array (or a stack of them) as ``uint8``: integers must lie in [0, 255] and floats in [0, 1] (they
+    are scaled to 255), else a `DataError` that starts with ``what`` (e.g. "Image 3 in column `image`")."""
+    kind = array.dtype.kind
+    if kind in "biuf" and array.size:
+        low, high = array.min(), array.max()
+        top = 1.0 if kind == "f" else 255
+        if np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= top:
+            return array.astype(np.uint8) if kind != "f" else np.round(array * 255).astype(np.uint8)
+        found = f"dtype {array.dtype} with values in [{low:.4g}, {high:.4g}]"
+    else:
+        found = f"dtype {array.dtype}" if array.ndim else f"a {type(array.item()).__name__} ({array.item()!r:.60})"
+    raise DataError(
+        f"{what} has {found}, but images are uint8 in [0, 255] (or integers in that "
+        "range) or floats in [0, 1]. Scale the images to one of these ranges (e.g. undo a normalisation), or pass "
+        "the processed `pixel_values` (float32, [N, channels, height, width]) instead of images."
+    )
+
+
+def _check_paths(ds: Any, column: str) -> None:
+    """Every image given as a path exists, checked before any image is processed."""
+    if getattr(ds.features[column], "dtype", None) != "string":
+        return
+    paths = ds.with_format("arrow")[column].to_pylist()
+    missing = [i for i, p in enumerate(paths) if not (isinstance(p, str) and os.path.isfile(p))]
+    if missing:
+        raise DataError(
+            f"Column `{column}` names {len(missing)} image file{'s' if len(missing) > 1 else ''} that do not exist: "
+            f"{paths[missing[0]]!r} (row {missing[0]}){' and others' if len(missing) > 1 else ''}. Pass paths of "
+            "existing image files (relative paths are read from the working directory), or images."
+        )
+
+
+def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, labels: np.ndarray | None = None) -> Any:
+    """``pixel_values`` for an image data set (with its encoded ``labels``); checks files, pixels, channels and the
+    processed size before the images are processed.
 
     Args:
       ds: A `datasets.Dataset` with an image column.
-      cols: ``{"image": column, "label": column}`` (see `finetune.preprocess.find_columns`).
+      cols: ``{"image": column}`` (see `finetune.preprocess.find_columns`).
       model: The `finetune.Model` (its processor and config).
-      stage: ``fit`` / ``evaluate`` / ``predict`` (see `finetune.preprocess.prepare`).
+      labels: The encoded labels (`finetune.preprocess.encode_label_column`), if any.
 
     Returns:
       A `finetune.preprocess.Prepared` with ``pixel_values`` read lazily from the processed data set.
 
     Example:
-      >>> prepared = prepare(ds, {"image": "img", "label": "label"}, model=model, stage="fit")
+      >>> prepared = prepare(ds, {"image": "img"}, model=model)
     """
     from datasets import Array3D, Features
 
-    from finetune.preprocess import Prepared, encode_label_column, run_map
+    from finetune.preprocess import Prepared, run_map
 
     processor = processor_of(model)
     config = getattr(model, "hf_config", None)
     channels = int(getattr(config, "num_channels", 3))
     column = cols["image"]
+    _check_paths(ds, column)
     first = processor(images=[to_image(ds[0][column], channels, 0, column)], return_tensors="np")["pixel_values"][0]
     size = getattr(config, "image_size", None)
     expected = (channels, size, size) if size else first.shape
@@ -122,6 +177,6 @@ def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, stage: str) -> Any:
     parts = (ds._fingerprint, sorted(cols.items()), processor.to_json_string(), expected)
     out = run_map(ds, fn, parts, features=Features({"pixel_values": Array3D(tuple(expected), "float32")}))
     fixed = {"pixel_values": DatasetColumn(out, "pixel_values")}
-    if "label" in cols:
-        fixed["labels"] = encode_label_column(ds, cols["label"], model=model, stage=stage)
+    if labels is not None:
+        fixed["labels"] = labels
     return Prepared(fixed, {}, {}, None)

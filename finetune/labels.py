@@ -9,6 +9,9 @@ Rules, one per kind of label column:
 * Floats are regression targets when the head has one output.
 * A list per example is multi-label: names or ids become a multi-hot ``[N, num_labels]`` float32 array; lists of
   floats are taken as multi-hot already.
+* A 2-D array is one label per example when it is ``[N, 1]`` (class ids, or regression targets), and multi-hot
+  targets when it is ``[N, num_labels]`` of values in [0, 1]; any other shape is refused.
+* NaN or infinite labels are refused, naming their rows, whatever the kind (`check_encoded`).
 
 Names found in the data are written to ``model.id2label`` and to ``model.hf_config`` (``id2label`` / ``label2id``), so
 they end up in exported configs.
@@ -81,11 +84,18 @@ def encode(
       >>> encode(["pos", "neg", "pos"], model=None, column="label")
       array([1, 0, 1], dtype=int32)
     """
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        return _label_matrix(values, model=model, column=column, stage=stage, names=names)
     values = list(values) if not isinstance(values, np.ndarray) else values
     if len(values) and isinstance(values[0], list | tuple | np.ndarray):
+        matrix = _as_matrix(values, num_labels(model))
+        if matrix is not None:
+            return _label_matrix(matrix, model=model, column=column, stage=stage, names=names)
         return _multi_hot(values, model=model, column=column, stage=stage, names=names)
     array = np.asarray(values)
     size = num_labels(model)
+    if array.dtype.kind == "f":
+        check_finite(array, column)
     if array.dtype.kind in "USO":
         vocab = vocabulary(np.unique(array.astype(str)), model=model, column=column, stage=stage)
         return _ids(array.astype(str), vocab)
@@ -106,6 +116,85 @@ def encode(
     return ids.astype(np.int32)
 
 
+def check_finite(array: np.ndarray, column: str) -> None:
+    """Raises a `DataError` naming the rows of NaN or infinite labels (``array``: ``[N]`` or ``[N, ...]`` floats)."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1))
+    first = array[rows[0]]
+    raise DataError(
+        f"Column `{column}` has {len(rows)} non-finite label{'s' if len(rows) > 1 else ''} (NaN or infinite): rows "
+        f"{rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}, e.g. {first.tolist()!r} at row {rows[0]}. Drop those "
+        "examples or fill in their labels (a NaN label is a missing label, and would make the loss NaN)."
+    )
+
+
+def check_encoded(labels: np.ndarray, *, model: Any, column: str, task: str) -> None:
+    """Checks encoded labels (or the labels of a ready batch) against the model's head: finite, of the head's
+    kind and shape (``[N]`` ids or targets, ``[N, num_labels]`` multi-hot, ``[N, T]`` token ids), ids in range.
+
+    Raises:
+      DataError: NaN / infinite labels, class ids outside ``[0, num_labels)``, or a shape the head cannot take.
+    """
+    if labels.dtype.kind == "f":
+        check_finite(labels, column)
+    if labels.dtype.kind not in "biuf":
+        raise DataError(
+            f"Column `{column}` holds {labels.dtype} labels; encoded labels are integer class ids or float targets. "
+            "Pass the raw labels in a data set (they are encoded there), or integer ids."
+        )
+    size = num_labels(model)
+    if task == "causal-lm":
+        from finetune.datacheck import vocab_size
+
+        check_range(labels.astype(np.int64), vocab_size(model), column, limit="vocab_size")
+    elif task == "token-classification" or (labels.dtype.kind in "iub" and labels.ndim == 1 and size != 1):
+        check_range(labels.astype(np.int64), size, column)
+    elif labels.ndim == 2 and task in CLASSIFICATION_TASKS and size is not None and labels.shape[1] != size:
+        raise DataError(
+            f"Column `{column}` has labels of shape {labels.shape}, read as multi-hot targets, but the model has "
+            f"num_labels={size}. Pass one class id per example ([N]), or one 0/1 per label ([N, {size}])."
+        )
+
+
+def _as_matrix(values: Sequence[Any], size: int | None) -> np.ndarray | None:
+    """Lists of numbers that form a label matrix: one per example (``[N, 1]``), or 0/1 rows of width ``size``
+    (multi-hot). None for lists of names or ids, which `_multi_hot` encodes."""
+    lengths = {len(v) for v in values}
+    if len(lengths) != 1 or not all(isinstance(v, list | tuple | np.ndarray) for v in values):
+        return None
+    try:
+        matrix = np.asarray(values)
+    except ValueError:
+        return None
+    if matrix.ndim != 2 or matrix.dtype.kind not in "biuf" or not matrix.size:
+        return None
+    if matrix.shape[1] == 1 or (matrix.shape[1] == size and np.isin(matrix, (0, 1)).all()):
+        return matrix
+    return None
+
+
+def _label_matrix(values: np.ndarray, *, model: Any, column: str, stage: str, names: Sequence[str] | None):
+    """A 2-D label array: ``[N, 1]`` is one label per example; ``[N, num_labels]`` in [0, 1] is multi-hot."""
+    if values.shape[1] == 1:
+        return encode(values[:, 0], model=model, column=column, stage=stage, names=names)
+    size = num_labels(model)
+    numeric = values.dtype.kind in "biuf"
+    if numeric and values.dtype.kind == "f":
+        check_finite(values, column)
+    if numeric and (size is None or values.shape[1] == size) and values.size and 0 <= values.min() <= values.max() <= 1:
+        if names is not None:
+            _check_names(names, model, column, stage)
+        return values.astype(np.float32)
+    width = f"num_labels={size}" if size is not None else "num_labels"
+    raise DataError(
+        f"Column `{column}` has labels of shape {values.shape} and dtype {values.dtype}, which are neither one label "
+        f"per example ([N] or [N, 1]) nor multi-hot targets (values in [0, 1], [N, {width}]). Pass class ids of "
+        "shape [N], or one 0/1 per label and example."
+    )
+
+
 def vocabulary(found: Sequence[str], *, model: Any, column: str, stage: str) -> list[str]:
     """The label names to use for the label strings ``found``: the model's when they cover them, else sorted."""
     found = sorted(map(str, found))
@@ -122,18 +211,23 @@ def vocabulary(found: Sequence[str], *, model: Any, column: str, stage: str) -> 
     return found
 
 
-def check_range(ids: np.ndarray, size: int | None, column: str) -> None:
-    """Raises a `DataError` naming both when class ids fall outside ``[0, size)`` (-100 means "no label")."""
+def check_range(ids: np.ndarray, size: int | None, column: str, *, limit: str = "num_labels") -> None:
+    """Raises a `DataError` naming both when ids fall outside ``[0, size)`` (-100 means "no label"); ``limit``
+    names ``size`` (``num_labels`` for class ids, ``vocab_size`` for the token ids of a causal LM)."""
     real = ids[ids != -100]
     if not real.size:
         return
     low, high = int(real.min()), int(real.max())
     if low < 0 or (size is not None and high >= size):
         bad = sorted(set(real[(real < 0) | (real >= (size or np.iinfo(np.int64).max))].tolist()))[:5]
+        fix = (
+            f"Load the model with num_labels={high + 1} (finetune.load(..., num_labels={high + 1})), or fix the labels."
+            if limit == "num_labels"
+            else "Use the token ids of the model's tokenizer (-100 for tokens without a label)."
+        )
         raise DataError(
-            f"Column `{column}` has class ids outside [0, num_labels) = [0, {size}): e.g. {bad}"
-            f" (the ids range over [{low}, {high}]). Load the model with num_labels={high + 1} (finetune.load(..., "
-            f"num_labels={high + 1})), or fix the labels."
+            f"Column `{column}` has {'class' if limit == 'num_labels' else 'token'} ids outside [0, {limit}) = "
+            f"[0, {size}): e.g. {bad} (the ids range over [{low}, {high}]). {fix}"
         )
 
 
@@ -158,6 +252,7 @@ def _multi_hot(values: Sequence[Any], *, model: Any, column: str, stage: str, na
     flat = np.asarray([v for row in values for v in row])
     size = num_labels(model)
     if flat.dtype.kind == "f":
+        check_finite(flat, column)
         out = np.asarray([np.asarray(row, np.float32) for row in values])
         if out.ndim != 2 or (size is not None and out.shape[1] != size):
             raise DataError(

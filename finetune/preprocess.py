@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from finetune import datacheck
 from finetune import labels as labels_lib
 from finetune.errors import DataError
 
@@ -49,7 +50,6 @@ PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "q
 RAW_COLUMNS = frozenset(
     {n for role, names in ROLES.items() if role not in ("label", "tags") for n in names} | {n for p in PAIRS for n in p}
 )
-POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2}  # positions these models reserve for their padding scheme
 DEFAULT_MAX_LENGTH = 512
 
 
@@ -143,7 +143,7 @@ def prepare(
       columns: Explicit column names by role (see `find_columns`).
       max_length: Truncation length; default ``min(512, the model's positions)``.
       packing: Causal LM: concatenate consecutive examples into rows of up to ``max_length`` tokens.
-      stage: ``fit`` / ``evaluate`` need labels, ``predict`` does not; only ``fit`` sets new label names.
+      stage: ``fit`` / ``evaluate`` need labels, ``predict`` ignores them; only ``fit`` sets new label names.
 
     Returns:
       The `Prepared` columns.
@@ -156,11 +156,17 @@ def prepare(
     if "input_ids" in ds.column_names:
         return _pretokenized(ds, task=task, model=model, max_length=max_length, stage=stage)
     cols = find_columns(ds.column_names, task, columns, need_labels=stage != "predict")
+    if stage == "predict":  # predictions need no labels, and labels the model lacks must not stop them
+        cols = {role: c for role, c in cols.items() if role not in ("label", "tags")}
+    fixed = {}
+    if "label" in cols:  # labels first: they are checked before any work is done on the inputs
+        fixed["labels"] = encode_label_column(ds, cols["label"], model=model, stage=stage)
     if task == "image-classification":
         from finetune import images
 
-        return images.prepare(ds, cols, model=model, stage=stage)
+        return images.prepare(ds, cols, model=model, labels=fixed.get("labels"))
     tokenizer = tokenizer_of(model)
+    datacheck.check_tokenizer(tokenizer, model)
     max_length = resolve_max_length(model, tokenizer, max_length)
     encode = {"token-classification": _words_fn, "causal-lm": _lm_fn}.get(task, _text_fn)
     fn = encode(ds, cols, tokenizer=tokenizer, max_length=max_length, model=model, stage=stage)
@@ -178,9 +184,6 @@ def prepare(
             )
         sequences = pack(sequences, max_length)
     pad_values = {"input_ids": pad_id, "labels": IGNORE}
-    fixed = {}
-    if "label" in cols:
-        fixed["labels"] = encode_label_column(ds, cols["label"], model=model, stage=stage)
     return Prepared(fixed, sequences, pad_values, max_length)
 
 
@@ -234,10 +237,7 @@ def tokenizer_of(model: Any) -> Any:
 
 def resolve_max_length(model: Any, tokenizer: Any, max_length: int | None) -> int:
     """``max_length``, checked against the model's positions; default ``min(512, positions)``."""
-    config = getattr(model, "hf_config", None)
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        positions -= POSITION_OFFSET.get(getattr(config, "model_type", None), 0)
+    positions = datacheck.positions(model)
     if max_length is not None:
         if positions and max_length > positions:
             raise DataError(
@@ -426,7 +426,7 @@ def _pretokenized(ds, *, task, model, max_length, stage) -> Prepared:
     tokenizer = getattr(model, "tokenizer", None)
     max_length = resolve_max_length(model, tokenizer, max_length)
     names = [n for n in ("input_ids", "token_type_ids", "loss_mask") if n in ds.column_names]
-    label = next((c for c in ("labels", "label") if c in ds.column_names), None)
+    label = next((c for c in ("labels", "label") if c in ds.column_names), None) if stage != "predict" else None
     if label is None and stage != "predict" and task != "causal-lm":
         _missing("label", task, ds.column_names)
     sequences = {n: ragged(ds, n) for n in names}

@@ -170,7 +170,11 @@ class Trainer:
     # ---------------------------------------------------------------- loops
     def fit(self, train: Any, *, epochs: int, steps: int | None, batch_size: int, **options: Any) -> History:
         """Trains; see `finetune.Model.fit` for the options."""
-        run = self._run = _Run(source=self._source(train, stage="fit"), batch_size=batch_size, **options)
+        run = self._run = _Run(
+            source=self._source(train, stage="fit", argument="train"), batch_size=batch_size, **options
+        )
+        if run.validation_data is not None:  # checked before the first step, not after the first epoch
+            run.validation_data = self._source(run.validation_data, stage="evaluate", argument="validation_data")
         spe = self.recipe.steps_per_execution
         if spe != "auto" and spe > 1:
             if self.layout is not None:
