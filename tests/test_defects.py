@@ -232,7 +232,7 @@ def _csv(path: Path, texts: list[str]) -> str:
     return str(path)
 
 
-def test_cli_predict_writes_one_json_line_per_example_for_causal_lms_and_feature_extractors(tmp_path, bert_base):
+def test_CLI2_cli_predict_writes_one_json_line_per_example_for_causal_lms_and_feature_extractors(tmp_path, bert_base):
     from finetune import cli
     from tests.test_data_tasks import gpt2_dir
 
