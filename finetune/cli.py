@@ -133,6 +133,7 @@ def cmd_fit(args) -> int:
     if args.data is None:
         overrides = {**MAIN_JOB, **overrides}
     _checked(args, overrides)
+    _check_outputs(output, args.preset, overrides)
     layout = _layout(args)  # before anything else touches JAX
     if args.data is None:
         print(f"No --data given: the main job fine-tunes {DEFAULT_MODEL} on {DEFAULT_DATA}.")
@@ -159,6 +160,17 @@ def cmd_fit(args) -> int:
     _write_outputs(model, history, output, before=before, after=after)
     print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
     return 0
+
+
+def _check_outputs(output: Path, preset: str | None, overrides: dict[str, Any]) -> None:
+    """Refuses, before training, an ``--output`` whose exports would replace what finetune did not write there."""
+    from finetune import presets
+    from finetune.recipe import Recipe
+    from finetune.writer import check_target
+
+    check_target(output / "model", kind="model", argument="--output")
+    if (presets.get(preset) if preset else Recipe()).replace(**overrides).lora is not None:
+        check_target(output / "adapter", kind="adapter", argument="--output")
 
 
 def _layout(args):

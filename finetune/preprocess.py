@@ -78,16 +78,14 @@ def find_columns(
       The column of every role the task uses and the data has.
 
     Raises:
-      DataError: An unknown role, a named column that does not exist, or a required role with no column.
+      DataError: A named column that does not exist, or a required role with no column.
 
     Example:
       >>> find_columns(["review", "sentiment"], "text-classification", {"text": "review", "label": "sentiment"})
       {'text': 'review', 'label': 'sentiment'}
     """
-    given = dict(columns or {})
+    given = dict(columns or {})  # its roles were checked by the recipe's schema (`finetune.recipe.Columns`)
     for role, name in given.items():
-        if role not in ROLES:
-            raise DataError(f"Unknown column role {role!r} in `columns`; the roles are {', '.join(ROLES)}.")
         if name not in names:
             raise DataError(
                 f"`columns` names {name!r} for {role!r}, but the data has no such column. Columns: {list(names)}."

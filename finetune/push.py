@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Unpack
 
 import numpy as np
 
-from finetune import scrub
+from finetune import schema, scrub
 from finetune.errors import ConfigError, FinetuneError, HubError
 from finetune.hub import check_token, write_token
+from finetune.schema import Card, Flag, Positive, Text
 from finetune.sharding import host_local, is_main_process
 from finetune.training.callbacks import Callback
 
@@ -42,6 +43,9 @@ logger = logging.getLogger("finetune")
 DEFAULT_MESSAGE = "Upload model fine-tuned with finetune"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 STRATEGIES = ("end", "every_save", "checkpoint")
+Strategy = Annotated[
+    Literal[STRATEGIES], schema.allowed("one of " + ", ".join(map(repr, STRATEGIES)), "Pick one of these.")
+]
 CHECKPOINT_FOLDER = "last-checkpoint"
 # Never uploaded: hidden files (staging directories, caches) and Orbax checkpoints still being written.
 IGNORE_PATTERNS = [".*", "**/.*", "*.orbax-checkpoint-tmp*", "**/*.orbax-checkpoint-tmp*"]
@@ -276,22 +280,19 @@ class PushToHub(Callback):
       >>> # model.fit(train, epochs=3, resume="<download>/last-checkpoint")
     """
 
+    @schema.arguments
     def __init__(
         self,
-        repo_id: str,
+        repo_id: Text,
         *,
-        strategy: str = "end",
-        private: bool | None = None,
-        revision: str | None = None,
-        token: str | None = None,
-        commit_message: str = DEFAULT_MESSAGE,
-        checkpoint_timeout: float = 600.0,
-        **card: Any,
+        strategy: Strategy = "end",
+        private: Flag | None = None,
+        revision: Text | None = None,
+        token: Any = None,
+        commit_message: Text = DEFAULT_MESSAGE,
+        checkpoint_timeout: Positive = 600.0,
+        **card: Unpack[Card],
     ):
-        if strategy not in STRATEGIES:
-            raise ConfigError(
-                f"`strategy` must be one of {', '.join(STRATEGIES)}; received strategy={strategy!r}. Pick one of these."
-            )
         self.repo_id, self.strategy = _check_repo_id(repo_id), strategy
         self.options = {"private": private, "revision": revision, "token": check_token(token)}
         self.commit_message, self.checkpoint_timeout, self.card = commit_message, checkpoint_timeout, card

@@ -187,3 +187,19 @@ def test_CLI3_evaluate_and_predict_take_the_column_options_of_fit(csv_data, tmp_
     assert len(capsys.readouterr().out.splitlines()) == 10
     assert cli.main(["evaluate", *data, "--set", "columns.txt=review"]) == 2
     assert "`columns.txt`" in capsys.readouterr().err
+
+
+def test_fit_refuses_an_output_whose_model_folder_holds_user_files_before_training(csv_data, tmp_path, capsys):
+    from tests.catalogue import assert_unchanged, snapshot
+
+    root, model_dir = csv_data
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    argv = ["fit", "--model", model_dir, "--data", str(root / "reviews.csv"), "--output", str(out), "--quiet"]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "`--output`" in captured.err and "notes.txt" in captured.err and "Traceback" not in captured.err
+    assert "validation before" not in captured.out  # refused before the model was even loaded
+    assert_unchanged(before, tmp_path)  # no checkpoints, nothing deleted
