@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import finetune as ft
-from finetune.checkpoint import Checkpointer
+from finetune.checkpoint import Checkpointer, read_meta
 from tests.catalogue import assert_unchanged, snapshot
 from tests.models.reference import tiny_bert_config, tiny_model
 from tests.tiny import TinyClassifier, blobs, params_of
@@ -288,7 +288,7 @@ def _tiny(**kw):
 
 _HOLDER = """
 import sys, time
-from finetune.checkpoint import Checkpointer
+from finetune.checkpoint import Checkpointer, read_meta
 held = Checkpointer(sys.argv[1], lock=True)
 print("locked", flush=True)
 time.sleep(120)
@@ -383,6 +383,16 @@ def _truncate_arrays(step_dir: Path) -> None:
 
 def _drop_metadata(step_dir: Path) -> None:
     (step_dir / "state" / "_METADATA").unlink()
+
+
+def test_each_checkpoint_records_the_history_as_of_its_own_step(tmp_path):
+    # The metadata is written in the background while training goes on: it must hold a copy, not the live record.
+    d = tmp_path / "ckpt"
+    model, _ = _run_with_checkpoints(d, epochs=4)  # steps 4, 8, 12, 16; the last 3 kept
+    for step in Checkpointer(d).steps():
+        history = read_meta(d, step)["history"]
+        assert history["epochs"] == list(range(step // 4)), (step, history["epochs"])
+        assert all(entry["step"] <= step for entry in history["steps"]), (step, history["steps"])
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -25,7 +26,9 @@ class History:
             self.history.setdefault(key, []).append(value)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "epochs": self.epochs, "steps": self.steps}
+        """A copy of the record as plain dicts and lists (checkpoints write it in the background, while the run goes on
+        appending to the live record)."""
+        return copy.deepcopy({"history": self.history, "epochs": self.epochs, "steps": self.steps})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
