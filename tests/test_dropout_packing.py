@@ -231,3 +231,33 @@ def test_packed_and_unpadded_training_without_dropout_end_with_the_same_paramete
     assert moved > 100 * 5e-6  # 8 steps of AdamW moved the parameters far more than the tolerance
     for a, b in zip(params[None], params[False], strict=True):
         np.testing.assert_allclose(a, b, atol=5e-6)
+
+
+def _dropout_keys(module) -> dict:
+    from finetune.models.dropout import Dropout
+
+    return {
+        path: tuple(np.asarray(jax.random.key_data(m.rngs.key.get_value())).tolist())
+        for path, m in nnx.iter_modules(module)
+        if isinstance(m, Dropout)
+    }
+
+
+def test_each_dropout_of_a_loaded_model_has_a_stream_of_its_own(checkpoint):
+    keys = _dropout_keys(ft.load(checkpoint[1], task="text-classification", num_labels=3).module)
+    assert len(keys) >= 1 + 2 * LAYERS and len(set(keys.values())) == len(keys), keys
+
+
+def test_modules_built_under_tracing_from_build_rngs_get_the_keys_an_eager_build_gets():
+    """`finetune.weights.build_rngs` is how loading builds a model (traced); it must draw what `nnx.Rngs` draws."""
+    from finetune.models.bert.modeling import Bert, Config
+    from finetune.weights import build_rngs
+
+    def build(rngs):
+        return Bert(Config(100, 16, 2, 2, 32), task="text-classification", num_labels=3, rngs=rngs)
+
+    eager = build(nnx.Rngs(0))
+    traced = nnx.merge(*jax.jit(lambda: nnx.split(build(build_rngs(0))))())
+    assert _dropout_keys(traced) == _dropout_keys(eager)
+    # the same draws (compiled and eager arithmetic differ in the last bit)
+    np.testing.assert_allclose(traced.classifier.kernel.get_value(), eager.classifier.kernel.get_value(), rtol=1e-6)
