@@ -81,7 +81,8 @@ def register(*tokens: Any) -> None:
     with _lock:
         if not new <= set(_forms):
             _forms = tuple(sorted(set(_forms) | new, key=len, reverse=True))
-        _install()
+        if _forms:  # nothing to mask: the process's log-record factory and warning display stay as they are
+            _install()
 
 
 def scrub(text: str) -> str:
