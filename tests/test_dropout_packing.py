@@ -3,7 +3,8 @@
 The masks are observed by wrapping `finetune.models.dropout.drop` (every dropout of the BERT family goes through it)
 and cutting out, per call, each example's real positions: its tokens (packed: its span of its row), its block of
 attention probabilities, its first token in the last layer, its pooled vector. Over many draws, packed and unpadded
-batches must drop at the same places, at each place's configured rate, with masks uncorrelated between places,
+batches must drop at the places transformers' training forward pass drops (its dropout calls, observed the same
+way), at each place's configured rate, with masks uncorrelated between places,
 heads, examples and steps. For ``n`` independent Bernoulli pairs, a measured rate is off by ``sqrt(p (1 - p) / n)``
 and a measured correlation by ``1 / sqrt(n)`` (one standard deviation); the tolerances are 5 of them.
 """
@@ -27,12 +28,7 @@ HIDDEN, ATTENTION, CLASSIFIER = 0.2, 0.3, 0.4  # distinct rates, so each place i
 
 
 LAYERS = TINY["num_hidden_layers"]
-ENCODER = [HIDDEN] + [ATTENTION, HIDDEN, HIDDEN] * LAYERS  # embeddings; per layer: probabilities, both sublayers
-PLACES = {  # the rate of each call to dropout in a training forward pass, in order
-    "bert": [*ENCODER, CLASSIFIER],  # the pooled vector
-    "roberta": [*ENCODER, CLASSIFIER, CLASSIFIER],  # the head: the first token, then after its dense layer
-    "distilbert": [*ENCODER, CLASSIFIER],  # after the pre-classifier
-}
+ARCHITECTURES = ("bert", "roberta", "distilbert")
 
 
 def with_dropout(
@@ -64,10 +60,38 @@ def with_dropout(
     return str(path)
 
 
-@pytest.fixture(scope="module", params=list(PLACES))
+def reference_rates(path: str) -> list[float]:
+    """The rate of each dropout call in transformers' training forward pass of the checkpoint at ``path`` (eager
+    attention, whose probability dropout is a call too), in order: the places where finetune must drop."""
+    import torch
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
+    model.train()
+    rates, original = [], torch.nn.functional.dropout
+
+    def spy(inputs, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            rates.append(p)
+        return original(inputs, p, training, inplace)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "dropout", spy)
+        model(input_ids=torch.tensor([[2, 10, 11, 12, 3]]))
+    return rates
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     return request.param, with_dropout(path, request.param, HIDDEN, ATTENTION, CLASSIFIER)
+
+
+def test_the_reference_drops_at_every_place_with_that_places_rate(checkpoint):
+    """What the places test compares with: embeddings, per layer the attention probabilities and each sublayer's
+    output (DistilBERT: the feed-forward output only), then the head."""
+    layer = [ATTENTION, HIDDEN] if checkpoint[0] == "distilbert" else [ATTENTION, HIDDEN, HIDDEN]
+    head = [CLASSIFIER, CLASSIFIER] if checkpoint[0] == "roberta" else [CLASSIFIER]
+    assert reference_rates(checkpoint[1]) == pytest.approx([HIDDEN, *layer * LAYERS, *head])
 
 
 def fresh(path: str):
@@ -159,7 +183,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_packed_and_unpadded_batches_drop_at_the_same_places_at_each_places_rate(checkpoint, module, layouts):
     plain, packed = draws(module, layouts, "plain", 4), draws(module, layouts, "packed", 4)
-    expected = PLACES[checkpoint[0]]
+    expected = reference_rates(checkpoint[1])  # transformers' places, in its order
     for run in (plain, packed):
         for calls in run:
             assert [rate for rate, _ in calls] == pytest.approx(expected)

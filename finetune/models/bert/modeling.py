@@ -37,7 +37,11 @@ def axes(*names: str | None) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The BERT hyper-parameters the modules use (from a `transformers.BertConfig`)."""
+    """The BERT hyper-parameters the modules use (from a `transformers.BertConfig`).
+
+    ``attention_output_dropout``: whether hidden dropout also applies to the attention sublayer's output before its
+    residual (BERT and RoBERTa: yes; DistilBERT, whose layers these are too: no).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -51,6 +55,7 @@ class Config:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     classifier_dropout: float | None = None
+    attention_output_dropout: bool = True
 
     @classmethod
     def from_hf(cls, hf: Any) -> Config:
@@ -193,13 +198,15 @@ class Layer(nnx.Module):
         self.output = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.output_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.dropout = Dropout(cfg.hidden_dropout, rngs=rngs)
+        self.drop_attention_output = cfg.attention_output_dropout
         self.activation = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x, mask, queries=None, rows=None):
         """``x`` through the layer; with ``queries`` (``[B, Q, H]`` rows of ``x``) only their outputs are computed
         (with ``rows``, query ``e`` attends within row ``rows[e]`` of ``x``: see `Attention`)."""
         queries = x if queries is None else queries
-        x = self.attention_norm(queries + self.dropout(self.attention(x, mask, queries, rows)))
+        attended = self.attention(x, mask, queries, rows)
+        x = self.attention_norm(queries + (self.dropout(attended) if self.drop_attention_output else attended))
         h = self.output(recomputed(self.activation, self.intermediate(x)))
         return self.output_norm(x + self.dropout(h))
 

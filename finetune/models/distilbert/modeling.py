@@ -1,9 +1,9 @@
 """DistilBERT in Flax NNX: a frozen config read from the Hugging Face config, then the modules bottom-up.
 
 DistilBERT is BERT without token-type embeddings or pooler, with six post-norm layers. The layers are BERT's own
-(`finetune.models.bert.modeling.Encoder`): same projections, norms and numerics. One training-time difference: BERT's
-layer applies hidden dropout to the attention output before the residual, which transformers' DistilBERT does not;
-inference is identical.
+(`finetune.models.bert.modeling.Encoder`): same projections, norms and numerics. Unlike BERT's, DistilBERT's layer
+applies no dropout to the attention output before the residual (``attention_output_dropout=False``), as transformers'
+DistilBERT: in training, dropout applies at the same places as there.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Config:
       hidden_dropout: Dropout on hidden states (``dropout``).
       attention_dropout: Dropout on attention probabilities.
       seq_classif_dropout: Dropout before the sequence classifier.
+      attention_output_dropout: Always false: no dropout on the attention sublayer's output.
     """
 
     vocab_size: int = 30522
@@ -52,6 +53,7 @@ class Config:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     seq_classif_dropout: float = 0.2
+    attention_output_dropout: bool = False
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> Config:
