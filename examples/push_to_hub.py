@@ -11,7 +11,9 @@ import sys
 import numpy as np
 
 import finetune
-from finetune.push import PushToHub
+from finetune.hf.push import PushToHub
+
+finetune.tune()  # the CPU tuning, before JAX starts
 
 repo_id = sys.argv[1]
 base = os.environ.get("EXAMPLE_MODEL", "sentence-transformers/all-MiniLM-L6-v2")  # a Hub id or a local directory

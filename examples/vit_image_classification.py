@@ -11,7 +11,9 @@ import os
 import transformers
 
 import finetune
-from finetune.datasets import digits
+from finetune.data.examples import digits
+
+finetune.tune()  # the CPU tuning, before JAX starts
 
 epochs = int(os.environ.get("EXAMPLE_EPOCHS", 10))
 data = digits()  # 8x8 grey images, 10 classes

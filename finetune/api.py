@@ -50,7 +50,7 @@ def fit(
       num_labels: Number of classes when loading by name. None takes them from ``train``: the names of a
         ``ClassLabel`` feature, else the sorted distinct label strings as names, else ``max + 1`` for class ids, and
         one output (regression) for non-integer float labels; data whose labels cannot be seen before batching
-        (ready batches) keeps the checkpoint's labels (see `finetune.labels.from_data`).
+        (ready batches) keeps the checkpoint's labels (see `finetune.data.labels.from_data`).
       callbacks: Callbacks for `Model.fit`.
       verbose: 0 is silent.
       mesh: Spread training over devices (see `Model.fit`).
@@ -77,7 +77,7 @@ def fit(
 
 def _labels_from_data(train: Any, task: str, preset: str | None, overrides: dict) -> tuple[int | None, list | None]:
     """``(num_labels, names)`` from the training data, its label column found with the recipe's ``columns``."""
-    from finetune import labels
+    from finetune.data import labels
 
     columns = overrides.get("columns")
     if columns is None and preset is not None:

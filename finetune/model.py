@@ -12,8 +12,8 @@ from flax import nnx
 
 from finetune import schema
 from finetune.errors import ConfigError
+from finetune.models.pooling import Pooling
 from finetune.models.registry import TASKS
-from finetune.pooling import Pooling
 from finetune.schema import Callbacks, Card, Count, Flag, Path, Resume, Text, Verbose
 
 
@@ -157,9 +157,9 @@ class Model:
         return self
 
     def plan(self):
-        """The group of every parameter under the current recipe (`finetune.rules.Assignment`)."""
+        """The group of every parameter under the current recipe (`finetune.params.rules.Assignment`)."""
         from finetune.recipe import Recipe
-        from finetune.training.trainer import plan
+        from finetune.training.loop import plan
 
         return plan(self, self.recipe or Recipe())
 
@@ -222,7 +222,7 @@ class Model:
           >>> history.history["loss"]
         """
         from finetune.recipe import Recipe
-        from finetune.training.trainer import Trainer
+        from finetune.training.loop import Trainer
 
         if self.recipe is None:
             self.recipe = Recipe()
@@ -251,7 +251,7 @@ class Model:
 
     def _eval_trainer(self):
         from finetune.recipe import Recipe
-        from finetune.training.trainer import Trainer
+        from finetune.training.loop import Trainer
 
         if self._trainer is None:
             self._trainer = Trainer(self, self.recipe or Recipe(), layout=self.layout)
@@ -284,7 +284,7 @@ class Model:
           part of `predict`.
         * ``feature-extraction``: ``embeddings`` [N, D], one sentence embedding per example, pooled as the
           checkpoint's sentence-transformers config says (``1_Pooling/config.json``, and unit length when
-          ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.pooling`);
+          ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.models.pooling`);
           ``outputs=["embeddings", "token_embeddings"]`` adds the token states as a list of ``[T_i, H]`` arrays,
           one per example, without padding.
 
@@ -337,7 +337,7 @@ class Model:
           >>> model.save_pretrained("out/minilm-reviews")
           >>> transformers.AutoModelForSequenceClassification.from_pretrained("out/minilm-reviews")
         """
-        from finetune.export import write
+        from finetune.hf.export import write
 
         if self._trainer is not None:
             self._trainer.sync_model()
@@ -375,7 +375,7 @@ class Model:
           'https://huggingface.co/me/minilm-reviews/commit/...'
           >>> finetune.load("me/minilm-reviews", task="text-classification")
         """
-        from finetune.push import push_model
+        from finetune.hf.push import push_model
 
         return push_model(
             self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token, **card
@@ -397,7 +397,7 @@ class Model:
           >>> model.save_adapter("out/adapter")
           >>> peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), "out/adapter")
         """
-        from finetune.lora import save_adapter
+        from finetune.params.lora import save_adapter
 
         if self._trainer is not None:
             self._trainer.sync_model()

@@ -24,7 +24,7 @@ import pydantic
 
 from finetune import schedules, schema
 from finetune.errors import ConfigError
-from finetune.rules import Assignment, path_str
+from finetune.params.rules import Assignment, path_str
 
 # Optimizers with decoupled weight decay built in (``weight_decay=`` and ``mask=``), and the others (decay added
 # before the update, i.e. coupled, as torch's SGD/Adam ``weight_decay``).
@@ -204,8 +204,8 @@ def build(
     """The optimizer over the trainable parameters, and the LR schedule of every trainable group.
 
     Args:
-      assignment: The group of every parameter (`finetune.rules.assign`).
-      decay: ``{path: bool}``, the weight-decay mask (`finetune.rules.decay_mask`).
+      assignment: The group of every parameter (`finetune.params.rules.assign`).
+      decay: ``{path: bool}``, the weight-decay mask (`finetune.params.rules.decay_mask`).
       spec: Optimizer, peak learning rate, schedule, weight decay, clipping, accumulation.
       total_steps: Optimizer steps in training (for fractions and decays); None when unknown.
 

@@ -16,7 +16,7 @@ def schedule_curves(model: Any, recipe: Recipe, total_steps: int) -> dict[str, n
 
     Phases share the steps in proportion to their epochs (the main phase counts ``recipe.epochs``).
     """
-    from finetune.training.trainer import _phase_recipe, plan
+    from finetune.training.loop import _phase_recipe, plan
 
     phases = [(p["epochs"], _phase_recipe(recipe, p)) for p in recipe.phases] + [(recipe.epochs, recipe)]
     weights = np.array([e for e, _ in phases], float)

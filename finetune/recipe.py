@@ -15,9 +15,9 @@ import pydantic
 
 from finetune import schema
 from finetune.errors import RulesError
-from finetune.lora import LoRAConfig
 from finetune.optim import Optimizer, OptimizerSpec, option_names
-from finetune.rules import DecayRules, Group, Rules
+from finetune.params.lora import LoRAConfig
+from finetune.params.rules import DecayRules, Group, Rules
 from finetune.schedules import Schedule, Steps
 from finetune.schema import Count, Flag, Index, NonNegative, Positive, Text, Unit
 
@@ -36,7 +36,7 @@ def _metrics(value: Any) -> tuple:
 
 
 def _role(value: str) -> str:
-    from finetune.preprocess import ROLES
+    from finetune.data.text import ROLES
 
     if value in ROLES:
         return value
@@ -159,7 +159,8 @@ class Recipe:
       phases: Phases run before the main one inside one `fit` (e.g. fastai's head-only first epoch): each a dict of
         recipe overrides with its own ``epochs``. Each phase gets a fresh optimizer and schedule.
       lora: When set, LoRA adapters train instead of the pretrained weights: a dict with ``targets`` (regex(es) over
-        module paths), ``rank``, ``alpha`` and ``dropout`` (see `finetune.lora.LoRAConfig`); overrides merge into it.
+        module paths), ``rank``, ``alpha`` and ``dropout`` (see `finetune.params.lora.LoRAConfig`); overrides merge
+        into it.
     """
 
     name: Text | None = None

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from finetune import optim
-from finetune.rules import decay_mask, flatten
+from finetune.params.rules import decay_mask, flatten
 
 # The optimizer's state has the same shapes whatever the training length; schedules only need one that no warmup or
 # decay given in steps exceeds.
@@ -42,7 +42,7 @@ def group_report(model: Any, *, recipe: Any = None, trainer: Any = None, paths: 
     builds, worked out from shapes alone (nothing is allocated).
     """
     from finetune.recipe import Recipe
-    from finetune.training.trainer import plan
+    from finetune.training.loop import plan
 
     recipe = recipe or Recipe()
     assignment = trainer.assignment if trainer is not None else plan(model, recipe)

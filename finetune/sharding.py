@@ -38,7 +38,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from finetune.errors import ConfigError
-from finetune.rules import path_str
+from finetune.params.rules import path_str
 
 DATA, MODEL = "data", "model"
 STRATEGIES = ("data", "fsdp", "tensor", "fsdp+tensor")

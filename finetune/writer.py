@@ -38,7 +38,8 @@ from pathlib import Path
 from finetune.errors import ConfigError, ExportError
 
 MARKER = "finetune.json"
-# A checkpoint directory of a training run holds this lock file (finetune.checkpoint), or Orbax step directories.
+# A checkpoint directory of a training run holds this lock file (finetune.training.checkpoint), or Orbax step
+# directories.
 CHECKPOINT_LOCK = ".finetune.lock"
 _LISTED = 5  # foreign files named in a refusal
 

@@ -15,7 +15,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 
 import finetune as ft  # noqa: E402
-from finetune.checkpoint import read_meta  # noqa: E402
+from finetune.training.checkpoint import read_meta  # noqa: E402
 from tests.test_data_tasks import bert_dir, reviews  # noqa: E402
 from tests.tiny import params_of  # noqa: E402
 

@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 
 import finetune as ft  # noqa: E402
 from finetune import sharding  # noqa: E402
-from finetune.checkpoint import Checkpointer  # noqa: E402
-from finetune.rules import flatten  # noqa: E402
+from finetune.params.rules import flatten  # noqa: E402
+from finetune.training.checkpoint import Checkpointer  # noqa: E402
 
 STEPS, BATCH = 6, 8
 

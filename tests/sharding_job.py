@@ -22,7 +22,7 @@ from flax import nnx  # noqa: E402
 
 import finetune as ft  # noqa: E402
 from finetune import sharding  # noqa: E402
-from finetune.rules import flatten, path_str  # noqa: E402
+from finetune.params.rules import flatten, path_str  # noqa: E402
 from tests.tiny import TinyClassifier, blobs, params_of  # noqa: E402
 
 STEPS, BATCH = 20, 16

@@ -10,8 +10,9 @@ import pytest
 import transformers
 
 import finetune as ft
-from finetune import cli, datacheck
-from finetune import data as data_lib
+from finetune import cli
+from finetune.data import batches as data_lib
+from finetune.data import check as datacheck
 from finetune.errors import FinetuneError
 from tests.catalogue import assert_unchanged, snapshot
 from tests.models.reference import tiny_bert

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import finetune as ft
-from finetune.checkpoint import Checkpointer
+from finetune.training.checkpoint import Checkpointer
 from tests.tiny import TinyClassifier, blobs, params_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_non_finite_steps_stop_training_and_the_last_good_checkpoint_stays_intac
 
 def test_resuming_a_checkpoint_from_before_the_newer_recipe_fields():
     from finetune.recipe import Recipe
-    from finetune.training.trainer import _recipe_changes
+    from finetune.training.loop import _recipe_changes
 
     old = Recipe().to_dict()
     for field in ("remat", "group_by_length", "steps_per_execution"):
@@ -208,7 +208,7 @@ def test_resuming_a_checkpoint_from_before_the_newer_recipe_fields():
 
 def test_a_checkpoint_from_before_default_packing_resumes_where_nothing_is_packed():
     from finetune.recipe import Recipe
-    from finetune.training.trainer import _recipe_changes, _with_packing
+    from finetune.training.loop import _recipe_changes, _with_packing
 
     old, new = Recipe(packing=False).to_dict(), Recipe().to_dict()  # the default was False, is now None
     assert _recipe_changes(*(_with_packing(r, False) for r in (old, new))) == []  # e.g. images, or DistilBERT

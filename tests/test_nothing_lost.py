@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import finetune as ft
-from finetune.checkpoint import Checkpointer, read_meta
+from finetune.training.checkpoint import Checkpointer, read_meta
 from tests.catalogue import assert_unchanged, snapshot
 from tests.models.reference import tiny_bert_config, tiny_model
 from tests.tiny import TinyClassifier, blobs, params_of
@@ -288,7 +288,7 @@ def _tiny(**kw):
 
 _HOLDER = """
 import sys, time
-from finetune.checkpoint import Checkpointer, read_meta
+from finetune.training.checkpoint import Checkpointer, read_meta
 held = Checkpointer(sys.argv[1], lock=True)
 print("locked", flush=True)
 time.sleep(120)
@@ -403,7 +403,7 @@ def test_R01_R03_a_damaged_newest_step_resumes_from_the_newest_intact_one_with_a
     _, data = _run_with_checkpoints(d)  # steps 4 and 8
     damage(d / "8")
     model = _tiny()
-    with caplog.at_level(logging.WARNING, logger="finetune.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="finetune.training.checkpoint"):
         history = model.fit(data, epochs=3, batch_size=16, verbose=0, checkpoint_dir=d, resume=True)
     assert "step 4" in caplog.text and "damaged step 8" in caplog.text
     assert history.epochs == [0, 1, 2] and Checkpointer(d).latest() == 12  # epochs 2 and 3 trained again

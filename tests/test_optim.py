@@ -17,7 +17,7 @@ from finetune.optim import (
     make_schedule,
     skip_nonfinite,
 )
-from finetune.rules import assign, decay_mask
+from finetune.params.rules import assign, decay_mask
 from tests.tiny import TinyClassifier, blobs, params_of
 
 PARAMS = {

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import finetune as ft
-from finetune import data as data_lib
+from finetune.data import batches as data_lib
 from finetune.models.dropout import Dropout
 from tests.test_data_tasks import PIECES, WORDS, bert_dir, reviews
 

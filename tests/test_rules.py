@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from finetune import Group, LayerDecay, RulesError
-from finetune.rules import assign, decay_mask
+from finetune.params.rules import assign, decay_mask
 
 PATHS = [
     "embeddings/kernel",

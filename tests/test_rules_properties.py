@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from finetune import Group, RulesError
 from finetune.optim import OptimizerSpec, build
-from finetune.rules import assign, decay_mask, flatten
+from finetune.params.rules import assign, decay_mask, flatten
 
 NAMES = st.sampled_from(["encoder", "decoder", "layers", "attn", "mlp", "head", "norm", "embed"])
 LEAVES = st.sampled_from(["kernel", "bias", "scale", "embedding"])

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import finetune
-from finetune import scrub
 from finetune.cli import main as cli_main
 from finetune.errors import ConfigError, HubError
-from finetune.push import PushToHub, push_folder
+from finetune.hf import scrub
+from finetune.hf.push import PushToHub, push_folder
 from tests import hub_server, test_hub
 from tests.catalogue import assert_unchanged, snapshot
 from tests.test_hub import REPO, TOKEN, export, inputs

@@ -50,12 +50,12 @@ class _Noted(TinyClassifier):
 def test_the_compilers_freed_memory_goes_back_before_each_new_program_first_runs(monkeypatch):
     import platform
 
-    from finetune import _xla
+    from finetune import runtime
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert _xla.release_freed_memory() is True  # glibc's malloc_trim was found and called
+        assert runtime.release_freed_memory() is True  # glibc's malloc_trim was found and called
     events = []
-    monkeypatch.setattr(_xla, "release_freed_memory", lambda: events.append("trim") or True)
+    monkeypatch.setattr(runtime, "release_freed_memory", lambda: events.append("trim") or True)
     jax.jit(lambda v: v * 3.0)(jnp.ones(5))
     assert events == []  # outside finetune's loops, compiles are left alone
     x, y = blobs(100)
@@ -274,29 +274,29 @@ def _faults_of_a_reused_block(size=256 << 20) -> int:
     __import__("platform").libc_ver()[0] != "glibc", reason="the C allocator settings are glibc's (Linux)"
 )
 def test_a_freed_scratch_block_is_kept_for_the_next_call_only_inside_finetunes_loops():
-    from finetune import _xla
+    from finetune import runtime
 
     pages = (256 << 20) // 4096
-    assert jax.config.read("jax_cpu_enable_async_dispatch") is False  # set by `import finetune`
+    assert jax.config.read("jax_cpu_enable_async_dispatch") is False  # set by `ft.tune()` (tests/conftest.py)
     assert _faults_of_a_reused_block() > pages // 2  # by default a block this big is a fresh mmap each time
-    _xla.keep(True)
+    runtime.keep(True)
     assert _faults_of_a_reused_block() > pages // 2  # outside fit, evaluate and predict: nothing changes
-    with _xla.kept_scratch() as applies:
+    with runtime.kept_scratch() as applies:
         assert applies
-        _xla.keep(True)
-        with _xla.kept_scratch():  # re-entrant: evaluation inside fit
+        runtime.keep(True)
+        with runtime.kept_scratch():  # re-entrant: evaluation inside fit
             assert _faults_of_a_reused_block() < pages // 50
         assert _faults_of_a_reused_block() < pages // 50  # still kept: the outer block runs
-        _xla.keep(False)  # as before a call of a new shape
+        runtime.keep(False)  # as before a call of a new shape
         assert _faults_of_a_reused_block() > pages // 2
-        _xla.keep(True)
+        runtime.keep(True)
     assert _faults_of_a_reused_block() > pages // 2  # the defaults are back
 
 
 def test_batches_are_made_on_a_thread_and_steps_run_on_the_calling_one(monkeypatch):
     import threading
 
-    from finetune import data as data_lib
+    from finetune.data import batches as data_lib
 
     made_on, plain = [], data_lib.ArrayData.batches
 
@@ -314,7 +314,7 @@ def test_batches_are_made_on_a_thread_and_steps_run_on_the_calling_one(monkeypat
 
 
 def test_an_error_while_making_batches_on_the_thread_reaches_the_caller():
-    from finetune.data import prefetch_on_thread
+    from finetune.data.batches import prefetch_on_thread
 
     def broken():
         yield {"x": np.zeros(3)}
@@ -333,7 +333,7 @@ def test_fit_steps_reuse_their_scratch_memory_instead_of_faulting_it_in_again(mo
     import contextlib
     import resource
 
-    from finetune import _xla
+    from finetune import runtime
 
     x, y = blobs(8192 * 10, features=64, classes=2)  # batches of 2 MB; the step's scratch is about 420 MB
 
@@ -350,25 +350,8 @@ def test_fit_steps_reuse_their_scratch_memory_instead_of_faulting_it_in_again(mo
         return np.diff(counts)[2:].tolist()  # steps 4 to 10: past the compile and the first placement
 
     kept = step_faults()
-    monkeypatch.setattr(_xla, "kept_scratch", lambda: contextlib.nullcontext(False))
+    monkeypatch.setattr(runtime, "kept_scratch", lambda: contextlib.nullcontext(False))
     fresh = step_faults()
     assert min(fresh) > 50_000  # each step maps its scratch afresh: 4 KB pages
-    # Most steps find it kept; one whose scratch lands elsewhere faults it in once (`finetune._xla.keep`).
+    # Most steps find it kept; one whose scratch lands elsewhere faults it in once (`finetune.runtime.keep`).
     assert np.median(kept) < 5_000 and sum(f > 50_000 for f in kept) <= 2, kept
-
-
-@pytest.mark.parametrize(
-    ("setting", "asynchronous"),
-    [({}, False), ({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"}, True), ({"FINETUNE_XLA_DEFAULTS": "0"}, True)],
-    ids=["default", "user-set", "opted-out"],
-)
-def test_import_turns_asynchronous_dispatch_on_cpu_off_unless_told_otherwise(setting, asynchronous):
-    import os
-    import subprocess
-    import sys
-
-    code = "import finetune, jax; print(jax.config.read('jax_cpu_enable_async_dispatch'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_CPU_ENABLE_ASYNC_DISPATCH", "FINETUNE_XLA_DEFAULTS")}
-    out = subprocess.run([sys.executable, "-c", code], env={**env, **setting}, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == str(asynchronous)

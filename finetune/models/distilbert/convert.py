@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from finetune.hf.tables import IDENTITY, TRANSPOSE, Row
 from finetune.models.distilbert.modeling import Config
-from finetune.weights import IDENTITY, TRANSPOSE, Row
 
 _EMBEDDINGS = (
     (r"embeddings\.word_embeddings\.weight", "embeddings/word_embeddings/embedding", IDENTITY),

@@ -139,7 +139,7 @@ class DistilBert(nnx.Module):
             self.dropout = Dropout(rate, rngs=rngs)
             self.classifier = dense(config.hidden_size, num_labels, ("embed", "classes"), **kw)
 
-    supports_packing = True  # text classification on packed batches (`finetune.data.ArrayData.take_packed`)
+    supports_packing = True  # text classification on packed batches (`finetune.data.batches.ArrayData.take_packed`)
 
     def __call__(
         self,

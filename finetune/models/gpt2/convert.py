@@ -4,7 +4,7 @@ GPT-2's projections are ``Conv1D`` modules whose weights are already ``(in, out)
 fused ``attn.c_attn`` (query, key and value side by side on the output axis) is split into three projections.
 
 Task checkpoints prefix the decoder with ``transformer.``; bare ``GPT2Model`` checkpoints (the original ``gpt2``
-repository among them) do not. Every row accepts both. The quantifier decides what `finetune.weights.export_weights`
+repository among them) do not. Every row accepts both. The quantifier decides what `finetune.hf.tables.export_weights`
 writes: greedy ``(?:transformer\\.)?`` keeps the prefix (task models), lazy ``(?:transformer\\.)??`` drops it.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from finetune.hf.tables import IDENTITY, TRANSPOSE, Row, Split
 from finetune.models.gpt2.modeling import Config
-from finetune.weights import IDENTITY, TRANSPOSE, Row, Split
 
 _QKV = ("attention/q_proj", "attention/k_proj", "attention/v_proj")
 

@@ -2,7 +2,7 @@
 
 Task checkpoints (``*ForCausalLM``, ``*ForSequenceClassification``...) prefix the decoder with ``model.``; bare
 ``*Model`` checkpoints do not. Every row accepts both. The quantifier decides what
-`finetune.weights.export_weights` writes: greedy ``(?:model\\.)?`` keeps the prefix (task models), lazy
+`finetune.hf.tables.export_weights` writes: greedy ``(?:model\\.)?`` keeps the prefix (task models), lazy
 ``(?:model\\.)??`` drops it (the bare decoder), as transformers' classes expect.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from finetune.hf.tables import IDENTITY, TRANSPOSE, Row
 from finetune.models.llama.modeling import Config
-from finetune.weights import IDENTITY, TRANSPOSE, Row
 
 # (checkpoint key after the prefix, NNX path, transform); "\1" is the layer index.
 _DECODER = (

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from finetune.hf.tables import IDENTITY, TRANSPOSE, Row
 from finetune.models.bert.convert import _EMBEDDINGS, _LAYER
 from finetune.models.roberta.modeling import Config
-from finetune.weights import IDENTITY, TRANSPOSE, Row
 
 _HEADS = {
     "feature-extraction": (),

@@ -127,7 +127,7 @@ class Roberta(nnx.Module):
             self.dropout = Dropout(classifier_dropout(config.bert), rngs=rngs)
             self.classifier = bert.dense(config.bert.hidden_size, num_labels, ("embed", "classes"), **kw)
 
-    supports_packing = True  # text classification on packed batches (`finetune.data.ArrayData.take_packed`)
+    supports_packing = True  # text classification on packed batches (`finetune.data.batches.ArrayData.take_packed`)
 
     def __call__(
         self,

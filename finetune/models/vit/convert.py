@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from finetune.hf.tables import IDENTITY, TRANSPOSE, Row, Transpose
 from finetune.models.vit.modeling import Config
-from finetune.weights import IDENTITY, TRANSPOSE, Row, Transpose
 
 # PyTorch Conv2d weight (out, in, h, w) <-> NNX Conv kernel (h, w, in, out).
 CONV = Transpose(axes=(2, 3, 1, 0))

@@ -20,9 +20,9 @@ import safetensors.numpy
 
 from finetune._torch import deferred
 from finetune.errors import ConfigError
-from finetune.lora import merged
+from finetune.hf.tables import export_weights
+from finetune.params.lora import merged
 from finetune.sharding import host_local, is_main_process
-from finetune.weights import export_weights
 from finetune.writer import check_target, write_directory
 
 LIBRARY = "finetune"

@@ -1,9 +1,9 @@
 """Raw examples -> model inputs, once per data set: columns, tokenization, word-piece labels, chat templates, packing.
 
-`prepare` turns a `datasets.Dataset` into numpy columns for `finetune.data.ArrayData`: tokenization runs as one
+`prepare` turns a `datasets.Dataset` into numpy columns for `finetune.data.batches.ArrayData`: tokenization runs as one
 batched ``map`` (cached by `datasets` under a fingerprint of the data, the tokenizer and the options), never on the
 training hot path. Token sequences come back ragged (flat values + offsets); batches pad them later to a length
-bucket. Images go through `finetune.images`.
+bucket. Images go through `finetune.data.images`.
 
 Column roles and the names found for them (the first present wins; name them with ``columns={role: name}``):
 
@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from finetune import datacheck
-from finetune import labels as labels_lib
+from finetune.data import check as datacheck
+from finetune.data import labels as labels_lib
 from finetune.errors import DataError
 
 logger = logging.getLogger("finetune")
@@ -117,7 +117,7 @@ def _missing(role: str, task: str, names: Sequence[str]):
     raise DataError(
         f"Found no {role} column for task {task!r}: the data has columns {list(names)}, and none is named "
         f"{looked}. Name it with `columns={{{role.split(',')[0].split(' ')[0]!r}: '<column>'}}` "
-        "(finetune.data.as_source(data, ..., columns=...)), or rename it (dataset.rename_column)."
+        "(finetune.data.batches.as_source(data, ..., columns=...)), or rename it (dataset.rename_column)."
     )
 
 
@@ -160,7 +160,7 @@ def prepare(
     if "label" in cols:  # labels first: they are checked before any work is done on the inputs
         fixed["labels"] = encode_label_column(ds, cols["label"], model=model, stage=stage)
     if task == "image-classification":
-        from finetune import images
+        from finetune.data import images
 
         return images.prepare(ds, cols, model=model, labels=fixed.get("labels"))
     tokenizer = tokenizer_of(model)
@@ -209,7 +209,7 @@ def ragged(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_label_column(ds: Any, column: str, *, model: Any, stage: str) -> np.ndarray:
-    """The label column encoded by `finetune.labels.encode`, with names from a ``ClassLabel`` feature if any."""
+    """The label column encoded by `finetune.data.labels.encode`, with names from a ``ClassLabel`` feature if any."""
     feature = ds.features[column]
     names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
     arrow = ds.with_format("arrow")[column]

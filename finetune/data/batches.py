@@ -4,13 +4,13 @@ What `fit` / `evaluate` / `predict` accept, and what happens to it:
 
 * a `datasets.Dataset` (one split of a ``DatasetDict``), a path to a local ``.csv`` / ``.tsv`` / ``.json`` /
   ``.jsonl`` / ``.parquet`` file (read with `datasets`), or a dict / ``(x, y)`` pair holding raw text, words or
-  images: columns are found by name (`finetune.preprocess.find_columns`), text is tokenized with the checkpoint's own
+  images: columns are found by name (`finetune.data.text.find_columns`), text is tokenized with the checkpoint's own
   tokenizer and images processed with its image processor, once per data set (batched ``map``), and labels encoded
-  (`finetune.labels`). The result is cached per model, so validation data is not re-tokenized every epoch.
+  (`finetune.data.labels`). The result is cached per model, so validation data is not re-tokenized every epoch.
 * a dict of numeric numpy arrays (model inputs and ``labels``) or an ``(x, y)`` pair of numeric arrays: used as is.
 * an iterable of ready batches (dicts of arrays): re-iterated every epoch.
 
-Every data set is checked against the model once, before the first step (`finetune.datacheck`): the model's inputs,
+Every data set is checked against the model once, before the first step (`finetune.data.check`): the model's inputs,
 token ids within its embedding table, user-given sequences within its positions, labels finite and of the head's
 kind, shape and range, one value type per raw column, image files, dtypes and ranges, and no empty data. `fit`
 prepares (and so checks) its validation data before training starts. ``predict`` ignores labels.
@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from finetune import datacheck
-from finetune import labels as labels_lib
-from finetune.buckets import BUCKET_MULTIPLE, SMALLEST_BUCKET, fitted_buckets, length_buckets  # noqa: F401
+from finetune.data import check as datacheck
+from finetune.data import labels as labels_lib
+from finetune.data.buckets import BUCKET_MULTIPLE, SMALLEST_BUCKET, fitted_buckets, length_buckets  # noqa: F401
+from finetune.data.prefetch import prefetch, prefetch_on_thread  # noqa: F401  (part of this module's interface)
 from finetune.errors import DataError
-from finetune.prefetch import prefetch, prefetch_on_thread  # noqa: F401  (part of this module's interface)
 
 logger = logging.getLogger("finetune")
 
@@ -212,7 +212,7 @@ class ArrayData:
 class BatchIterable:
     """Ready batches (an iterable of dicts, re-iterated every epoch); partial batches get padded and masked.
 
-    ``check(batch)`` is called on every batch before it is handed out (`finetune.datacheck.check_batch`); an
+    ``check(batch)`` is called on every batch before it is handed out (`finetune.data.check.check_batch`); an
     iterable that yields no batch at all is a `DataError`, not a bare ``StopIteration``. ``argument`` names the
     argument the iterable was passed as, for messages.
     """
@@ -333,7 +333,7 @@ def as_source(
     argument: str = "data",
 ) -> ArrayData | BatchIterable:
     """Wraps what the user passed into a source of batches (``.batches(...)``, ``.steps(...)``), checked against the
-    model before any step runs (`finetune.datacheck`).
+    model before any step runs (`finetune.data.check`).
 
     Args:
       data: A `datasets.Dataset`, a path to a local csv / tsv / json / jsonl / parquet file, a dict of arrays or of
@@ -359,7 +359,7 @@ def as_source(
 
     Raises:
       DataError: Data of an unsupported type, a missing column, bad labels, an empty data set, no tokenizer, or
-        data the model cannot take (`finetune.datacheck`). The message starts with ``argument``.
+        data the model cannot take (`finetune.data.check`). The message starts with ``argument``.
 
     Example:
       >>> source = as_source({"text": ["good", "bad"], "label": ["pos", "neg"]}, task="text-classification",
@@ -470,7 +470,7 @@ def load_file(path: str | os.PathLike) -> Any:
 
 def _numeric(data: Mapping[str, Any]) -> bool:
     """Whether every input column is a numeric array (used as is), rather than raw text, words or images."""
-    from finetune.preprocess import RAW_COLUMNS
+    from finetune.data.text import RAW_COLUMNS
 
     if RAW_COLUMNS & set(data):
         return False
@@ -495,7 +495,7 @@ def _pair_to_columns(data: tuple, *, task: str, model: Any) -> Mapping[str, Any]
         config = getattr(model, "hf_config", None)
         channels = getattr(config, "num_channels", 3)
         if not (x.ndim == 4 and x.dtype.kind == "f" and x.shape[1] == channels):
-            from finetune.images import pixels
+            from finetune.data.images import pixels
 
             x = pixels(x, "`x` of the (x, y) pair")  # checked at once, not one by one after a copy
             return {"image": list(x), "label": list(y)}  # raw images: the model's image processor prepares them
@@ -510,7 +510,7 @@ _CACHE_SIZE = 8
 
 
 def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData:
-    from finetune import preprocess
+    from finetune.data import text as preprocess
 
     columns = options.pop("columns")
 
@@ -550,7 +550,7 @@ def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData
 def count_labels(ds: Any, task: str, columns: Mapping[str, str] | None = None) -> int | None:
     """How many classes a `datasets.Dataset` has for ``task`` (for sizing a new head); None when it has no labels.
 
-    ``ClassLabel`` features give their size; otherwise `finetune.labels.from_data`'s rules (names: their count; ids:
-    ``max + 1``; non-integer floats of a one-output head: regression, 1).
+    ``ClassLabel`` features give their size; otherwise `finetune.data.labels.from_data`'s rules (names: their count;
+    ids: ``max + 1``; non-integer floats of a one-output head: regression, 1).
     """
     return labels_lib.from_data(ds, task, columns)[0]

@@ -9,9 +9,9 @@ import os
 import pathlib
 import re
 
-from finetune import scrub
 from finetune.errors import ConfigError, HubError, LoadError
-from finetune.weights import FLAX_MSGPACK, pickle_refused
+from finetune.hf import scrub
+from finetune.hf.tables import FLAX_MSGPACK, pickle_refused
 
 logger = logging.getLogger("finetune")
 

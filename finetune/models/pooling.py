@@ -41,7 +41,7 @@ class Pooling:
         ``max_seq_length``), unless the recipe sets ``max_length``; None: the recipe's default.
 
     Example:
-      >>> model.pooling = finetune.pooling.Pooling(modes=("cls",), normalize=True)
+      >>> model.pooling = finetune.models.pooling.Pooling(modes=("cls",), normalize=True)
     """
 
     modes: tuple[str, ...] = ("mean",)

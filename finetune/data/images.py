@@ -129,19 +129,19 @@ def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, labels: np.ndarray 
 
     Args:
       ds: A `datasets.Dataset` with an image column.
-      cols: ``{"image": column}`` (see `finetune.preprocess.find_columns`).
+      cols: ``{"image": column}`` (see `finetune.data.text.find_columns`).
       model: The `finetune.Model` (its processor and config).
-      labels: The encoded labels (`finetune.preprocess.encode_label_column`), if any.
+      labels: The encoded labels (`finetune.data.text.encode_label_column`), if any.
 
     Returns:
-      A `finetune.preprocess.Prepared` with ``pixel_values`` read lazily from the processed data set.
+      A `finetune.data.text.Prepared` with ``pixel_values`` read lazily from the processed data set.
 
     Example:
       >>> prepared = prepare(ds, {"image": "img"}, model=model)
     """
     from datasets import Array3D, Features
 
-    from finetune.preprocess import Prepared, run_map
+    from finetune.data.text import Prepared, run_map
 
     processor = processor_of(model)
     config = getattr(model, "hf_config", None)

@@ -146,7 +146,7 @@ def check_encoded(labels: np.ndarray, *, model: Any, column: str, task: str) -> 
         )
     size = num_labels(model)
     if task == "causal-lm":
-        from finetune.datacheck import vocab_size
+        from finetune.data.check import vocab_size
 
         check_range(labels.astype(np.int64), vocab_size(model), column, limit="vocab_size")
     elif task == "token-classification" or (labels.dtype.kind in "iub" and labels.ndim == 1 and size != 1):
@@ -318,12 +318,12 @@ def from_data(data: Any, task: str, columns: Mapping[str, str] | None = None) ->
 
 
 def _label_column(data: Any, task: str, columns: Mapping[str, str] | None) -> tuple[Any, Any]:
-    """``(label values, datasets feature or None)`` of the data's label column, as `finetune.data.as_source` finds
-    it; ``(None, None)`` when there is none."""
+    """``(label values, datasets feature or None)`` of the data's label column, as
+    `finetune.data.batches.as_source` finds it; ``(None, None)`` when there is none."""
     import datasets
 
-    from finetune.data import _is_row, load_file, rows_to_columns
-    from finetune.preprocess import RAW_COLUMNS, find_columns
+    from finetune.data.batches import _is_row, load_file, rows_to_columns
+    from finetune.data.text import RAW_COLUMNS, find_columns
 
     if isinstance(data, str | os.PathLike):
         data = load_file(data)

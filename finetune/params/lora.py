@@ -35,10 +35,10 @@ from flax import nnx
 
 from finetune import schema
 from finetune.errors import ConfigError
+from finetune.hf.tables import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
 from finetune.models.dropout import Dropout
 from finetune.models.layers import Linear
-from finetune.rules import Group
-from finetune.weights import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
+from finetune.params.rules import Group
 from finetune.writer import write_directory
 
 GROUP = "lora"
@@ -221,7 +221,7 @@ def apply(model: Any, config: Mapping[str, Any] | LoRAConfig, *, seed: int = 0) 
         with other settings.
 
     Example:
-      >>> finetune.lora.apply(model, {"targets": r".*mlp/.*", "rank": 16, "alpha": 32})
+      >>> finetune.params.lora.apply(model, {"targets": r".*mlp/.*", "rank": 16, "alpha": 32})
       ['layers/0/mlp/gate_proj', 'layers/0/mlp/up_proj', ...]
     """
     config = LoRAConfig.from_mapping(config)
@@ -391,7 +391,7 @@ def save_adapter(model: Any, directory: str | Path, *, trainable: set[str] | Non
         )
     if trainable is None:
         from finetune.recipe import Recipe
-        from finetune.training.trainer import plan
+        from finetune.training.loop import plan
 
         assignment = plan(model, model.recipe or Recipe())
         trainable = {p for p in assignment.group_of if assignment.trainable(p)}

@@ -17,16 +17,17 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from finetune import _xla, lora, optim
-from finetune import data as data_lib
+from finetune import optim, runtime
 from finetune import sharding as sharding_lib
-from finetune.checkpoint import Checkpointer, data_changes, data_record, fingerprint
+from finetune.data import batches as data_lib
 from finetune.errors import CheckpointError, ConfigError, LoadError
+from finetune.params import lora
+from finetune.params.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.recipe import Recipe
-from finetune.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten
 from finetune.training import metrics as metrics_lib
 from finetune.training import nonfinite, signals
 from finetune.training.callbacks import Callback
+from finetune.training.checkpoint import Checkpointer, data_changes, data_record, fingerprint
 from finetune.training.history import History
 from finetune.training.step import Program, split
 from finetune.training.tasks import collect, kind, loss_fn, output_names, predict_family
@@ -38,7 +39,7 @@ def plan(model: Any, recipe: Recipe) -> Assignment:
     """The group of every parameter of ``model`` under ``recipe`` (its rules, else the model's defaults).
 
     A recipe with ``lora`` first adds the adapters to the model (once); adapters then go to group ``lora`` and the
-    pretrained weights default to frozen groups (`finetune.lora.plan_defaults`).
+    pretrained weights default to frozen groups (`finetune.params.lora.plan_defaults`).
     """
     if recipe.lora is not None:
         lora.apply(model, recipe.lora, seed=recipe.seed)
@@ -142,17 +143,17 @@ class Trainer:
 
     def _before_call(self, kind: str, batch: dict) -> None:
         """Before a step call of another program or batch shape than the last (which may compile, or need scratch
-        of another size): the C allocator's defaults, and what it holds free goes back (`finetune._xla.keep`). Kept
+        of another size): the C allocator's defaults, and what it holds free goes back (`finetune.runtime.keep`). Kept
         scratch is for runs of calls of one shape; across shapes it would pile up."""
         call = (kind, *((k, np.shape(v)) for k, v in batch.items()))
         if call != self._last_call:
             self._last_call = call
-            _xla.keep(False)
+            runtime.keep(False)
 
     def _after_call(self) -> None:
-        """After a step call: the next call's scratch will be kept (`finetune._xla.keep`, inside fit, evaluate and
-        predict). A compile's freed memory went back to the OS before the program first ran (`_xla.kept_scratch`)."""
-        _xla.keep(True)
+        """After a step call: the next call's scratch will be kept (`finetune.runtime.keep`, inside fit, evaluate and
+        predict). A compile's freed memory went back to the OS before the program first ran (`runtime.kept_scratch`)."""
+        runtime.keep(True)
 
     def sync_model(self) -> None:
         """Writes the trained state back into the NNX module."""
@@ -211,7 +212,7 @@ class Trainer:
         phases = [(p["epochs"], _phase_recipe(base, p)) for p in base.phases] + [(epochs, base)]
         with contextlib.ExitStack() as stack:
             run.interrupts = stack.enter_context(signals.deferred(run.checkpointer is not None))
-            stack.enter_context(_xla.kept_scratch())
+            stack.enter_context(runtime.kept_scratch())
             stack.callback(self._finish, run)
             for i, (phase_epochs, recipe) in enumerate(phases):
                 if run.resume_meta is not None and i < run.resume_meta["phase"]:
@@ -468,12 +469,12 @@ class Trainer:
 
         On one device the host arrays go straight into the compiled step, whose argument handling moves them (in
         compiled code: cheaper than a separate `jax.device_put`, which costs more than a small model's whole step).
-        Where steps run on the calling thread (CPU, `finetune._xla`), batches are made on a background thread, and
+        Where steps run on the calling thread (CPU, `finetune.runtime`), batches are made on a background thread, and
         there too their big arrays are put on the device and waited for (`_ready`).
         """
         if self.layout is not None:
             return data_lib.prefetch(map(self.layout.put_batch, batches), sharding=self.layout.batch)
-        if _xla.runs_inline():  # steps run on this thread: the next batch is made meanwhile on another
+        if runtime.runs_inline():  # steps run on this thread: the next batch is made meanwhile on another
             return data_lib.prefetch_on_thread(batches, put=_ready)
         return batches
 
@@ -526,7 +527,7 @@ class Trainer:
         if self.program is None:
             self.build(next(source.batches(batch_size, seed=None)), total_steps=None, train=False)
         acc = self.program.zero_metrics()
-        with _xla.kept_scratch():
+        with runtime.kept_scratch():
             for batch in self._prefetch(source.batches(batch_size, seed=None)):
                 self._before_call("eval", batch)
                 acc = self.program.eval_step(self.state, acc, batch)
@@ -547,7 +548,7 @@ class Trainer:
         family = predict_family(self.model.task, self.program.num_classes, self.model.family)
         names = output_names(family, outputs)
         step, parts = self.program.predictor(family=family, names=names, pooling=pooling), []
-        with _xla.kept_scratch():
+        with runtime.kept_scratch():
             for batch in self._prefetch(source.batches(batch_size, seed=None)):
                 self._before_call("predict", batch)
                 values = step(self.state, batch)
@@ -557,7 +558,7 @@ class Trainer:
 
 
 # XLA:CPU copies a host array of this many bytes or more into a step's arguments on a worker thread, and a step
-# whose argument is not ready yet runs on that thread too, where its scratch memory cannot be kept (`_xla`).
+# whose argument is not ready yet runs on that thread too, where its scratch memory cannot be kept (`finetune.runtime`).
 _INLINE_COPY_BYTES = 100 * 1024
 
 
@@ -584,7 +585,7 @@ class _Run:
     monitor: str | None = None
     resume: Any = False
     allow_changed_data: bool = False  # resume although the data or batch size differ from the checkpoint's
-    data: dict | None = None  # what identifies the training data (`finetune.checkpoint.data_record`)
+    data: dict | None = None  # what identifies the training data (`finetune.training.checkpoint.data_record`)
     checkpointer: Checkpointer | None = None
     resume_meta: dict | None = None
     history: History = dataclasses.field(default_factory=History)
@@ -634,8 +635,8 @@ def _recipe_changes(saved: dict, current: dict) -> list[str]:
 
 
 def _open_checkpoints(run: _Run) -> None:
-    """Locks ``run.checkpoint_dir`` (`finetune.checkpoint.Checkpointer`), records what identifies the run's data, and
-    reads the metadata of the checkpoint to resume from (None: start fresh)."""
+    """Locks ``run.checkpoint_dir`` (`finetune.training.checkpoint.Checkpointer`), records what identifies the run's
+    data, and reads the metadata of the checkpoint to resume from (None: start fresh)."""
     run.checkpointer = Checkpointer(run.checkpoint_dir, keep=run.keep, monitor=run.monitor, lock=True)
     try:
         run.data = data_record(run.source, run.batch_size)

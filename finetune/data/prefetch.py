@@ -47,7 +47,7 @@ def prefetch(batches: Iterator[Batch], *, size: int = 2, sharding: Any = None) -
 def prefetch_on_thread(batches: Iterator[Batch], *, size: int = 2, put: Any = None) -> Iterator[Batch]:
     """``batches`` made ``size`` ahead of the consumer on a background thread, each passed through ``put`` there.
 
-    For synchronous dispatch (JAX on CPU as finetune sets it up: `finetune._xla`), where a step call returns only
+    For synchronous dispatch (JAX on CPU as finetune sets it up: `finetune.runtime`), where a step call returns only
     once the step is done, so the host work of the next batch (gathering, padding, packing, images) would otherwise
     wait for it; the thread does that work while the step runs, as asynchronous dispatch did. An error in the
     thread is raised here, in order; closing the iterator stops the thread.

@@ -2,8 +2,8 @@
 
 Every Hub call goes through ``huggingface_hub`` (``HF_ENDPOINT``, ``HF_TOKEN`` and the stored login apply). A push
 creates the repository if needed (and the branch, when ``revision`` is given) and uploads the folder in one commit.
-Errors become `finetune.errors.HubError`; the token is checked before any request (`finetune.hub.check_token`) and
-masked in every error, log record and staged file (`finetune.scrub.guard`). The local export is never touched, so
+Errors become `finetune.errors.HubError`; the token is checked before any request (`finetune.hf.hub.check_token`) and
+masked in every error, log record and staged file (`finetune.hf.scrub.guard`). The local export is never touched, so
 a failed push can simply be retried (files the Hub already holds are not sent again).
 
 Example:
@@ -31,9 +31,10 @@ from typing import Annotated, Any, Literal, Unpack
 
 import numpy as np
 
-from finetune import schema, scrub
+from finetune import schema
 from finetune.errors import ConfigError, FinetuneError, HubError
-from finetune.hub import check_token, write_token
+from finetune.hf import scrub
+from finetune.hf.hub import check_token, write_token
 from finetune.schema import Card, Flag, Positive, Text
 from finetune.sharding import host_local, is_main_process
 from finetune.training.callbacks import Callback
@@ -88,7 +89,7 @@ def _check_export(folder: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def _hub_errors(what: str, repo_id: str, folder: Path) -> Iterator[None]:
     """Turns huggingface_hub / network errors into a `HubError` naming the repo and the intact local folder (inside
-    `finetune.scrub.guard`, which masks the token in them and in their chain)."""
+    `finetune.hf.scrub.guard`, which masks the token in them and in their chain)."""
     import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -154,9 +155,9 @@ def push_folder(
       The URL of the commit.
 
     Raises:
-      ConfigError: A bad ``repo_id`` or ``folder``, or a token that cannot be one (`finetune.hub.check_token`).
+      ConfigError: A bad ``repo_id`` or ``folder``, or a token that cannot be one (`finetune.hf.hub.check_token`).
       HubError: No token, a file of ``folder`` holding the token, the Hub unreachable or refusing the push. The
-        local folder is never modified, and the token is in no message (`finetune.scrub`).
+        local folder is never modified, and the token is in no message (`finetune.hf.scrub`).
 
     Example:
       >>> push_folder("out/minilm-reviews", "me/minilm-reviews", revision="v1")
@@ -358,7 +359,7 @@ class PushToHub(Callback):
         metrics = {k: v for k, v in (job["metrics"] or {}).items() if isinstance(v, float) and math.isfinite(v)} or None
         with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
             folder = Path(tmp) / "export"
-            from finetune.export import write
+            from finetune.hf.export import write
 
             write(job["model"], folder, metrics=metrics, **self.card)
             if "checkpoint" in job:

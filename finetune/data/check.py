@@ -1,19 +1,20 @@
 """Every data set checked against the model once, before the first step: one pass of vectorised numpy checks.
 
-`finetune.data.as_source` runs `check` on every data set it prepares (training and validation data of `fit`, the data
-of `evaluate` and `predict`), and `check_batch` on every ready batch an iterable gives, so that a data set the model
-cannot compute on is refused with a `DataError` before any step runs, not answered with NaN logits, a silently wrong
-loss or an error from deep inside jax. What is checked:
+`finetune.data.batches.as_source` runs `check` on every data set it prepares (training and validation data of
+`fit`, the data of `evaluate` and `predict`), and `check_batch` on every ready batch an iterable gives, so that a
+data set the model cannot compute on is refused with a `DataError` before any step runs, not answered with NaN
+logits, a silently wrong loss or an error from deep inside jax. What is checked:
 
 * the columns are inputs the model takes (its ``__call__``'s parameters), and those it needs are there;
 * token ids lie in the embedding table (``[0, vocab_size)``), token type ids in ``[0, type_vocab_size)``;
 * sequences the user tokenized fit in the model's positions (``max_position_embeddings``; finetune truncates what it
-  tokenizes itself, `finetune.preprocess.resolve_max_length`);
-* labels are finite and of the head's kind, shape and range (`finetune.labels.check_encoded`).
+  tokenizes itself, `finetune.data.text.resolve_max_length`);
+* labels are finite and of the head's kind, shape and range (`finetune.data.labels.check_encoded`).
 
 A tokenizer larger than the embedding table is refused before any text is tokenized (`check_tokenizer`), and raw
 columns (a dict or rows) whose values mix types are refused, naming a row of each type, before they become a table
-(`to_dataset`). Labels (`finetune.labels`) and images (`finetune.images.pixels`) are checked where they are encoded.
+(`to_dataset`). Labels (`finetune.data.labels`) and images (`finetune.data.images.pixels`) are checked where they
+are encoded.
 Each check reads each array once (a minimum, a maximum, a mask), so 100k examples take milliseconds.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune import labels as labels_lib
+from finetune.data import labels as labels_lib
 from finetune.errors import DataError
 from finetune.training.tasks import NOT_INPUTS
 
@@ -62,7 +63,7 @@ def check_tokenizer(tokenizer: Any, model: Any) -> None:
 
 
 def check(source: Any, *, model: Any, task: str, stage: str) -> None:
-    """Checks a prepared `finetune.data.ArrayData` against ``model`` (see the module doc); raises `DataError`.
+    """Checks a prepared `finetune.data.batches.ArrayData` against ``model`` (see the module doc); raises `DataError`.
 
     ``stage`` is ``fit``, ``evaluate`` or ``predict``: the first two need labels for a classification task.
     """

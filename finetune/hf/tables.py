@@ -24,7 +24,7 @@ from finetune import sharding as sharding_lib
 from finetune.errors import LoadError
 
 # The reading half lives in weight_files; re-exported (see __all__) since callers import it from here.
-from finetune.weight_files import (
+from finetune.hf.files import (
     FLAX_MSGPACK,
     PICKLE,
     SAFETENSORS,

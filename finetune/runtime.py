@@ -1,61 +1,124 @@
-"""XLA defaults of finetune, set at import while JAX's backends are not yet initialised, and the C allocator's
-settings while finetune's loops run.
+"""The CPU tuning of finetune's loops, as one explicit call: `tune()`. Importing finetune changes nothing.
 
-On CPU, XLA's default "concurrency optimized" scheduler orders a train step for parallelism at the cost of memory.
-The plain scheduler made the all-MiniLM-L6-v2 train step (batch 32, sequence 128) need 1,264 MB of scratch memory
-instead of 1,525 MB, and was not slower (2.80 against 2.95 s/step on 2 cores): see docs/performance.md. The
-option is read only from ``XLA_FLAGS`` (per-function compiler options do not reach the scheduler), so it is appended
-there; flags the user set win.
+`tune()`, called before JAX starts (before the first array or device query), sets for the whole process:
+- XLA's plain scheduler on CPU (``--xla_cpu_enable_concurrency_optimized_scheduler=false`` appended to
+  ``XLA_FLAGS``): the default one orders a train step for parallelism at the cost of memory.
+- JAX's asynchronous dispatch on CPU off, so that a compiled program runs, and allocates, on the calling thread;
+  fit() then makes the next batch on a background thread meanwhile.
+- the C allocator (glibc) keeping a step's scratch memory from one call to the next inside fit, evaluate and
+  predict (`kept_scratch`), instead of unmapping and faulting it in again at each step.
+- JAX's persistent compilation cache, in ``~/.cache/finetune/xla``: a second run starts without recompiling.
 
-Each call of a compiled program on CPU allocates its scratch memory (hundreds of MB for a train step) and frees it
-at the end. glibc serves a block that large with a fresh ``mmap`` and gives it back with ``munmap``, so every step
-page-faults its whole scratch in again: 114k faults, about 0.2 s of a 1 s MiniLM step at 32 x 64 tokens.
-`kept_scratch` keeps the block in the heap between calls instead. That works only where the block is allocated on
-the thread that calls the program (glibc's other threads' arenas map any block above 64 MB whatever the settings),
-so finetune also turns JAX's asynchronous dispatch on CPU off at import: the program then runs on the calling
-thread, and the trainer makes the next batch on a background thread meanwhile (`finetune.data.prefetch_on_thread`),
-as asynchronous dispatch let it do before. Measured on that step: 0 faults and 0.75-0.86 s (vs 0.90-1.06 s); at
-32 x 128 tokens 1.81 s (vs 2.18 s) with the same peak memory. See docs/performance.md.
-Opt out of all of this with ``FINETUNE_XLA_DEFAULTS=0``; ``JAX_CPU_ENABLE_ASYNC_DISPATCH``, if you set it, wins.
+The CLI calls it for its commands. The figures: docs/performance.md ("CPU tuning").
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
-def enabled() -> bool:
-    """Whether finetune applies its XLA and allocator defaults (``FINETUNE_XLA_DEFAULTS`` is not 0)."""
-    return os.environ.get("FINETUNE_XLA_DEFAULTS", "1").lower() not in ("0", "false", "off", "")
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """What `tune()` set: the flags it appended to ``XLA_FLAGS``, whether asynchronous dispatch on CPU is off,
+    whether finetune's loops keep their scratch memory, and the compilation cache's directory (None: off)."""
+
+    xla_flags: tuple[str, ...] = ()
+    dispatch_off: bool = False
+    keep_scratch: bool = False
+    compile_cache: str | None = None
 
 
-def configure() -> list[str]:
-    """Appends `CPU_FLAGS` the user did not set to ``XLA_FLAGS``, and turns asynchronous dispatch on CPU off unless
-    the user set ``JAX_CPU_ENABLE_ASYNC_DISPATCH``; returns the flags added (none once JAX runs)."""
-    if not enabled():
-        return []
+_tuning = Tuning()
+
+
+def tune(
+    *,
+    scheduler: bool = True,
+    dispatch: bool = True,
+    allocator: bool = True,
+    compile_cache: bool | str | os.PathLike = True,
+) -> Tuning:
+    """Tunes this process for finetune on CPU (see the module docstring); each argument False leaves that part as
+    it is. ``compile_cache``: True for ``~/.cache/finetune/xla``, or a directory. The XLA flag and the dispatch
+    setting take effect only before JAX starts: called later, they are left alone (logged); a compilation cache
+    directory you configured for JAX yourself, or ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` set in the environment, wins.
+    Returns what is now in force (`Tuning`). Call it once, first thing:
+
+        >>> import finetune as ft
+        >>> ft.tune()  # doctest: +SKIP
+    """
     import jax
     from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized():
-        log.debug("JAX already runs, so finetune's XLA defaults are not applied: %s", " ".join(CPU_FLAGS))
-        return []
-    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
-        jax.config.update("jax_cpu_enable_async_dispatch", False)  # see `kept_scratch`
-    current = os.environ.get("XLA_FLAGS", "")
-    added = [flag for flag in CPU_FLAGS if flag.split("=")[0] not in current]
-    if added:
-        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
-    return added
+    global _tuning
+    started = xla_bridge.backends_are_initialized()
+    if started and (scheduler or dispatch):
+        log.info("JAX already runs: finetune leaves XLA_FLAGS and asynchronous dispatch as they are")
+    flags: tuple[str, ...] = ()
+    if scheduler and not started:
+        current = os.environ.get("XLA_FLAGS", "")
+        flags = tuple(flag for flag in CPU_FLAGS if flag.split("=")[0] not in current)
+        if flags:
+            os.environ["XLA_FLAGS"] = " ".join([current, *flags]).strip()
+    if dispatch and not started and "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    cache = _enable_cache(compile_cache) if compile_cache else None
+    _tuning = Tuning(
+        xla_flags=_tuning.xla_flags + flags,
+        dispatch_off=not jax.config.read("jax_cpu_enable_async_dispatch"),
+        keep_scratch=allocator or _tuning.keep_scratch,
+        compile_cache=cache or _tuning.compile_cache,
+    )
+    return _tuning
+
+
+def tune_from_environment() -> Tuning:
+    """`tune()` as the CLI applies it: ``FINETUNE_XLA_DEFAULTS=0`` leaves the scheduler, the dispatch and the
+    allocator alone; ``FINETUNE_COMPILATION_CACHE=0`` turns the cache off, or names its directory."""
+    off = ("0", "false", "off", "")
+    defaults = os.environ.get("FINETUNE_XLA_DEFAULTS", "1").lower() not in off
+    cache = os.environ.get("FINETUNE_COMPILATION_CACHE", "1")
+    where: bool | str = False if cache.lower() in off else True if cache.lower() in ("1", "true", "on") else cache
+    return tune(scheduler=defaults, dispatch=defaults, allocator=defaults, compile_cache=where)
+
+
+def tuning() -> Tuning:
+    """What `tune()` has set in this process so far (nothing: `Tuning()`)."""
+    return _tuning
+
+
+def cache_dir() -> Path:
+    """finetune's default compilation cache directory: ``$XDG_CACHE_HOME/finetune/xla`` (``~/.cache`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "finetune" / "xla"
+
+
+def _enable_cache(where: bool | str | os.PathLike) -> str | None:
+    """Turns JAX's persistent compilation cache on unless one is configured; returns the directory (None: off)."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    directory = cache_dir() if where is True else Path(where)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        log.warning("the compilation cache directory %s cannot be made: running without the cache", directory)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return str(directory)
 
 
 _libc = None
@@ -101,17 +164,18 @@ def kept_scratch() -> Iterator[bool]:
     freed memory goes back to the OS after each compile, before the new program first runs (`_after_compile`), and
     `keep` keeps the scratch memory of compiled programs in the C heap from one call to the next. Yields whether
     the latter applies: glibc, JAX on CPU with asynchronous dispatch off (programs then run, and allocate, on the
-    calling thread: see the module's docstring), and finetune's defaults not opted out of.
+    calling thread: see the module's docstring), and `tune()` called with ``allocator`` (the default). Without it,
+    nothing here applies.
 
     On the way out glibc's defaults come back and ``malloc_trim`` returns what is free, so the process holds no
     more memory after fit() than before. Re-entrant (evaluation inside fit).
     """
     global _depth, _loops
-    if _glibc() is None:
+    if _glibc() is None or not _tuning.keep_scratch:
         yield False
         return
     _listen_for_compiles()
-    applies = enabled() and runs_inline()
+    applies = runs_inline()
     with _lock:
         _loops += 1
         _depth += applies

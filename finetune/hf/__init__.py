@@ -1,0 +1,1 @@
+"""The Hugging Face side: the Hub (resolve, download, upload), checkpoint files, key tables, export and push."""

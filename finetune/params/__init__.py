@@ -1,0 +1,1 @@
+"""Which parameter trains how: group rules, the assignment of each parameter, LoRA adapters and their peft files."""
