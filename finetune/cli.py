@@ -310,31 +310,28 @@ def cmd_push(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune Hugging Face models in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _model_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
+    p.add_argument("--model", help=f"Hub id, hf://org/name, or local directory (default: {DEFAULT_MODEL}).")
+    p.add_argument("--task", default="text-classification", help="Task (default: text-classification).")
+    p.add_argument("--num-labels", type=int, help="Number of classes (default: from the data or checkpoint).")
+    p.add_argument("--data", required=data_required, help=f"A csv / json / parquet file (default: {DEFAULT_DATA}).")
+    p.add_argument("--batch-size", type=int, help="Examples per batch (default: the recipe's, 32).")
 
-    def model_args(p, *, data_required: bool):
-        p.add_argument("--model", help=f"Hub id, hf://org/name, or local directory (default: {DEFAULT_MODEL}).")
-        p.add_argument("--task", default="text-classification", help="Task (default: text-classification).")
-        p.add_argument("--num-labels", type=int, help="Number of classes (default: from the data or checkpoint).")
-        p.add_argument("--data", required=data_required, help=f"A csv / json / parquet file (default: {DEFAULT_DATA}).")
-        p.add_argument("--batch-size", type=int, help="Examples per batch (default: the recipe's, 32).")
 
+def _sets(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=help)
+
+
+def _fit_parser(sub: Any) -> None:
     p = sub.add_parser(
         "fit",
         help="Fine-tune a model (no arguments: the main job).",
         description="Fine-tune a model. With no --model/--data: the offline main job.",
     )
-    model_args(p, data_required=False)
+    _model_args(p, data_required=False)
     p.add_argument("--validation", help="Validation file (default: 10%% of --data, or the default data's test split).")
     p.add_argument("--preset", default="full", help="Recipe name (default: full); see `finetune presets`.")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="Override a recipe field, e.g. --set learning_rate=3e-5 --set groups.backbone.lr_mult=0.1.",
-    )
+    _sets(p, "Override a recipe field, e.g. --set learning_rate=3e-5 --set groups.backbone.lr_mult=0.1.")
     p.add_argument("--output", default="runs/finetune", help="Output directory (default: runs/finetune).")
     p.add_argument("--limit", type=int, help="Use only the first N training examples (and N/4 for validation).")
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in OUTPUT/checkpoints.")
@@ -358,35 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="This process's index (with --distributed).")
     p.set_defaults(func=cmd_fit)
 
+
+def _use_parsers(sub: Any) -> None:
+    """evaluate and predict: the model and data options of fit, and its --set."""
     set_help = "Override a recipe field, as for fit (e.g. --set columns.text=review --set max_length=128)."
     p = sub.add_parser("evaluate", help="Evaluate a model on a data file.")
-    model_args(p, data_required=False)
+    _model_args(p, data_required=False)
     p.add_argument("--limit", type=int, help="Evaluate on the first N examples only.")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    _sets(p, set_help)
     p.set_defaults(func=cmd_evaluate, validation=None)
-
     p = sub.add_parser(
         "predict",
         help="Predict for a data file: one JSON line per example (a label, a number for regression, an embedding "
         "for feature-extraction, or log-likelihood and perplexity for causal-lm).",
     )
-    model_args(p, data_required=True)
+    _model_args(p, data_required=True)
     p.add_argument("--output", help="Write predictions here (default: standard output).")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    _sets(p, set_help)
     p.set_defaults(func=cmd_predict)
 
+
+def _tool_parsers(sub: Any) -> None:
+    """presets, schedule and push."""
     p = sub.add_parser("presets", help="List the presets, or describe one.")
     p.add_argument("name", nargs="?", help="A preset name to describe.")
     p.set_defaults(func=cmd_presets)
-
     p = sub.add_parser("schedule", help="The learning rate of every group over training, optionally as a PNG.")
     p.add_argument("--preset", required=True, help="Recipe name.")
     p.add_argument("--steps", type=int, required=True, help="Optimizer steps of the whole run.")
     p.add_argument("--plot", help="Write the picture here (PNG).")
     p.add_argument("--model", help="Use this model's groups and layers (default: a 6-layer stand-in).")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a recipe field.")
+    _sets(p, "Override a recipe field.")
     p.set_defaults(func=cmd_schedule, layer_model=None, task="text-classification", num_labels=None)
-
     p = sub.add_parser("push", help="Upload an exported model directory to the Hugging Face Hub.")
     p.add_argument("dir", help="A directory written by save_pretrained / finetune fit.")
     p.add_argument("repo", help="Repository id, e.g. me/minilm-reviews.")
@@ -394,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="Branch to push to (created if missing).")
     p.add_argument("--message", default="Upload model fine-tuned with finetune", help="Commit message.")
     p.set_defaults(func=cmd_push)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: fit, evaluate, predict, presets, schedule, push."""
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune Hugging Face models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _fit_parser(sub)
+    _use_parsers(sub)
+    _tool_parsers(sub)
     return parser
 
 

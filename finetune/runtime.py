@@ -9,7 +9,7 @@
   predict (`kept_scratch`), instead of unmapping and faulting it in again at each step.
 - JAX's persistent compilation cache, in ``~/.cache/finetune/xla``: a second run starts without recompiling.
 
-The CLI calls it for its commands. The figures: docs/performance.md ("CPU tuning").
+The CLI calls it for its commands. What each part does, measured: docs/performance.md ("CPU tuning").
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ def _enable_cache(where: bool | str | os.PathLike) -> str | None:
     """Turns JAX's persistent compilation cache on unless one is configured; returns the directory (None: off)."""
     import jax
 
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
-    directory = cache_dir() if where is True else Path(where)
+    configured: str | None = getattr(jax.config, "jax_compilation_cache_dir")  # noqa: B009 (typed as a flag)
+    if configured:
+        return configured
+    directory = cache_dir() if where is True or where is False else Path(where)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -194,21 +195,11 @@ def keep(on: bool) -> None:
     """Inside `kept_scratch`: the next program calls keep their freed scratch (``on``), or glibc's defaults.
 
     On: glibc serves big blocks from the heap instead of ``mmap`` (``M_MMAP_MAX=0``) and keeps up to 2 GB free at
-    the heap's top instead of handing it back at once (``M_TRIM_THRESHOLD``), so a step's freed scratch is there,
-    its pages already mapped, for the next step. Off (before a call that may compile, whose compiler would
-    otherwise leave its freed memory in the heap beside the scratch, or of another shape): the defaults, and
-    ``malloc_trim`` hands back what is free. glibc's trim threshold then stays at its initial 128 KB rather than
-    adapting, as setting it once does. Outside `kept_scratch` (or where it does not apply) this does nothing.
-
-    Called on after the first kept call, it hands back the pages of every free block but the heap's top, where the
-    freed scratch is when all goes well; after a later call that faulted 16 MB or more in, everything free.
-    Otherwise (something small was allocated above the scratch, so it is a free block below the top) glibc would
-    serve the next call's aligned request, a little larger than the block, from the top, and two scratch blocks
-    would be resident at once: MiniLM at 32 x 128 tokens reached 2.46 GB of peak memory (vs 1.90 GB unkept) that way
-    in two runs of three. With the trim, such a step faults its scratch in as without keeping, and no free block
-    below the top stays resident; nor does more at the top than the first kept call of the run left there (two such
-    blocks, merged into the top, had the same effect), nor anything when the call faulted 16 MB or more in (its
-    scratch came from elsewhere, and the top would be held beside the next one).
+    the heap's top (``M_TRIM_THRESHOLD``), so a step's freed scratch is there, its pages mapped, for the next step.
+    Off (before a call that may compile, or of another shape): the defaults, and ``malloc_trim`` hands back what is
+    free. Called on after a kept call, it trims every free block but the heap's top (where the freed scratch is),
+    and everything after a call that faulted 16 MB or more in, so that two scratch blocks are never resident at
+    once (docs/performance.md, "CPU tuning"). Outside `kept_scratch` this does nothing.
     """
     global _kept_top, _faults
     libc = _glibc()
@@ -250,15 +241,10 @@ def _listen_for_compiles() -> None:
     jax.monitoring.register_event_duration_secs_listener(_after_compile)
 
 
-def _after_compile(event: str, duration: float, **kwargs) -> None:
+def _after_compile(event: str, duration_secs: float, **kwargs: str | int) -> None:
     """Inside `kept_scratch`: hands the compiler's freed memory back to the OS (`release_freed_memory`) once a
-    program's compile (or its load from the cache) ends, before the program first runs.
-
-    Compiling, XLA's compiler allocates and then frees hundreds of MB in small blocks, which glibc keeps in its
-    heap; left there, they add to the peak once the first step faults its scratch in. With asynchronous dispatch
-    off, a call that compiles also runs the program before returning, so a trim after the call came too late:
-    MiniLM at 32 x 16 tokens peaked at 1.10-1.20 GB that way, and at 0.97 GB with the trim here.
-    """
+    program's compile (or its load from the cache) ends, before the program first runs: left in the heap, the
+    compiler's freed blocks add to the peak once the first step faults its scratch in."""
     if event == _COMPILE_EVENT and _loops > 0:
         release_freed_memory()
 
@@ -314,12 +300,8 @@ def _free_at_top(libc) -> int:
 
 
 def release_freed_memory() -> bool:
-    """Hands the memory the C allocator holds but no longer uses back to the OS (glibc's ``malloc_trim``).
-
-    Called after each compile inside finetune's loops (`_after_compile`). Measured on MiniLM's train step at batch
-    32 x 16 tokens: 156 MB handed back after the compile, and the process's peak resident memory over the first
-    steps went from 1,303 to 1,145 MB. Returns False (doing nothing) where the C library is not glibc.
-    """
+    """Hands the memory the C allocator holds but no longer uses back to the OS (glibc's ``malloc_trim``); called
+    after each compile inside finetune's loops. Returns False (doing nothing) where the C library is not glibc."""
     libc = _glibc()
     if libc is None:
         return False

@@ -70,7 +70,7 @@ class _Joined(_Args):
         return self
 
 
-_SCHEDULE_ARGS = {
+_SCHEDULE_ARGS: dict[str, tuple[type[pydantic.BaseModel], str]] = {
     "constant": (_Args, "{'name': 'constant'} (optionally `warmup`)"),
     "cosine": (_Decaying, "{'name': 'cosine'} (optionally `warmup` and `end_factor`, a number >= 0)"),
     "linear": (_Decaying, "{'name': 'linear'} (optionally `warmup` and `end_factor`, a number >= 0)"),

@@ -206,14 +206,15 @@ DType = Annotated[Any, pydantic.AfterValidator(_dtype)]
 
 
 def _labels(value: Any) -> dict[int, str]:
-    out = {}
+    out: dict[int, str] = {}
     ok = isinstance(value, Mapping)
     for key, name in value.items() if ok else ():
         index = key if isinstance(key, int) and not isinstance(key, bool) else None
         if isinstance(key, str) and re.fullmatch(r"\d+", key):  # the string keys of a Hugging Face config.json
             index = int(key)
         ok = ok and index is not None and index >= 0 and isinstance(name, str)
-        out[index] = name
+        if ok and index is not None:
+            out[index] = name
     if not ok:
         raise violation("a dict {class index (an int >= 0): label name (a string)}", "Write e.g. {0: 'neg', 1: 'pos'}.")
     return out
@@ -270,7 +271,8 @@ def _names(model: type[pydantic.BaseModel], var_keyword: str | None) -> tuple[st
 def _arguments_model(func: Callable) -> tuple[type[pydantic.BaseModel], str | None]:
     """The pydantic model of ``func``'s annotated parameters (built at the first call, when every name resolves)."""
     hints = typing.get_type_hints(func, include_extras=True)
-    fields, var_keyword = {}, None
+    fields: dict[str, Any] = {}
+    var_keyword = None
     for p in inspect.signature(func).parameters.values():
         if p.name == "self" or p.name not in hints or p.kind is p.VAR_POSITIONAL:
             continue
@@ -283,10 +285,12 @@ def _arguments_model(func: Callable) -> tuple[type[pydantic.BaseModel], str | No
             continue
         fields[p.name] = (hints[p.name], ... if p.default is p.empty else p.default)
     config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
-    return pydantic.create_model(func.__qualname__, __config__=config, **fields), var_keyword
+    model: type[pydantic.BaseModel] = pydantic.create_model(func.__qualname__, __config__=config, **fields)
+    return model, var_keyword
 
 
 # ---------------------------------------------------------------------------------------------------- checked classes
+@typing.dataclass_transform(frozen_default=True)
 def checked(
     cls: type | None = None,
     *,
@@ -314,16 +318,16 @@ def checked(
             init(self, *args, **kwargs)
         except ValidationError as e:
             first = e.errors()[0]["loc"][:1]
-            kind = (errors or {}).get(first[0] if first else "", error)
+            kind = (errors or {}).get(str(first[0]) if first else "", error)
             raise _error(e, kind, owner=owner, names=names) from None
 
-    out.__init__ = __init__
+    out.__init__ = __init__  # type: ignore[method-assign]
     return out
 
 
 def validate(cls: type, values: Mapping[str, Any]) -> Any:
     """An instance of checked class ``cls`` from ``values``, raising pydantic's `ValidationError` (for nesting)."""
-    return cls.__pydantic_validator__.validate_python(ArgsKwargs((), dict(values)))
+    return cls.__pydantic_validator__.validate_python(ArgsKwargs((), dict(values)))  # type: ignore[attr-defined]
 
 
 @functools.cache
@@ -415,7 +419,8 @@ def _sentence(item: Mapping[str, Any], prefix: str) -> str:
 
 
 def _problems(e: ValidationError, prefix: str, owner: str, names: tuple[str, ...], skip: str | None) -> list[str]:
-    out, unknown_keys = [], {}
+    out: list[str] = []
+    unknown_keys: dict[tuple, dict] = {}
     for item in e.errors():
         if skip is not None and item["loc"][:1] == (skip,):
             item = {**item, "loc": item["loc"][1:]}

@@ -201,6 +201,8 @@ def _swap_in(staging: Path, target: Path) -> None:
 def _exchange(a: Path, b: Path) -> bool:
     """Swaps the two paths in one system call; False where the system or file system cannot."""
     libc = _libc()
+    if libc is None:
+        return False
     if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
         at_fdcwd, rename_exchange = -100, 2
         result = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import finetune as ft
 from finetune import sharding
 from finetune.cli import build_parser
+from finetune.params.rules import path_str
 from tests.tiny import TinyClassifier, blobs, params_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_silent_replication_under_fsdp_or_tensor_is_an_error():
 
 def test_every_problem_is_reported_at_once_with_the_mesh():
     module = nnx.eval_shape(lambda: TinyClassifier())
-    variables = {sharding.path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module))}
+    variables = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module))}
     with pytest.raises(ft.ConfigError) as e:
         layout("tensor", model=8).variable_shardings(variables)
     message = str(e.value)
