@@ -10,7 +10,7 @@ or the metrics.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ class ArrayData:
         self.columns = {k: v if hasattr(v, "dataset_column") else np.asarray(v) for k, v in columns.items()}
         self.sequences = {k: (np.asarray(v), np.asarray(o, np.int64)) for k, (v, o) in (sequences or {}).items()}
         self.pad_values = dict(pad_values or {})
-        self.lengths = None
+        self.lengths: Any = None  # tokens of each example (within the longest bucket), when there are sequences
         if self.sequences:
             offsets = next(iter(self.sequences.values()))[1]
             lengths = np.diff(offsets)
@@ -202,7 +202,7 @@ class BatchIterable:
         self.shapes: set[tuple[int, ...]] = set()
 
     def steps(self, batch_size: int) -> int | None:
-        return len(self.source) if hasattr(self.source, "__len__") else None
+        return len(self.source) if isinstance(self.source, Sized) else None
 
     def batches(
         self,
@@ -268,7 +268,7 @@ GROUP_BATCHES = 50  # batches sorted together by `ArrayData.batches(group=True)`
 def _grouped_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: Any) -> list[np.ndarray]:
     """Batches of ``order`` with similar lengths: runs of GROUP_BATCHES batches sorted longest first, then shuffled."""
     run = batch_size * GROUP_BATCHES
-    slices = []
+    slices: list[np.ndarray] = []
     for first in range(0, len(order), run):
         chunk = order[first : first + run]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]

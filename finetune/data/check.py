@@ -58,7 +58,7 @@ def positions(model: Any) -> int | None:
     count = getattr(config, "max_position_embeddings", None)
     if not count:
         return None
-    return int(count) - POSITION_OFFSET.get(getattr(config, "model_type", None), 0)
+    return int(count) - POSITION_OFFSET.get(str(getattr(config, "model_type", "")), 0)
 
 
 def vocab_size(model: Any) -> int | None:
@@ -117,7 +117,7 @@ def _check_has_labels(names: list[str], task: str, stage: str) -> None:
 
 def _check_inputs(names: list[str], model: Any) -> None:
     """The data's input columns must be parameters of the model's ``__call__``, and its required ones present."""
-    module = getattr(model, "module", None)
+    module: Any = getattr(model, "module", None)
     try:
         parameters = inspect.signature(module.__call__).parameters
     except (TypeError, ValueError, AttributeError):

@@ -85,8 +85,9 @@ def find_columns(
     label_role = "tags" if task == "token-classification" else "label"
     if task == "causal-lm":
         for roles in (("messages",), ("prompt", "completion"), ("text",)):
-            if all(pick(r) for r in roles) and (not given or any(r in given for r in roles)):
-                return {r: pick(r) for r in roles}
+            picked = {r: pick(r) for r in roles}
+            if all(picked.values()) and (not given or any(r in given for r in roles)):
+                return {r: c for r, c in picked.items() if c}
         missing("messages, prompt + completion, or text", task, names)
     if task == "token-classification":
         found = {"tokens": pick("tokens"), "tags": pick("tags")}

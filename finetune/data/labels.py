@@ -147,8 +147,9 @@ def _label_matrix(values: np.ndarray, *, model: Any, column: str, stage: str, na
     )
 
 
-def vocabulary(found: Sequence[str], *, model: Any, column: str, stage: str) -> list[str]:
-    """The label names to use for the label strings ``found``: the model's when they cover them, else sorted."""
+def vocabulary(found: Any, *, model: Any, column: str, stage: str) -> list[str]:
+    """The label names to use for the label strings ``found`` (any iterable): the model's when they cover them, else
+    sorted."""
     found = sorted(map(str, found))
     existing = names_of(model)
     if existing is not None and set(found) <= set(existing):

@@ -191,13 +191,14 @@ def _cached(data: Any, *, model: Any, padding: str, **options: Any) -> ArrayData
             id(getattr(model, "processor", None)),
         )
 
-    per_model = _CACHE.setdefault(model, collections.OrderedDict()) if model is not None else {}
+    fresh: collections.OrderedDict = collections.OrderedDict()
+    per_model = _CACHE.setdefault(model, fresh) if model is not None else fresh
     before = key()
     if before in per_model:
         return per_model[before].view()
     prepared = prepare(data, model=model, columns=columns, **options)
     buckets = None
-    if prepared.sequences:
+    if prepared.sequences and prepared.max_length is not None:  # sequences come with their truncation length
         lengths = np.diff(next(iter(prepared.sequences.values()))[1])
         if padding == "buckets":
             buckets = fitted_buckets(lengths, prepared.max_length)
