@@ -70,7 +70,7 @@ def _data(args) -> tuple[Any, Any]:
         train, validation = ds["train"].select(range(MAIN_JOB_SIZES["train"])), ds["test"]
         validation = validation.select(range(MAIN_JOB_SIZES["test"]))
     else:
-        from finetune.data.batches import load_file
+        from finetune.data.sources import load_file
 
         train = load_file(args.data)
         if getattr(args, "validation", None):
@@ -118,7 +118,7 @@ def _checked(args, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def _load(args, train=None, columns=None):
     import finetune
-    from finetune.data.batches import count_labels
+    from finetune.data.pipeline import count_labels
 
     num_labels = args.num_labels or (count_labels(train, args.task, columns) if train is not None else None)
     return finetune.load(args.model or _default_model(), task=args.task, num_labels=num_labels)
@@ -206,7 +206,7 @@ def cmd_evaluate(args) -> int:
     if args.data is None:
         validation = _data(args)[1]
     else:
-        from finetune.data.batches import load_file
+        from finetune.data.sources import load_file
 
         validation = load_file(args.data)
         if args.limit:
@@ -217,7 +217,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from finetune.data.batches import load_file
+    from finetune.data.sources import load_file
 
     overrides = _checked(args)
     data = load_file(args.data)

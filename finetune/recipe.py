@@ -36,7 +36,7 @@ def _metrics(value: Any) -> tuple:
 
 
 def _role(value: str) -> str:
-    from finetune.data.text import ROLES
+    from finetune.data.columns import ROLES
 
     if value in ROLES:
         return value

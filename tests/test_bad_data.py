@@ -11,7 +11,7 @@ import transformers
 
 import finetune as ft
 from finetune import cli
-from finetune.data import batches as data_lib
+from finetune import data as data_lib
 from finetune.data import check as datacheck
 from finetune.errors import FinetuneError
 from tests.catalogue import assert_unchanged, snapshot

@@ -10,9 +10,10 @@ import pytest
 import sklearn.metrics
 
 import finetune as ft
-from finetune.data import batches as data_lib
+from finetune import data as data_lib
 from finetune.data import labels as labels_lib
-from finetune.data.text import align, find_columns, pack
+from finetune.data.columns import find_columns
+from finetune.data.text import align, pack
 from finetune.training import metrics as metrics_lib
 from finetune.training.tasks import Scored
 
@@ -126,7 +127,7 @@ def test_string_labels_get_a_sorted_vocabulary_and_class_labels_their_names():
         features=datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["x", "y"])}),
     )
     model = ft.Model(_module(), task="text-classification")
-    from finetune.data.text import encode_label_column
+    from finetune.data.labels import encode_label_column
 
     assert encode_label_column(ds, "label", model=model, stage="fit").tolist() == [1, 0]
     assert model.id2label == {0: "x", 1: "y"}

@@ -10,7 +10,7 @@ import sklearn.metrics
 import transformers
 
 import finetune as ft
-from finetune.data import batches as data_lib
+from finetune import data as data_lib
 
 WORDS = "good great fine bad awful poor movie film plot actor the a is was and very not it this really".split()
 PIECES = (

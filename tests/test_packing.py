@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import finetune as ft
-from finetune.data import batches as data_lib
+from finetune import data as data_lib
+from finetune.data.batches import first_fit
 from finetune.models.dropout import Dropout
 from tests.test_data_tasks import PIECES, WORDS, bert_dir, reviews
 
@@ -70,7 +71,7 @@ def test_packing_pads_about_as_little_as_length_grouping_with_a_single_shape():
 def test_a_later_batch_that_needs_more_rows_gets_them():
     data, _, _ = ragged(64, seed=2)
     index = np.arange(32)
-    needed = len(data_lib._first_fit(data.lengths[index], data.buckets[-1])[0])
+    needed = len(first_fit(data.lengths[index], data.buckets[-1])[0])
     batch = data.take_packed(index, needed - 1, 32)
     assert batch["input_ids"].shape[0] >= needed and batch["input_ids"].shape[0] % 4 == 0
 

@@ -314,7 +314,7 @@ def test_batches_are_made_on_a_thread_and_steps_run_on_the_calling_one(monkeypat
 
 
 def test_an_error_while_making_batches_on_the_thread_reaches_the_caller():
-    from finetune.data.batches import prefetch_on_thread
+    from finetune.data import prefetch_on_thread
 
     def broken():
         yield {"x": np.zeros(3)}

@@ -1,13 +1,15 @@
 """Images -> ``pixel_values`` with the checkpoint's own image processor, once per data set.
 
+The fourth stage of the data's path for images (`finetune.data.pipeline`; text takes `finetune.data.text`).
+
 Images may be PIL images (what a `datasets` ``Image`` feature gives), paths of image files, or numpy arrays
 (``[H, W, C]``, ``[C, H, W]``, or ``[H, W]`` for one channel) of ``uint8`` in [0, 255] (or integers in that range) or
 floats in [0, 1]; images of different sizes are resized by the processor. PIL images are converted to the model's
 colour mode (``RGB`` for 3 channels), as the usual fine-tuning scripts do; arrays with another number of channels, or
 of another dtype or range (e.g. already normalised floats), are refused with the shape, dtype and range received.
-Every path is checked to exist before any image is processed. The
-processed tensors are stored by `datasets` (Arrow, memory-mapped when the data set is on disk) and read one batch at
-a time, so a large image set does not have to fit in memory.
+Every path is checked to exist before any image is processed. The processed tensors are stored by `datasets` (Arrow,
+memory-mapped when the data set is on disk) and read one batch at a time, so a large image set does not have to fit
+in memory.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from finetune.data.check import pixels
+from finetune.data.columns import Prepared
+from finetune.data.sources import run_map
 from finetune.errors import DataError
 
 
@@ -90,25 +95,6 @@ def _open(value: Any, index: int, column: str) -> Any:
         ) from None
 
 
-def pixels(array: np.ndarray, what: str) -> np.ndarray:
-    """An image array (or a stack of them) as ``uint8``: integers must lie in [0, 255] and floats in [0, 1] (they
-    are scaled to 255), else a `DataError` that starts with ``what`` (e.g. "Image 3 in column `image`")."""
-    kind = array.dtype.kind
-    if kind in "biuf" and array.size:
-        low, high = array.min(), array.max()
-        top = 1.0 if kind == "f" else 255
-        if np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= top:
-            return array.astype(np.uint8) if kind != "f" else np.round(array * 255).astype(np.uint8)
-        found = f"dtype {array.dtype} with values in [{low:.4g}, {high:.4g}]"
-    else:
-        found = f"dtype {array.dtype}" if array.ndim else f"a {type(array.item()).__name__} ({array.item()!r:.60})"
-    raise DataError(
-        f"{what} has {found}, but images are uint8 in [0, 255] (or integers in that "
-        "range) or floats in [0, 1]. Scale the images to one of these ranges (e.g. undo a normalisation), or pass "
-        "the processed `pixel_values` (float32, [N, channels, height, width]) instead of images."
-    )
-
-
 def _check_paths(ds: Any, column: str) -> None:
     """Every image given as a path exists, checked before any image is processed."""
     if getattr(ds.features[column], "dtype", None) != "string":
@@ -123,25 +109,23 @@ def _check_paths(ds: Any, column: str) -> None:
         )
 
 
-def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, labels: np.ndarray | None = None) -> Any:
+def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, labels: Mapping[str, Any]) -> Prepared:
     """``pixel_values`` for an image data set (with its encoded ``labels``); checks files, pixels, channels and the
     processed size before the images are processed.
 
     Args:
       ds: A `datasets.Dataset` with an image column.
-      cols: ``{"image": column}`` (see `finetune.data.text.find_columns`).
+      cols: ``{"image": column}`` (see `finetune.data.columns.roles`).
       model: The `finetune.Model` (its processor and config).
-      labels: The encoded labels (`finetune.data.text.encode_label_column`), if any.
+      labels: The encoded labels (`finetune.data.labels.encode_columns`), kept beside the pixels.
 
     Returns:
-      A `finetune.data.text.Prepared` with ``pixel_values`` read lazily from the processed data set.
+      A `finetune.data.columns.Prepared` with ``pixel_values`` read lazily from the processed data set.
 
     Example:
-      >>> prepared = prepare(ds, {"image": "img"}, model=model)
+      >>> prepared = prepare(ds, {"image": "img"}, model=model, labels={})
     """
     from datasets import Array3D, Features
-
-    from finetune.data.text import Prepared, run_map
 
     processor = processor_of(model)
     config = getattr(model, "hf_config", None)
@@ -161,22 +145,19 @@ def prepare(ds: Any, cols: Mapping[str, str], *, model: Any, labels: np.ndarray 
     def fn(batch, indices):
         images = [to_image(v, channels, i, column) for v, i in zip(batch[column], indices, strict=True)]
         try:
-            pixels = processor(images=images, return_tensors="np")["pixel_values"]
+            values = processor(images=images, return_tensors="np")["pixel_values"]
         except ValueError as e:  # differently sized images the processor does not resize cannot be stacked
             raise DataError(
                 f"The images of column `{column}` (examples {indices[0]}..{indices[-1]}) could not be processed "
                 f"into one batch: {e}. Resize them to one size, or let the image processor resize them."
             ) from e
-        if tuple(pixels.shape[1:]) != tuple(expected):
+        if tuple(values.shape[1:]) != tuple(expected):
             raise DataError(
                 f"Images of column `{column}` (examples {indices[0]}..{indices[-1]}) were processed into shape "
-                f"{tuple(pixels.shape[1:])}, but the model takes {tuple(expected)}. Resize the images to one size."
+                f"{tuple(values.shape[1:])}, but the model takes {tuple(expected)}. Resize the images to one size."
             )
-        return {"pixel_values": pixels.astype(np.float32)}
+        return {"pixel_values": values.astype(np.float32)}
 
     parts = (ds._fingerprint, sorted(cols.items()), processor.to_json_string(), expected)
     out = run_map(ds, fn, parts, features=Features({"pixel_values": Array3D(tuple(expected), "float32")}))
-    fixed = {"pixel_values": DatasetColumn(out, "pixel_values")}
-    if labels is not None:
-        fixed["labels"] = labels
-    return Prepared(fixed, {}, {}, None)
+    return Prepared({"pixel_values": DatasetColumn(out, "pixel_values"), **labels}, {}, {}, None)

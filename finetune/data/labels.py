@@ -11,10 +11,13 @@ Rules, one per kind of label column:
   floats are taken as multi-hot already.
 * A 2-D array is one label per example when it is ``[N, 1]`` (class ids, or regression targets), and multi-hot
   targets when it is ``[N, num_labels]`` of values in [0, 1]; any other shape is refused.
-* NaN or infinite labels are refused, naming their rows, whatever the kind (`check_encoded`).
+* NaN or infinite labels are refused, naming their rows, whatever the kind (`finetune.data.check.check_finite`).
 
 Names found in the data are written to ``model.id2label`` and to ``model.hf_config`` (``id2label`` / ``label2id``), so
 they end up in exported configs.
+
+The third stage of the data's path (`finetune.data.pipeline`): `encode_columns` encodes the label columns that
+`finetune.data.columns` found, before any text is tokenized or image processed, so bad labels are refused first.
 """
 
 from __future__ import annotations
@@ -26,19 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from finetune.data.check import CLASSIFICATION_TASKS, check_finite, check_range, num_labels
+from finetune.data.columns import RAW_COLUMNS, find_columns
+from finetune.data.sources import is_row, load_file, ragged, rows_to_columns
 from finetune.errors import DataError
-
-CLASSIFICATION_TASKS = ("text-classification", "token-classification", "image-classification")
-
-
-def num_labels(model: Any) -> int | None:
-    """The number of outputs of the model's classifier, when the model says (None for plain modules)."""
-    if model is None or getattr(model, "task", None) not in CLASSIFICATION_TASKS:
-        return None
-    config = getattr(model, "hf_config", None)
-    if config is not None and getattr(config, "num_labels", None):
-        return int(config.num_labels)
-    return len(model.id2label) if getattr(model, "id2label", None) else None
 
 
 def names_of(model: Any) -> list[str] | None:
@@ -116,48 +110,6 @@ def encode(
     return ids.astype(np.int32)
 
 
-def check_finite(array: np.ndarray, column: str) -> None:
-    """Raises a `DataError` naming the rows of NaN or infinite labels (``array``: ``[N]`` or ``[N, ...]`` floats)."""
-    finite = np.isfinite(array)
-    if finite.all():
-        return
-    rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1))
-    first = array[rows[0]]
-    raise DataError(
-        f"Column `{column}` has {len(rows)} non-finite label{'s' if len(rows) > 1 else ''} (NaN or infinite): rows "
-        f"{rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}, e.g. {first.tolist()!r} at row {rows[0]}. Drop those "
-        "examples or fill in their labels (a NaN label is a missing label, and would make the loss NaN)."
-    )
-
-
-def check_encoded(labels: np.ndarray, *, model: Any, column: str, task: str) -> None:
-    """Checks encoded labels (or the labels of a ready batch) against the model's head: finite, of the head's
-    kind and shape (``[N]`` ids or targets, ``[N, num_labels]`` multi-hot, ``[N, T]`` token ids), ids in range.
-
-    Raises:
-      DataError: NaN / infinite labels, class ids outside ``[0, num_labels)``, or a shape the head cannot take.
-    """
-    if labels.dtype.kind == "f":
-        check_finite(labels, column)
-    if labels.dtype.kind not in "biuf":
-        raise DataError(
-            f"Column `{column}` holds {labels.dtype} labels; encoded labels are integer class ids or float targets. "
-            "Pass the raw labels in a data set (they are encoded there), or integer ids."
-        )
-    size = num_labels(model)
-    if task == "causal-lm":
-        from finetune.data.check import vocab_size
-
-        check_range(labels.astype(np.int64), vocab_size(model), column, limit="vocab_size")
-    elif task == "token-classification" or (labels.dtype.kind in "iub" and labels.ndim == 1 and size != 1):
-        check_range(labels.astype(np.int64), size, column)
-    elif labels.ndim == 2 and task in CLASSIFICATION_TASKS and size is not None and labels.shape[1] != size:
-        raise DataError(
-            f"Column `{column}` has labels of shape {labels.shape}, read as multi-hot targets, but the model has "
-            f"num_labels={size}. Pass one class id per example ([N]), or one 0/1 per label ([N, {size}])."
-        )
-
-
 def _as_matrix(values: Sequence[Any], size: int | None) -> np.ndarray | None:
     """Lists of numbers that form a label matrix: one per example (``[N, 1]``), or 0/1 rows of width ``size``
     (multi-hot). None for lists of names or ids, which `_multi_hot` encodes."""
@@ -195,8 +147,9 @@ def _label_matrix(values: np.ndarray, *, model: Any, column: str, stage: str, na
     )
 
 
-def vocabulary(found: Sequence[str], *, model: Any, column: str, stage: str) -> list[str]:
-    """The label names to use for the label strings ``found``: the model's when they cover them, else sorted."""
+def vocabulary(found: Any, *, model: Any, column: str, stage: str) -> list[str]:
+    """The label names to use for the label strings ``found`` (any iterable): the model's when they cover them, else
+    sorted."""
     found = sorted(map(str, found))
     existing = names_of(model)
     if existing is not None and set(found) <= set(existing):
@@ -209,26 +162,6 @@ def vocabulary(found: Sequence[str], *, model: Any, column: str, stage: str) -> 
         )
     _check_names(found, model, column, stage)
     return found
-
-
-def check_range(ids: np.ndarray, size: int | None, column: str, *, limit: str = "num_labels") -> None:
-    """Raises a `DataError` naming both when ids fall outside ``[0, size)`` (-100 means "no label"); ``limit``
-    names ``size`` (``num_labels`` for class ids, ``vocab_size`` for the token ids of a causal LM)."""
-    real = ids[ids != -100]
-    if not real.size:
-        return
-    low, high = int(real.min()), int(real.max())
-    if low < 0 or (size is not None and high >= size):
-        bad = sorted(set(real[(real < 0) | (real >= (size or np.iinfo(np.int64).max))].tolist()))[:5]
-        fix = (
-            f"Load the model with num_labels={high + 1} (finetune.load(..., num_labels={high + 1})), or fix the labels."
-            if limit == "num_labels"
-            else "Use the token ids of the model's tokenizer (-100 for tokens without a label)."
-        )
-        raise DataError(
-            f"Column `{column}` has {'class' if limit == 'num_labels' else 'token'} ids outside [0, {limit}) = "
-            f"[0, {size}): e.g. {bad} (the ids range over [{low}, {high}]). {fix}"
-        )
 
 
 def _check_names(names: Sequence[str], model: Any, column: str, stage: str) -> None:
@@ -319,17 +252,14 @@ def from_data(data: Any, task: str, columns: Mapping[str, str] | None = None) ->
 
 def _label_column(data: Any, task: str, columns: Mapping[str, str] | None) -> tuple[Any, Any]:
     """``(label values, datasets feature or None)`` of the data's label column, as
-    `finetune.data.batches.as_source` finds it; ``(None, None)`` when there is none."""
+    `finetune.data.pipeline.as_source` finds it; ``(None, None)`` when there is none."""
     import datasets
-
-    from finetune.data.batches import _is_row, load_file, rows_to_columns
-    from finetune.data.text import RAW_COLUMNS, find_columns
 
     if isinstance(data, str | os.PathLike):
         data = load_file(data)
     if isinstance(data, tuple) and len(data) == 2:
         return data[1], None
-    if isinstance(data, list) and data and all(_is_row(x) for x in data):
+    if isinstance(data, list) and data and all(is_row(x) for x in data):
         data = rows_to_columns(data)
     if isinstance(data, Mapping):
         if "labels" in data and not RAW_COLUMNS & set(data):  # numeric model inputs, labels as they are
@@ -340,3 +270,49 @@ def _label_column(data: Any, task: str, columns: Mapping[str, str] | None) -> tu
     role = "tags" if task == "token-classification" else "label"
     column = find_columns(data.column_names, task, columns, need_labels=False).get(role)
     return (None, None) if column is None else (data[column], data.features[column])
+
+
+def encode_columns(ds: Any, cols: Mapping[str, str], *, model: Any, stage: str) -> dict[str, Any]:
+    """The labels of a table, encoded by the roles `finetune.data.columns.roles` found: ``labels`` (one per
+    example, `encode_label_column`), ``labels`` as ragged ``(values, offsets)`` of an already tokenized table's token
+    ids (checked against the head), or ``word_labels``: the encoded tags of every word (`encode_tags`), which
+    `finetune.data.text` aligns to the word pieces.
+    """
+    out: dict[str, Any] = {}
+    if "label" in cols:
+        out["labels"] = encode_label_column(ds, cols["label"], model=model, stage=stage)
+    if "token_labels" in cols:
+        out["labels"] = ragged(ds, cols["token_labels"])
+        check_range(out["labels"][0].astype(np.int64), num_labels(model), cols["token_labels"])
+    if "tags" in cols:
+        out["word_labels"] = encode_tags(ds, cols["tokens"], cols["tags"], model=model, stage=stage)
+    return out
+
+
+def encode_label_column(ds: Any, column: str, *, model: Any, stage: str) -> np.ndarray:
+    """The label column encoded by `encode`, with names from a ``ClassLabel`` feature if any."""
+    feature = ds.features[column]
+    names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+    arrow = ds.with_format("arrow")[column]
+    values = arrow.to_pylist() if hasattr(feature, "feature") else arrow.to_numpy(zero_copy_only=False)
+    if any(v is None for v in (values if isinstance(values, list) else values.tolist())):
+        raise DataError(f"Column `{column}` has missing (None) labels. Drop those examples or fill in their labels.")
+    return encode(values, model=model, column=column, stage=stage, names=names)
+
+
+def encode_tags(ds: Any, words: str, tags: str, *, model: Any, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token classification: the tag of every word, encoded by `encode`, as ``(flat ids, offsets)`` per example;
+    every example must have one tag per word."""
+    tag_rows, word_rows = ds[tags], ds[words]
+    bad = next((i for i, (a, b) in enumerate(zip(tag_rows, word_rows, strict=True)) if len(a) != len(b)), None)
+    if bad is not None:
+        raise DataError(
+            f"Example {bad} has {len(word_rows[bad])} words in `{words}` but {len(tag_rows[bad])} tags in "
+            f"`{tags}`. Give every word exactly one tag."
+        )
+    feature = getattr(ds.features[tags], "feature", None)
+    flat = encode(
+        np.asarray([t for row in tag_rows for t in row]), model=model, column=tags, stage=stage,
+        names=getattr(feature, "names", None),
+    )  # fmt: skip
+    return flat, np.concatenate([[0], np.cumsum([len(row) for row in tag_rows])])

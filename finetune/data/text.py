@@ -1,173 +1,69 @@
-"""Raw examples -> model inputs, once per data set: columns, tokenization, word-piece labels, chat templates, packing.
+"""Text -> token ids with the checkpoint's own tokenizer, once per data set: word pieces, chat templates, packing.
 
-`prepare` turns a `datasets.Dataset` into numpy columns for `finetune.data.batches.ArrayData`: tokenization runs as one
-batched ``map`` (cached by `datasets` under a fingerprint of the data, the tokenizer and the options), never on the
-training hot path. Token sequences come back ragged (flat values + offsets); batches pad them later to a length
-bucket. Images go through `finetune.data.images`.
-
-Column roles and the names found for them (the first present wins; name them with ``columns={role: name}``):
-
-=================  ==============================================================
-role               names looked for
-=================  ==============================================================
-text (+ pair)      sentence1 + sentence2, premise + hypothesis, question1 + question2, text, sentence, content, review
-label              label, labels, target
-image              image, img
-tokens + tags      tokens / words + ner_tags / tags / labels / label
-prompt/completion  prompt + completion
-messages           messages, conversations
-=================  ==============================================================
+The fourth stage of the data's path for text (`finetune.data.pipeline`; images take `finetune.data.images`):
+`prepare` turns a `datasets.Dataset` into ragged token sequences (flat values + offsets) for
+`finetune.data.batches.ArrayData`. Tokenization runs as one batched ``map`` (cached by `datasets` under a fingerprint
+of the data, the tokenizer and the options), never on the training hot path; batches pad the sequences later to a
+length bucket. The columns come from `finetune.data.columns` and the encoded labels from `finetune.data.labels`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from finetune.data import check as datacheck
-from finetune.data import labels as labels_lib
+from finetune.data.check import check_tokenizer, positions
+from finetune.data.columns import Prepared
+from finetune.data.sources import ragged, run_map
 from finetune.errors import DataError
 
 logger = logging.getLogger("finetune")
 
 IGNORE = -100
-ROLES: dict[str, tuple[str, ...]] = {
-    "text": ("text", "sentence", "content", "review", "document"),
-    "text_pair": (),
-    "label": ("label", "labels", "target"),
-    "image": ("image", "img"),
-    "tokens": ("tokens", "words"),
-    "tags": ("ner_tags", "tags", "labels", "label"),
-    "prompt": ("prompt",),
-    "completion": ("completion",),
-    "messages": ("messages", "conversations"),
-}
-PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"))
-# Columns that hold raw inputs (text, words, images, prompts): data with one of them goes through `prepare`.
-RAW_COLUMNS = frozenset(
-    {n for role, names in ROLES.items() if role not in ("label", "tags") for n in names} | {n for p in PAIRS for n in p}
-)
 DEFAULT_MAX_LENGTH = 512
 
 
-class Prepared(NamedTuple):
-    """A data set as numpy: fixed ``columns``, ragged ``sequences`` (values, offsets) and their ``pad_values``."""
-
-    columns: dict[str, Any]
-    sequences: dict[str, tuple[np.ndarray, np.ndarray]]
-    pad_values: dict[str, int]
-    max_length: int | None
-
-
-# ---------------------------------------------------------------- columns
-def find_columns(
-    names: Sequence[str], task: str, columns: Mapping[str, str] | None = None, *, need_labels: bool = True
-) -> dict[str, str]:
-    """``{role: column}`` for ``task``: the explicit ``columns`` first, then the usual names (see the module doc).
-
-    Args:
-      names: The data set's column names.
-      task: The model's task.
-      columns: Explicit ``{role: column name}``.
-      need_labels: Whether a label column is required (not for `predict`).
-
-    Returns:
-      The column of every role the task uses and the data has.
-
-    Raises:
-      DataError: A named column that does not exist, or a required role with no column.
-
-    Example:
-      >>> find_columns(["review", "sentiment"], "text-classification", {"text": "review", "label": "sentiment"})
-      {'text': 'review', 'label': 'sentiment'}
-    """
-    given = dict(columns or {})  # its roles were checked by the recipe's schema (`finetune.recipe.Columns`)
-    for role, name in given.items():
-        if name not in names:
-            raise DataError(
-                f"`columns` names {name!r} for {role!r}, but the data has no such column. Columns: {list(names)}."
-            )
-    pick = lambda role: given.get(role) or next((c for c in ROLES[role] if c in names), None)  # noqa: E731
-    label_role = "tags" if task == "token-classification" else "label"
-    if task == "causal-lm":
-        for roles in (("messages",), ("prompt", "completion"), ("text",)):
-            if all(pick(r) for r in roles) and (not given or any(r in given for r in roles)):
-                return {r: pick(r) for r in roles}
-        return _missing("messages, prompt + completion, or text", task, names)
-    if task == "token-classification":
-        found = {"tokens": pick("tokens"), "tags": pick("tags")}
-    elif task == "image-classification":
-        found = {"image": pick("image"), "label": pick("label")}
-    else:
-        pair = next((p for p in PAIRS if p[0] in names and p[1] in names), (None, None))
-        found = {"text": given.get("text") or pair[0] or pick("text"), "text_pair": given.get("text_pair") or pair[1]}
-        if task != "feature-extraction":
-            found["label"] = pick("label")
-    for role, column in found.items():
-        if column is None and role not in ("text_pair",) and (role != label_role or need_labels):
-            _missing(role, task, names)
-    return {role: column for role, column in found.items() if column is not None}
-
-
-def _missing(role: str, task: str, names: Sequence[str]):
-    looked = ", ".join(ROLES.get(role, ())) or role
-    raise DataError(
-        f"Found no {role} column for task {task!r}: the data has columns {list(names)}, and none is named "
-        f"{looked}. Name it with `columns={{{role.split(',')[0].split(' ')[0]!r}: '<column>'}}` "
-        "(finetune.data.batches.as_source(data, ..., columns=...)), or rename it (dataset.rename_column)."
-    )
-
-
-# ---------------------------------------------------------------- one data set -> numpy
+# ---------------------------------------------------------------- one data set -> token ids
 def prepare(
     ds: Any,
+    cols: Mapping[str, str],
     *,
     task: str,
     model: Any,
-    columns: Mapping[str, str] | None = None,
+    labels: Mapping[str, Any],
     max_length: int | None = None,
     packing: bool = False,
     stage: str = "fit",
 ) -> Prepared:
-    """Tokenizes (or processes) a `datasets.Dataset` for ``task`` and encodes its labels.
+    """Tokenizes a `datasets.Dataset` for ``task``, its labels already encoded.
 
     Args:
       ds: The data set.
+      cols: ``{role: column}`` (`finetune.data.columns.roles`).
       task: The model's task.
-      model: The `finetune.Model` whose tokenizer / image processor, label names and positions are used.
-      columns: Explicit column names by role (see `find_columns`).
+      model: The `finetune.Model` whose tokenizer and positions are used.
+      labels: The encoded labels (`finetune.data.labels.encode_columns`): ``labels`` per example or per token,
+        ``word_labels`` per word (aligned here to the word pieces).
       max_length: Truncation length; default ``min(512, the model's positions)``.
       packing: Causal LM: concatenate consecutive examples into rows of up to ``max_length`` tokens.
-      stage: ``fit`` / ``evaluate`` need labels, ``predict`` ignores them; only ``fit`` sets new label names.
+      stage: ``fit``, ``evaluate`` or ``predict`` (part of the cache key: ``fit`` may set new label names).
 
     Returns:
       The `Prepared` columns.
 
     Example:
-      >>> prepared = prepare(ds, task="text-classification", model=model, max_length=128)
+      >>> prepared = prepare(ds, {"text": "text"}, task="text-classification", model=model, labels={})
     """
-    if len(ds) == 0:
-        raise DataError("The data set is empty (0 examples). Pass a data set with at least one example.")
-    if "input_ids" in ds.column_names:
-        return _pretokenized(ds, task=task, model=model, max_length=max_length, stage=stage)
-    cols = find_columns(ds.column_names, task, columns, need_labels=stage != "predict")
-    if stage == "predict":  # predictions need no labels, and labels the model lacks must not stop them
-        cols = {role: c for role, c in cols.items() if role not in ("label", "tags")}
-    fixed = {}
-    if "label" in cols:  # labels first: they are checked before any work is done on the inputs
-        fixed["labels"] = encode_label_column(ds, cols["label"], model=model, stage=stage)
-    if task == "image-classification":
-        from finetune.data import images
-
-        return images.prepare(ds, cols, model=model, labels=fixed.get("labels"))
+    if "input_ids" in cols:
+        return _pretokenized(ds, model=model, labels=labels, max_length=max_length)
     tokenizer = tokenizer_of(model)
-    datacheck.check_tokenizer(tokenizer, model)
+    check_tokenizer(tokenizer, model)
     max_length = resolve_max_length(model, tokenizer, max_length)
     encode = {"token-classification": _words_fn, "causal-lm": _lm_fn}.get(task, _text_fn)
-    fn = encode(ds, cols, tokenizer=tokenizer, max_length=max_length, model=model, stage=stage)
+    fn = encode(cols, tokenizer=tokenizer, max_length=max_length, word_labels=labels.get("word_labels"))
     parts = (ds._fingerprint, task, sorted(cols.items()), max_length, stage == "fit", _tokenizer_id(tokenizer))
     out = run_map(ds, fn, parts)
     _log_truncation(out, max_length)
@@ -182,41 +78,7 @@ def prepare(
             )
         sequences = pack(sequences, max_length)
     pad_values = {"input_ids": pad_id, "labels": IGNORE}
-    return Prepared(fixed, sequences, pad_values, max_length)
-
-
-def run_map(ds: Any, fn: Callable, parts: Any, **kwargs: Any) -> Any:
-    """``ds.map(fn)`` batched, replacing every column, under a fingerprint of ``parts`` (so `datasets` can cache)."""
-    from datasets.fingerprint import Hasher
-
-    return ds.map(
-        fn,
-        batched=True,
-        batch_size=1000,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        new_fingerprint=Hasher.hash(("finetune-v1", parts)),
-        desc="finetune: preparing data",
-        **kwargs,
-    )
-
-
-def ragged(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list column of ``ds`` as ``(values int32, offsets int64)``, read from Arrow without Python lists."""
-    column = ds.with_format("arrow")[name].combine_chunks()
-    values = column.values.to_numpy(zero_copy_only=False)
-    return values.astype(np.int32, copy=False), column.offsets.to_numpy().astype(np.int64)
-
-
-def encode_label_column(ds: Any, column: str, *, model: Any, stage: str) -> np.ndarray:
-    """The label column encoded by `finetune.data.labels.encode`, with names from a ``ClassLabel`` feature if any."""
-    feature = ds.features[column]
-    names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
-    arrow = ds.with_format("arrow")[column]
-    values = arrow.to_pylist() if hasattr(feature, "feature") else arrow.to_numpy(zero_copy_only=False)
-    if any(v is None for v in (values if isinstance(values, list) else values.tolist())):
-        raise DataError(f"Column `{column}` has missing (None) labels. Drop those examples or fill in their labels.")
-    return labels_lib.encode(values, model=model, column=column, stage=stage, names=names)
+    return Prepared({"labels": labels["labels"]} if "labels" in labels else {}, sequences, pad_values, max_length)
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -235,16 +97,15 @@ def tokenizer_of(model: Any) -> Any:
 
 def resolve_max_length(model: Any, tokenizer: Any, max_length: int | None) -> int:
     """``max_length``, checked against the model's positions; default ``min(512, positions)``."""
-    positions = datacheck.positions(model)
+    limit = positions(model)
     if max_length is not None:
-        if positions and max_length > positions:
+        if limit and max_length > limit:
             raise DataError(
-                f"`max_length`={max_length} is more than the model's {positions} positions. Pass max_length <= "
-                f"{positions}."
+                f"`max_length`={max_length} is more than the model's {limit} positions. Pass max_length <= {limit}."
             )
         return int(max_length)
     tok_limit = getattr(tokenizer, "model_max_length", None)
-    limits = [DEFAULT_MAX_LENGTH, positions, tok_limit if tok_limit and tok_limit < 1_000_000 else None]
+    limits = [DEFAULT_MAX_LENGTH, limit, tok_limit if tok_limit and tok_limit < 1_000_000 else None]
     return int(min(x for x in limits if x))
 
 
@@ -283,7 +144,7 @@ def _as_text(value: Any, column: str) -> str:
     return value
 
 
-def _text_fn(ds, cols, *, tokenizer, max_length, **_) -> Callable:
+def _text_fn(cols, *, tokenizer, max_length, **_) -> Callable:
     text, pair, inputs = cols["text"], cols.get("text_pair"), _inputs(tokenizer)
 
     def fn(batch, indices):
@@ -295,24 +156,10 @@ def _text_fn(ds, cols, *, tokenizer, max_length, **_) -> Callable:
     return fn
 
 
-def _words_fn(ds, cols, *, tokenizer, max_length, model, stage) -> Callable:
+def _words_fn(cols, *, tokenizer, max_length, word_labels, **_) -> Callable:
     """Token classification: words -> word pieces; the first piece of a word carries its tag, the rest -100."""
-    words, tags, inputs = cols["tokens"], cols.get("tags"), _inputs(tokenizer)
-    flat, offsets = None, None
-    if tags:
-        tag_rows, word_rows = ds[tags], ds[words]
-        bad = next((i for i, (a, b) in enumerate(zip(tag_rows, word_rows, strict=True)) if len(a) != len(b)), None)
-        if bad is not None:
-            raise DataError(
-                f"Example {bad} has {len(word_rows[bad])} words in `{words}` but {len(tag_rows[bad])} tags in "
-                f"`{tags}`. Give every word exactly one tag."
-            )
-        feature = getattr(ds.features[tags], "feature", None)
-        flat = labels_lib.encode(
-            np.asarray([t for row in tag_rows for t in row]), model=model, column=tags, stage=stage,
-            names=getattr(feature, "names", None),
-        )  # fmt: skip
-        offsets = np.concatenate([[0], np.cumsum([len(row) for row in tag_rows])])
+    words, inputs = cols["tokens"], _inputs(tokenizer)
+    flat, offsets = word_labels if word_labels is not None else (None, None)
 
     def fn(batch, indices):
         enc = tokenizer(batch[words], is_split_into_words=True, truncation=True, max_length=max_length)
@@ -367,7 +214,7 @@ def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[
     return full, spans
 
 
-def _lm_fn(ds, cols, *, tokenizer, max_length, **_) -> Callable:
+def _lm_fn(cols, *, tokenizer, max_length, **_) -> Callable:
     """Causal LM: text, prompt + completion (+ EOS), or chat messages; ``loss_mask`` 1 on the trained tokens."""
     eos = tokenizer.eos_token or ""
 
@@ -419,21 +266,17 @@ def pack(sequences: dict[str, tuple[np.ndarray, np.ndarray]], max_length: int) -
 
 
 # ---------------------------------------------------------------- already tokenized
-def _pretokenized(ds, *, task, model, max_length, stage) -> Prepared:
+def _pretokenized(ds: Any, *, model: Any, labels: Mapping[str, Any], max_length: int | None) -> Prepared:
     """A data set with an ``input_ids`` column: its sequences used as they are (truncated to ``max_length``)."""
     tokenizer = getattr(model, "tokenizer", None)
     max_length = resolve_max_length(model, tokenizer, max_length)
     names = [n for n in ("input_ids", "token_type_ids", "loss_mask") if n in ds.column_names]
-    label = next((c for c in ("labels", "label") if c in ds.column_names), None) if stage != "predict" else None
-    if label is None and stage != "predict" and task != "causal-lm":
-        _missing("label", task, ds.column_names)
     sequences = {n: ragged(ds, n) for n in names}
     fixed = {}
-    if label is not None and task == "token-classification":
-        sequences["labels"] = ragged(ds, label)
-        labels_lib.check_range(sequences["labels"][0].astype(np.int64), labels_lib.num_labels(model), label)
-    elif label is not None and task != "causal-lm":
-        fixed["labels"] = encode_label_column(ds, label, model=model, stage=stage)
+    if isinstance(labels.get("labels"), tuple):  # one label per token (token classification)
+        sequences["labels"] = labels["labels"]
+    elif "labels" in labels:
+        fixed["labels"] = labels["labels"]
     count = int(np.sum(np.diff(sequences["input_ids"][1]) > max_length))
     if count:
         logger.warning("Truncated %d of %d examples longer than max_length=%d tokens.", count, len(ds), max_length)

@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from finetune import data as data_lib
 from finetune import optim, runtime
 from finetune import sharding as sharding_lib
-from finetune.data import batches as data_lib
 from finetune.errors import CheckpointError, ConfigError, LoadError
 from finetune.params import lora
 from finetune.params.rules import DEFAULT_GROUPS, Assignment, LayerDecay, assign, decay_mask, flatten

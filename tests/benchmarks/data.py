@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import jax
 
 import finetune as ft
-from finetune.data import batches as data_lib
+from finetune import data as data_lib
 from finetune.data import examples as ft_datasets
 
 ft.runtime.tune_from_environment()  # the CPU tuning the CLI applies
