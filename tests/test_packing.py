@@ -10,7 +10,7 @@ from flax import nnx
 
 import finetune as ft
 from finetune.data import batches as data_lib
-from finetune.models.dropout import Dropout
+from finetune.models.blocks.dropout import Dropout
 from tests.test_data_tasks import PIECES, WORDS, bert_dir, reviews
 
 
