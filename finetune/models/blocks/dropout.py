@@ -1,7 +1,7 @@
 """Dropout for every architecture: `flax.nnx.Dropout` whose keep mask costs almost nothing to draw.
 
 nnx.Dropout draws a 32-bit uniform float per element from threefry (``jax.random.bernoulli``); on CPU that
-generation was the largest part of dropout's cost in a train step (docs/performance.md, "finetune.models.blocks").
+generation was the largest part of dropout's cost in a train step (docs/performance.md, under "finetune.models.blocks").
 
 How: each call still takes a fresh key from the module's threefry stream (so calls, layers and steps stay
 independent and reproducible). Within one call, element pair ``i`` of the array (its position in the global,

@@ -1,10 +1,10 @@
 """GPT-2 in Flax NNX: a frozen config, then the modules bottom-up (attention, MLP, block, `GPT2` with its task head).
 
 Checkpoints store the query/key/value projections fused (``attn.c_attn``, a ``Conv1D`` whose weight is already
-``(in, out)``); the table splits them into ``q_proj`` / ``k_proj`` / ``v_proj`` at load time and fuses them again
-at export. Three projections ran faster than one fused kernel and a split in XLA on CPU (about 10-20% on a training
-step of one attention block), and they give every decoder the same ``q_proj`` / ``v_proj`` paths for rules and
-adapters. There is no KV cache: these modules are for training and scoring, not incremental generation.
+``(in, out)``); the table splits them into ``q_proj`` / ``k_proj`` / ``v_proj`` at load time and fuses them again at
+export. Three projections ran faster than one fused kernel and a split in XLA on CPU (docs/performance.md), and they
+give every decoder the same ``q_proj`` / ``v_proj`` paths for rules and adapters. There is no KV cache: these
+modules are for training and scoring, not incremental generation.
 """
 
 from __future__ import annotations
