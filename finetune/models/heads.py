@@ -128,7 +128,7 @@ def build(
     *,
     width: int,
     num_labels: int | None,
-    dropout: float = 0.0,
+    dropout: float | Mapping[str, float] = 0.0,
     vocab_size: int | None = None,
     tied: bool = False,
     dtype: Dtype,
@@ -136,7 +136,8 @@ def build(
     rngs: nnx.Rngs,
 ) -> None:
     """Puts ``task``'s head on ``model`` at its parts' paths and sets ``model.task``; refuses an unsupported task, or a
-    classifier without ``num_labels``. ``dropout``: the head's rate; ``tied``: the LM head is the token table."""
+    classifier without ``num_labels``. ``dropout``: the head's rate (or a rate per task); ``tied``: the LM head is
+    the token table."""
     check_task(task, tuple(heads.tasks), f" for {type(model).__name__}")
     head, model.task = heads.tasks[task], task
     if head is None:
@@ -147,9 +148,10 @@ def build(
             "Pass the number of classes (1 for regression)."
         )
     kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+    rate = dropout.get(task, 0.0) if isinstance(dropout, Mapping) else dropout
     for part in head.parts:
         if part.kind == "dropout":
-            module: nnx.Module = Dropout(dropout, rngs=rngs)
+            module: nnx.Module = Dropout(rate, rngs=rngs)
         elif part.kind == "pool":
             module = dense(width, width, ("embed", None), **kw, use_bias=part.bias)
         elif part.kind == "labels":

@@ -119,9 +119,9 @@ def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_tra
 
     rng = np.random.default_rng(2)
     runs = {}
-    layers_lib._traced.clear_cache()  # traces of earlier tests' layers of the same structure would be reused
-    for label, call in (("nested", layers_lib._call), ("flat", lambda traced, layer, x, *args: layer(x, *args))):
-        monkeypatch.setattr(layers_lib, "_call", call)
+    layers_lib.clear_traces()  # traces of earlier tests' layers of the same structure would be reused
+    for label, call in (("nested", layers_lib.call_layer), ("flat", lambda traced, layer, x, *args: layer(x, *args))):
+        monkeypatch.setattr(layers_lib, "call_layer", call)
         loss_and_grads = fresh_step()
         traced.clear()
         for length in (5, 7):  # a second batch shape traces the layer once more, not three times

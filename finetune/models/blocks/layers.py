@@ -152,7 +152,7 @@ def run_layers(layers: Sequence[nnx.Module], x: Any, *args: Any, remat: bool = F
     """
     traced = _rematerialised if remat else _traced
     for layer in layers:
-        x = _call(traced, layer, x, *args)
+        x = call_layer(traced, layer, x, *args)
     return x
 
 
@@ -187,8 +187,9 @@ def head_rows(
     return run_layers(list(layers)[-1:], x, *args, queries, rows[:, None], remat=remat)
 
 
-def _call(traced: Callable[..., Any], layer: nnx.Module, x: Any, *args: Any) -> Any:
-    """``layer(x, *args)`` through ``traced``, with the layer's non-parameter state (its RNG counts) written back."""
+def call_layer(traced: Callable[..., Any], layer: nnx.Module, x: Any, *args: Any) -> Any:
+    """``layer(x, *args)`` through ``traced`` (one layer as a nested jit, see below), with the layer's non-parameter
+    state (its RNG counts) written back. `run_layers` calls each layer through this."""
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     y, rest = traced(graphdef, params, rest, x, *args)
     nnx.update(layer, rest)
@@ -208,3 +209,9 @@ def _layer(graphdef: Any, params: Any, rest: Any, x: Any, *args: Any) -> tuple[A
 _traced = jax.jit(_layer, static_argnums=0)
 # The same with the layer rematerialised: the backward pass keeps its inputs and recomputes the rest.
 _rematerialised = jax.jit(jax.checkpoint(_layer, static_argnums=(0,)), static_argnums=0)
+
+
+def clear_traces() -> None:
+    """Forgets the nested layer calls' traces, so that the next stack of an already-seen structure is traced anew."""
+    _traced.clear_cache()
+    _rematerialised.clear_cache()

@@ -124,8 +124,8 @@ class DistilBert(nnx.Module):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.embeddings = Embeddings(config, **kw)
         self.encoder = Encoder(config, **kw)
-        rate = config.seq_classif_dropout if task == "text-classification" else config.hidden_dropout
-        heads.build(self, HEADS, task, width=config.hidden_size, num_labels=num_labels, dropout=rate, **kw)
+        rates = {"text-classification": config.seq_classif_dropout, "token-classification": config.hidden_dropout}
+        heads.build(self, HEADS, task, width=config.hidden_size, num_labels=num_labels, dropout=rates, **kw)
 
     supports_packing = True  # text classification on packed batches (`finetune.data.batches.ArrayData.take_packed`)
 
