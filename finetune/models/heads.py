@@ -135,11 +135,11 @@ def build(
     param_dtype: Dtype,
     rngs: nnx.Rngs,
 ) -> None:
-    """Puts ``task``'s head on ``model`` at its parts' paths and sets ``model.task``; refuses an unsupported task, or a
-    classifier without ``num_labels``. ``dropout``: the head's rate (or a rate per task); ``tied``: the LM head is
+    """Puts ``task``'s head on ``model`` at its parts' paths; refuses an unsupported task, or a classifier without
+    ``num_labels``. ``dropout``: the head's rate (or a rate per task); ``tied``: the LM head is
     the token table."""
     check_task(task, tuple(heads.tasks), f" for {type(model).__name__}")
-    head, model.task = heads.tasks[task], task
+    head = heads.tasks[task]
     if head is None:
         return
     if any(part.kind == "labels" for part in head.parts) and not num_labels:
@@ -155,11 +155,11 @@ def build(
         elif part.kind == "pool":
             module = dense(width, width, ("embed", None), **kw, use_bias=part.bias)
         elif part.kind == "labels":
-            module = dense(width, num_labels, ("embed", "classes"), **kw, use_bias=part.bias)
+            module = dense(width, int(num_labels or 0), ("embed", "classes"), **kw, use_bias=part.bias)
         elif tied:
             continue
         else:
-            module = dense(width, vocab_size, ("embed", "vocab"), **kw, use_bias=part.bias)
+            module = dense(width, int(vocab_size or 0), ("embed", "vocab"), **kw, use_bias=part.bias)
         *parents, name = part.path.split("/")
         owner = model
         for parent in parents:
@@ -169,24 +169,28 @@ def build(
         setattr(owner, name, module)
 
 
-def apply(model: nnx.Module, heads: Heads, hidden: jax.Array, embedding: nnx.Embed | None = None) -> jax.Array:
-    """``model.task``'s head on the backbone's ``hidden`` states (``[B, T, H]``; ``[B, 1, H]`` when it computed only
-    the row a sequence head reads); ``embedding`` is the token table a tied LM head multiplies by."""
-    head = heads.tasks[model.task]
+def apply(
+    model: nnx.Module, heads: Heads, task: str, hidden: jax.Array, embedding: nnx.Embed | None = None
+) -> jax.Array:
+    """``task``'s head (put on ``model`` by `build`) on the backbone's ``hidden`` states (``[B, T, H]``; ``[B, 1, H]``
+    when it computed only the row a sequence head reads); ``embedding``: the token table of a tied LM head."""
+    head = heads.tasks[task]
     if head is None:
         return hidden
-    parts = {part.path: part for part in head.parts}
-    x = hidden[:, 0] if model.task in SEQUENCE_TASKS else hidden
-    for path in head.order or tuple(parts):
+    activations = {part.path: part.activation for part in head.parts}
+    x = hidden[:, 0] if task in SEQUENCE_TASKS else hidden
+    for path in head.order or tuple(activations):
         module: Any = model
         for name in path.split("/"):
             module = getattr(module, name, None)
-        if module is None:  # a tied LM head
+        if module is None:  # a tied LM head: the token table's transpose
+            assert embedding is not None, "a tied LM head needs the token embedding"
             x = embedding.attend(x)
             continue
         x = module(x)
-        if parts[path].activation:
-            x = _ACTIVATIONS[parts[path].activation](x)
+        activation = activations[path]
+        if activation:
+            x = _ACTIVATIONS[activation](x)
     return x
 
 

@@ -51,6 +51,7 @@ class Bert(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task = task
         self.embeddings = Embeddings(cfg, **kw)
         self.encoder = Encoder(cfg, **kw)
         rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
@@ -76,7 +77,9 @@ class Bert(nnx.Module):
         if segment_ids is not None:
             heads.check_packed(self.task, example_rows, example_cols)
             x = self.embeddings(input_ids, token_type_ids, position_ids)
-            return heads.apply(self, HEADS, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols)))
+            return heads.apply(
+                self, HEADS, self.task, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols))
+            )
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if position_ids is None:
@@ -85,4 +88,4 @@ class Bert(nnx.Module):
         x = self.encoder(
             self.embeddings(input_ids, token_type_ids, position_ids), mask, heads.first_rows(HEADS, self.task)
         )
-        return heads.apply(self, HEADS, x)
+        return heads.apply(self, HEADS, self.task, x)

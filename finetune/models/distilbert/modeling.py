@@ -122,6 +122,7 @@ class DistilBert(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task = task
         self.embeddings = Embeddings(config, **kw)
         self.encoder = Encoder(config, **kw)
         rates = {"text-classification": config.seq_classif_dropout, "token-classification": config.hidden_dropout}
@@ -147,9 +148,11 @@ class DistilBert(nnx.Module):
         if segment_ids is not None:
             x = self.embeddings(input_ids, position_ids)
             heads.check_packed(self.task, example_rows, example_cols)
-            return heads.apply(self, HEADS, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols)))
+            return heads.apply(
+                self, HEADS, self.task, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols))
+            )
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
         x = self.encoder(self.embeddings(input_ids, position_ids), mask, heads.first_rows(HEADS, self.task))
-        return heads.apply(self, HEADS, x)
+        return heads.apply(self, HEADS, self.task, x)

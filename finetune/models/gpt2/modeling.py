@@ -198,6 +198,7 @@ class GPT2(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task = task
         self.pad_token_id, self.max_positions = cfg.pad_token_id, cfg.max_position_embeddings
         self.wte = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
         self.wpe = embed(cfg.max_position_embeddings, cfg.hidden_size, None, **kw)
@@ -205,8 +206,10 @@ class GPT2(nnx.Module):
         self.layers = nnx.List([Block(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
         self.ln_f = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-        head = {"num_labels": num_labels, "dropout": cfg.classifier_dropout, "vocab_size": cfg.vocab_size}
-        heads.build(self, HEADS, task, width=cfg.hidden_size, **head, tied=cfg.tie_word_embeddings, **kw)
+        heads.build(
+            self, HEADS, task, width=cfg.hidden_size, num_labels=num_labels, dropout=cfg.classifier_dropout,
+            vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, **kw,
+        )  # fmt: skip
 
     def hidden_states(
         self,
@@ -245,4 +248,4 @@ class GPT2(nnx.Module):
         """Logits of the task head (hidden states for ``feature-extraction``); arguments as in transformers."""
         rows = heads.last_rows(HEADS, self.task, input_ids, attention_mask, self.pad_token_id)
         x = self.hidden_states(input_ids, attention_mask, position_ids, token_type_ids, rows)
-        return heads.apply(self, HEADS, x, embedding=self.wte)
+        return heads.apply(self, HEADS, self.task, x, embedding=self.wte)

@@ -278,13 +278,16 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task = task
         self.rope, self.head_dim, self.pad_token_id = cfg.rope, cfg.head_dim, cfg.pad_token_id
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
         self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
         self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        head = {"num_labels": num_labels, "dropout": cfg.classifier_dropout, "vocab_size": cfg.vocab_size}
-        heads.build(self, HEADS, task, width=cfg.hidden_size, **head, tied=cfg.tie_word_embeddings, **kw)
+        heads.build(
+            self, HEADS, task, width=cfg.hidden_size, num_labels=num_labels, dropout=cfg.classifier_dropout,
+            vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, **kw,
+        )  # fmt: skip
 
     def hidden_states(
         self,
@@ -316,4 +319,4 @@ class Llama(nnx.Module):
         """
         rows = heads.last_rows(HEADS, self.task, input_ids, attention_mask, self.pad_token_id)
         x = self.hidden_states(input_ids, attention_mask, position_ids, rows)
-        return heads.apply(self, HEADS, x, embedding=self.embed_tokens)
+        return heads.apply(self, HEADS, self.task, x, embedding=self.embed_tokens)

@@ -100,6 +100,7 @@ class Roberta(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task = task
         self.pad_token_id = config.pad_token_id
         self.embeddings = Embeddings(config.bert, **kw)
         self.encoder = Encoder(config.bert, **kw)
@@ -129,11 +130,13 @@ class Roberta(nnx.Module):
         if segment_ids is not None:
             heads.check_packed(self.task, example_rows, example_cols)
             x = self.embeddings(input_ids, token_type_ids, position_ids + self.pad_token_id + 1)
-            return heads.apply(self, HEADS, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols)))
+            return heads.apply(
+                self, HEADS, self.task, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols))
+            )
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if position_ids is None:
             position_ids = create_position_ids(input_ids, self.pad_token_id)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        return heads.apply(self, HEADS, self.encoder(x, mask, heads.first_rows(HEADS, self.task)))
+        return heads.apply(self, HEADS, self.task, self.encoder(x, mask, heads.first_rows(HEADS, self.task)))

@@ -222,6 +222,7 @@ class ViT(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task = task
         self.config = config
         self.embeddings = Embeddings(config, **kw)
         self.encoder = Encoder(config, **kw, layer=Layer)
@@ -245,4 +246,4 @@ class ViT(nnx.Module):
         x = self.embeddings(jnp.transpose(pixel_values, (0, 2, 3, 1)))
         mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token is real
         x = self.layernorm(self.encoder(x, mask, heads.first_rows(HEADS, self.task)))
-        return heads.apply(self, HEADS, x)
+        return heads.apply(self, HEADS, self.task, x)
