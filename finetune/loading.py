@@ -27,7 +27,7 @@ from finetune.errors import ConfigError, LoadError
 from finetune.hf import hub
 from finetune.hf import tables as weights
 from finetune.model import Model
-from finetune.models import pooling, registry
+from finetune.models import heads, registry
 from finetune.schema import Count, DType, Flag, Index, Labels, Text
 
 logger = logging.getLogger("finetune")
@@ -206,11 +206,7 @@ def load(
     directory = hub.resolve(name_or_path, revision=revision, token=token, allow_pickle=allow_pickle)
     hf_config = read_config(directory)
     arch = registry.get(hf_config.model_type)
-    if task not in arch.tasks:
-        raise ConfigError(
-            f"`task` must be one of {', '.join(arch.tasks)} for {arch.name} checkpoints; received task={task!r}. "
-            "Pick one of these."
-        )
+    heads.check_task(task, arch.tasks, f" for {arch.name} checkpoints")
     num_labels, id2label = resolve_labels(task, hf_config, num_labels, id2label)
     cfg = arch.config_from_hf(hf_config)
 
@@ -242,7 +238,7 @@ def load(
     )
     model.layout = layout
     if task == "feature-extraction":  # a sentence-transformers checkpoint says how its embeddings are pooled
-        model.pooling = pooling.read(directory)
+        model.pooling = heads.read(directory)
     return model
 
 
@@ -286,10 +282,7 @@ def from_config(
 
     hf_config = copy.deepcopy(config)
     arch = registry.get(hf_config.model_type)
-    if task not in arch.tasks:
-        raise ConfigError(
-            f"`task` must be one of {', '.join(arch.tasks)} for {arch.name} models; received task={task!r}."
-        )
+    heads.check_task(task, arch.tasks, f" for {arch.name} models")
     num_labels, id2label = resolve_labels(task, hf_config, num_labels, id2label)
     fix = "Pass a config whose values satisfy this."
     registry.check_config(arch, hf_config, "the `config` passed to `from_config`", ConfigError, fix)

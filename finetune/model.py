@@ -12,8 +12,7 @@ from flax import nnx
 
 from finetune import schema
 from finetune.errors import ConfigError
-from finetune.models.pooling import Pooling
-from finetune.models.registry import TASKS
+from finetune.models.heads import Pooling, check_task
 from finetune.schema import Callbacks, Card, Count, Flag, Path, Resume, Text, Verbose
 
 
@@ -58,8 +57,7 @@ class Model:
         layer_pattern: str | None = None,
         num_layers: int | None = None,
     ):
-        if task not in TASKS:
-            raise ConfigError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}. Pick one of these.")
+        check_task(task)
         if not isinstance(module, nnx.Module):
             raise ConfigError(
                 f"`module` must be a flax.nnx.Module; received {type(module).__name__}. Wrap your network in an "
@@ -284,7 +282,7 @@ class Model:
           part of `predict`.
         * ``feature-extraction``: ``embeddings`` [N, D], one sentence embedding per example, pooled as the
           checkpoint's sentence-transformers config says (``1_Pooling/config.json``, and unit length when
-          ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.models.pooling`);
+          ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.models.heads.pool`);
           ``outputs=["embeddings", "token_embeddings"]`` adds the token states as a list of ``[T_i, H]`` arrays,
           one per example, without padding.
 

@@ -279,7 +279,7 @@ def test_predict_on_ready_batches_of_different_widths_pads_per_token_outputs_to_
 
 
 def test_a_corrupt_pooling_config_is_a_load_error_naming_the_file_and_bad_modes_a_config_error(tmp_path):
-    from finetune.models.pooling import Pooling
+    from finetune.models.heads import Pooling
     from tests.models.reference import tiny_bert
 
     _, path = tiny_bert(tmp_path)

@@ -1,12 +1,12 @@
 """Dropout in training: a packed batch gives each example the dropout an unpadded batch gives it.
 
-The masks are observed by wrapping `finetune.models.dropout.drop` (every dropout of the BERT family goes through it)
-and cutting out, per call, each example's real positions: its tokens (packed: its span of its row), its block of
-attention probabilities, its first token in the last layer, its pooled vector. Over many draws, packed and unpadded
-batches must drop at the places transformers' training forward pass drops (its dropout calls, observed the same
-way), at each place's configured rate, with masks uncorrelated between places,
-heads, examples and steps. For ``n`` independent Bernoulli pairs, a measured rate is off by ``sqrt(p (1 - p) / n)``
-and a measured correlation by ``1 / sqrt(n)`` (one standard deviation); the tolerances are 5 of them.
+The masks are observed by wrapping `finetune.models.blocks.dropout.drop` (every dropout of the BERT family goes
+through it) and cutting out, per call, each example's real positions: its tokens (packed: its span of its row), its
+block of attention probabilities, its first token in the last layer, its pooled vector. Over many draws, packed and
+unpadded batches must drop at the places transformers' training forward pass drops (its dropout calls, observed the
+same way), at each place's configured rate, with masks uncorrelated between places, heads, examples and steps. For
+``n`` independent Bernoulli pairs, a measured rate is off by ``sqrt(p (1 - p) / n)`` and a measured correlation by
+``1 / sqrt(n)`` (one standard deviation); the tolerances are 5 of them.
 """
 
 import contextlib
@@ -20,7 +20,7 @@ import transformers
 from flax import nnx
 
 import finetune as ft
-import finetune.models.dropout as dropout_lib
+import finetune.models.blocks.dropout as dropout_lib
 from tests.test_data_tasks import PIECES, TINY, WORDS, reviews
 from tests.test_packing import ragged
 
@@ -258,7 +258,7 @@ def test_packed_and_unpadded_training_without_dropout_end_with_the_same_paramete
 
 
 def _dropout_keys(module) -> dict:
-    from finetune.models.dropout import Dropout
+    from finetune.models.blocks.dropout import Dropout
 
     return {
         path: tuple(np.asarray(jax.random.key_data(m.rngs.key.get_value())).tolist())

@@ -11,7 +11,7 @@ from flax import nnx
 import finetune as ft
 from finetune import data as data_lib
 from finetune.data.batches import first_fit
-from finetune.models.dropout import Dropout
+from finetune.models.blocks.dropout import Dropout
 from tests.test_data_tasks import PIECES, WORDS, bert_dir, reviews
 
 

@@ -1,8 +1,9 @@
 """`config.model_type` -> architecture: a dict, never an if/elif chain.
 
 Each architecture lives in its own folder (`finetune/models/<name>/`) with `modeling.py` (a frozen config dataclass
-built from the HF config, and the NNX modules) and `convert.py` (the checkpoint-key <-> NNX-path table). Its
-`__init__.py` exposes one `ARCHITECTURE` object of the type below.
+built from the HF config, and the backbone, made of `finetune.models.blocks`, with its heads from
+`finetune.models.heads`) and `convert.py` (the checkpoint-key <-> NNX-path table). Its `__init__.py` exposes one
+`ARCHITECTURE` object of the type below. An architecture folder imports only these shared modules and its own files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from flax import nnx
 
 from finetune.errors import LoadError
+from finetune.models.heads import Heads, head_pattern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,16 +116,14 @@ def check_config(
         )
 
 
-TASKS = ("text-classification", "token-classification", "image-classification", "causal-lm", "feature-extraction")
-
-
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """What the shared loader needs to know about one family of models.
 
     Attributes:
       name: Short name, e.g. ``"bert"``.
-      tasks: The task names this architecture supports (a subset of `TASKS`).
+      heads: Its task heads (`finetune.models.heads.Heads`): the tasks it supports (a subset of
+        `finetune.models.heads.TASKS`), and from them the `head` rule.
       config_from_hf: ``transformers.PretrainedConfig -> Config`` (a frozen dataclass of the fields the modules use).
       build: ``build(config, *, task, num_labels, dtype, param_dtype, rngs) -> nnx.Module``. The module's ``__call__``
         takes Hugging Face argument names as keywords (``input_ids``, ``attention_mask``, ``token_type_ids``,
@@ -131,25 +131,38 @@ class Architecture:
       table: ``table(config, task) -> Sequence[weights.Row]``, the checkpoint key <-> NNX path mapping.
       ignore: ``ignore(config, task) -> Sequence[str]``, full-match regexes of checkpoint keys that may go unused for
         this task (e.g. a masked-LM head when fine-tuning a classifier).
-      head: Full-match regex over NNX paths of the task head (and pooler). Head parameters missing from the checkpoint
-        are initialised fresh and put in group ``new``; present ones go to group ``head``; the rest is ``backbone``.
-      layer: Full-match regex over NNX paths whose group 1 is the transformer layer index (for layer-wise LR decay).
+      stack: The path of the layer stack (``encoder/layers``, ``layers``), whose entries are the layers.
       num_layers: ``num_layers(config) -> int``.
       hf_architecture: ``hf_architecture(config, task) -> str``, the transformers class name written to config.json.
       config_rules: The structure its config must have (`ConfigRules`), checked by `check_config`.
     """
 
     name: str
-    tasks: tuple[str, ...]
+    heads: Heads
     config_from_hf: Callable[[Any], Any]
     build: Callable[..., nnx.Module]
     table: Callable[[Any, str], Sequence[Any]]
     ignore: Callable[[Any, str], Sequence[str]]
-    head: str
-    layer: str
+    stack: str
     num_layers: Callable[[Any], int]
     hf_architecture: Callable[[Any, str], str]
     config_rules: ConfigRules = ConfigRules()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names this architecture supports."""
+        return tuple(self.heads.tasks)
+
+    @property
+    def head(self) -> str:
+        """Full-match regex over NNX paths of the task heads (and pooler). Head parameters missing from the checkpoint
+        are initialised fresh and put in group ``new``; present ones go to group ``head``; the rest is ``backbone``."""
+        return head_pattern(self.heads)
+
+    @property
+    def layer(self) -> str:
+        """Full-match regex over NNX paths whose group 1 is the layer index (for layer-wise LR decay)."""
+        return rf"{self.stack}/(\d+)/.*"
 
 
 # model_type -> module that defines ARCHITECTURE. Imported lazily so that `import finetune` stays cheap.

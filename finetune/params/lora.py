@@ -36,8 +36,7 @@ from flax import nnx
 from finetune import schema
 from finetune.errors import ConfigError
 from finetune.hf.tables import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
-from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear
+from finetune.models.blocks import Dropout, Linear
 from finetune.params.rules import Group
 from finetune.writer import write_directory
 
@@ -148,7 +147,7 @@ class LoRALinear(Linear):
         return a @ b * (self.alpha / self.rank)
 
     def merged(self) -> Linear:
-        """A plain `finetune.models.layers.Linear` with the update folded into its kernel (this layer is left alone)."""
+        """A plain `finetune.models.blocks.Linear` with the update folded into its kernel (this layer is left alone)."""
         linear = nnx.eval_shape(lambda: Linear(self.in_features, self.out_features, rngs=nnx.Rngs(0)))
         for name in [n for n in vars(linear) if not n.startswith("_")]:
             setattr(linear, name, getattr(self, name))

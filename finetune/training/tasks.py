@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from finetune.errors import ConfigError
-from finetune.models.pooling import pool
+from finetune.models.heads import pool
 
 IGNORE = -100  # label id of positions that carry no label (sub-tokens, padding), as in transformers
 NOT_INPUTS = frozenset({"labels", "example_mask", "loss_mask"})

@@ -2,7 +2,7 @@
 variants alternating, repeated). Prints JSON: seconds per step of each variant and its ratio to the baseline.
 
 Variants (environment of the worker process):
-  baseline         finetune's defaults (dropout masks from a counter-based hash, finetune/models/dropout.py)
+  baseline         finetune's defaults (dropout masks from a counter-based hash, finetune/models/blocks/dropout.py)
   threefry32       dropout masks as flax.nnx.Dropout draws them: a 32-bit threefry uniform per element
   threefry16       16 threefry bits per element (finetune's previous default)
   rbg              threefry16 with keys from jax's "rbg" generator (JAX_DEFAULT_PRNG_IMPL=rbg)
@@ -110,7 +110,7 @@ def _patch_dropout(kind: str) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from finetune.models import dropout
+    from finetune.models.blocks import dropout
 
     if kind == "threefry32":
         dropout.Dropout.__call__ = nnx.Dropout.__call__

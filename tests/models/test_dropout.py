@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finetune.models.dropout import Dropout
+from finetune.models.blocks.dropout import Dropout
 
 
 def test_drops_at_the_rate_and_rescales_to_keep_the_mean():
@@ -28,7 +28,7 @@ def test_inference_is_the_identity_and_the_same_seed_gives_the_same_mask():
 def test_draws_are_uniform_and_independent_across_neighbours_and_keys():
     import jax
 
-    from finetune.models.dropout import bits16
+    from finetune.models.blocks.dropout import bits16
 
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = np.asarray(bits16(key_a, (64, 4, 33, 31))).astype(np.int64).reshape(-1)  # odd last dim: a half pair cut off
@@ -45,7 +45,7 @@ def test_draws_are_uniform_and_independent_across_neighbours_and_keys():
 def test_draws_are_reproducible_for_any_rank():
     import jax
 
-    from finetune.models.dropout import bits16
+    from finetune.models.blocks.dropout import bits16
 
     key = jax.random.key(7)
     whole = np.asarray(bits16(key, (4, 6)))
@@ -59,7 +59,7 @@ def test_rates_that_round_to_keeping_or_dropping_everything():
     # within 2**-17 of 1 drops every element, with no infinite scale in either pass.
     import jax
 
-    from finetune.models.dropout import drop
+    from finetune.models.blocks.dropout import drop
 
     x = jnp.arange(1.0, 65.0).reshape(8, 8)
     key = jax.random.key(0)
@@ -74,7 +74,7 @@ def test_attention_through_dropout_matches_spelling_it_out_with_its_gradients():
     # gradients as dropout then einsum, and only the undropped probabilities are kept for the backward pass.
     import jax
 
-    from finetune.models.dropout import attend, drop
+    from finetune.models.blocks.dropout import attend, drop
 
     def saved(f, *args):  # the arrays the backward pass keeps: the leaves of the vjp closure
         return [x for x in jax.tree.leaves(jax.vjp(f, *args)[1]) if x.shape == args[0].shape]
@@ -105,7 +105,7 @@ def test_attention_through_dropout_matches_spelling_it_out_with_its_gradients():
 def test_keys_are_the_ones_nnx_streams_hand_out_and_the_count_advances():
     import jax
 
-    from finetune.models.dropout import next_key
+    from finetune.models.blocks.dropout import next_key
 
     ours, theirs = Dropout(0.1, rngs=nnx.Rngs(dropout=7)), Dropout(0.1, rngs=nnx.Rngs(dropout=7))
     keys = [next_key(ours) for _ in range(3)]

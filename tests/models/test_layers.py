@@ -11,12 +11,11 @@ import transformers
 from flax import nnx
 
 import finetune
-from finetune.models import layers as layers_lib
-from finetune.models.bert import modeling as bert_modeling
+from finetune.models.blocks import encoder as encoder_lib
+from finetune.models.blocks import layers as layers_lib
+from finetune.models.blocks.layers import recomputed
 from finetune.models.gpt2 import modeling as gpt2_modeling
-from finetune.models.layers import recomputed
 from finetune.models.llama import modeling as llama_modeling
-from finetune.models.vit import modeling as vit_modeling
 
 TOKENS, WIDTH, INTERMEDIATE, LAYERS = 2 * 7, 32, 48, 2
 
@@ -86,7 +85,7 @@ def test_recomputed_matches_the_plain_activation_with_its_gradients(activation, 
         np.testing.assert_array_equal(a, b)
 
 
-LAYER_CLASSES = {"bert": bert_modeling.Layer, "gpt2": gpt2_modeling.Block, "llama": llama_modeling.DecoderLayer}
+LAYER_CLASSES = {"bert": encoder_lib.Layer, "gpt2": gpt2_modeling.Block, "llama": llama_modeling.DecoderLayer}
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
@@ -120,9 +119,9 @@ def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_tra
 
     rng = np.random.default_rng(2)
     runs = {}
-    layers_lib._traced.clear_cache()  # traces of earlier tests' layers of the same structure would be reused
-    for label, call in (("nested", layers_lib._call), ("flat", lambda traced, layer, x, *args: layer(x, *args))):
-        monkeypatch.setattr(layers_lib, "_call", call)
+    layers_lib.clear_traces()  # traces of earlier tests' layers of the same structure would be reused
+    for label, call in (("nested", layers_lib.call_layer), ("flat", lambda traced, layer, x, *args: layer(x, *args))):
+        monkeypatch.setattr(layers_lib, "call_layer", call)
         loss_and_grads = fresh_step()
         traced.clear()
         for length in (5, 7):  # a second batch shape traces the layer once more, not three times
@@ -151,23 +150,23 @@ def test_a_stack_of_identical_layers_is_traced_once_and_computes_what_a_flat_tra
 SIZES = {"hidden_size": WIDTH, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "intermediate_size": INTERMEDIATE}
 DECODER = {"vocab_size": 64, "num_key_value_heads": 2, "pad_token_id": 0, **SIZES}
 HEADS = {  # sequence classifiers that read one token: the first, or (decoders) each row's last
-    "bert": (CONFIGS["bert"], "text-classification", bert_modeling),
+    "bert": (CONFIGS["bert"], "text-classification", encoder_lib),
     "roberta": (
         lambda: transformers.RobertaConfig(vocab_size=64, max_position_embeddings=24, pad_token_id=1, **SIZES),
         "text-classification",
-        bert_modeling,
+        encoder_lib,
     ),
     "distilbert": (
         lambda: transformers.DistilBertConfig(
             vocab_size=64, dim=WIDTH, n_layers=LAYERS, n_heads=4, hidden_dim=INTERMEDIATE, max_position_embeddings=24
         ),
         "text-classification",
-        bert_modeling,
+        encoder_lib,
     ),
     "vit": (
         lambda: transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **SIZES),
         "image-classification",
-        vit_modeling,
+        encoder_lib,
     ),
     "gpt2": (
         lambda: transformers.GPT2Config(

@@ -17,7 +17,8 @@ import finetune
 from finetune.errors import LoadError
 from finetune.hf.tables import export_weights
 from finetune.models import registry
-from finetune.models.llama import modeling, rope
+from finetune.models.blocks import rotary as rope
+from finetune.models.llama import modeling
 from tests.models.reference import assert_close, padded_text_batch, tiny_model, torch_logits
 
 SIZES = {

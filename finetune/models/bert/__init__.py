@@ -1,7 +1,7 @@
 """BERT (``model_type`` ``bert``): feature extraction, sequence and token classification."""
 
 from finetune.models.bert import convert
-from finetune.models.bert.modeling import Bert, Config
+from finetune.models.bert.modeling import HEADS, Bert, Config
 from finetune.models.registry import Architecture, ConfigRules
 
 _HF_CLASSES = {
@@ -26,13 +26,12 @@ CONFIG_RULES = ConfigRules(
 
 ARCHITECTURE = Architecture(
     name="bert",
-    tasks=tuple(_HF_CLASSES),
+    heads=HEADS,
     config_from_hf=Config.from_hf,
     build=build,
     table=convert.table,
     ignore=convert.ignore,
-    head=r"(?:pooler|classifier)/.*",
-    layer=r"encoder/layers/(\d+)/.*",
+    stack="encoder/layers",
     num_layers=lambda config: config.num_layers,
     hf_architecture=lambda config, task: _HF_CLASSES[task],
     config_rules=CONFIG_RULES,

@@ -1,7 +1,7 @@
 """DistilBERT (``model_type`` ``distilbert``): feature extraction, sequence and token classification."""
 
 from finetune.models.distilbert import convert
-from finetune.models.distilbert.modeling import Config, DistilBert
+from finetune.models.distilbert.modeling import HEADS, Config, DistilBert
 from finetune.models.registry import Architecture, ConfigRules
 
 _HF_CLASSES = {
@@ -25,13 +25,12 @@ CONFIG_RULES = ConfigRules(
 
 ARCHITECTURE = Architecture(
     name="distilbert",
-    tasks=tuple(_HF_CLASSES),
+    heads=HEADS,
     config_from_hf=Config.from_hf,
     build=build,
     table=convert.table,
     ignore=convert.ignore,
-    head=r"(?:pre_classifier|classifier)/.*",
-    layer=r"encoder/layers/(\d+)/.*",
+    stack="encoder/layers",
     num_layers=lambda config: config.num_layers,
     hf_architecture=lambda config, task: _HF_CLASSES[task],
     config_rules=CONFIG_RULES,

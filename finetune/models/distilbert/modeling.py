@@ -1,9 +1,10 @@
-"""DistilBERT in Flax NNX: a frozen config read from the Hugging Face config, then the modules bottom-up.
+"""DistilBERT in Flax NNX: a frozen config read from the Hugging Face config, its embeddings, and the BERT-family
+layers (`finetune.models.blocks.encoder`) with its task head.
 
-DistilBERT is BERT without token-type embeddings or pooler, with six post-norm layers. The layers are BERT's own
-(`finetune.models.bert.modeling.Encoder`): same projections, norms and numerics. Unlike BERT's, DistilBERT's layer
-applies no dropout to the attention output before the residual (``attention_output_dropout=False``), as transformers'
-DistilBERT: in training, dropout applies at the same places as there.
+DistilBERT is BERT without token-type embeddings or pooler, with six post-norm layers. The layers are the shared
+BERT-family ones: same projections, norms and numerics. Unlike BERT's, DistilBERT's layer applies no dropout to the
+attention output before the residual (``attention_output_dropout=False``), as transformers' DistilBERT: in training,
+dropout applies at the same places as there.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune.errors import ConfigError, LoadError
-from finetune.models.bert.modeling import ACTIVATIONS, Encoder, dense, embed, layer_norm, packed_encoding
-from finetune.models.dropout import Dropout
+from finetune.models import heads
+from finetune.models.blocks import Dropout, Dtype, Encoder, check_activation, embed, layer_norm
 
-Dtype = Any
-TASKS = ("feature-extraction", "text-classification", "token-classification")
+HEADS = heads.Heads(
+    {"feature-extraction": None, "text-classification": heads.PRE_CLASSIFIER, "token-classification": heads.TOKENS}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +59,7 @@ class Config:
     @classmethod
     def from_hf(cls, hf_config: Any) -> Config:
         """Reads a ``transformers.DistilBertConfig``; refuses settings these modules do not implement."""
-        if hf_config.activation not in ACTIVATIONS:
-            raise LoadError(
-                f"finetune's DistilBERT does not implement activation={hf_config.activation!r}; supported: "
-                f"{', '.join(ACTIVATIONS)}. Pick a checkpoint that uses one of these."
-            )
+        check_activation("DistilBERT", "activation", hf_config.activation)
         return cls(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.dim,
@@ -124,20 +121,12 @@ class DistilBert(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if task not in TASKS:
-            raise ConfigError(
-                f"DistilBERT supports the tasks {', '.join(TASKS)}; received task={task!r}. Pick one of these."
-            )
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.task = task
         self.embeddings = Embeddings(config, **kw)
         self.encoder = Encoder(config, **kw)
-        if task == "text-classification":
-            self.pre_classifier = dense(config.hidden_size, config.hidden_size, ("embed", None), **kw)
-        if task != "feature-extraction":
-            rate = config.seq_classif_dropout if task == "text-classification" else config.hidden_dropout
-            self.dropout = Dropout(rate, rngs=rngs)
-            self.classifier = dense(config.hidden_size, num_labels, ("embed", "classes"), **kw)
+        rates = {"text-classification": config.seq_classif_dropout, "token-classification": config.hidden_dropout}
+        heads.build(self, HEADS, task, width=config.hidden_size, num_labels=num_labels, dropout=rates, **kw)
 
     supports_packing = True  # text classification on packed batches (`finetune.data.batches.ArrayData.take_packed`)
 
@@ -157,19 +146,13 @@ class DistilBert(nnx.Module):
         as `finetune.models.bert.modeling.Bert`."""
         del token_type_ids
         if segment_ids is not None:
-            x = packed_encoding(self, self.embeddings(input_ids, position_ids), segment_ids, example_rows, example_cols)
-            return self._classify(x[:, 0])
+            x = self.embeddings(input_ids, position_ids)
+            heads.check_packed(self.task, example_rows, example_cols)
+            return heads.apply(
+                self, HEADS, self.task, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols))
+            )
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
-        first = 1 if self.task == "text-classification" else None  # the head reads the first token only
-        x = self.encoder(self.embeddings(input_ids, position_ids), mask, first)
-        if self.task == "text-classification":
-            return self._classify(x[:, 0])
-        if self.task == "token-classification":
-            return self.classifier(self.dropout(x))
-        return x
-
-    def _classify(self, first: jax.Array) -> jax.Array:
-        """The sequence classifier on each example's first token (``[B, H]``)."""
-        return self.classifier(self.dropout(jax.nn.relu(self.pre_classifier(first))))
+        x = self.encoder(self.embeddings(input_ids, position_ids), mask, heads.first_rows(HEADS, self.task))
+        return heads.apply(self, HEADS, self.task, x)

@@ -1,8 +1,7 @@
 """GPT-2 (``model_type`` gpt2): causal LM, sequence and token classification, feature extraction."""
 
-from finetune.models.decoder import TASKS
 from finetune.models.gpt2 import convert
-from finetune.models.gpt2.modeling import GPT2, Config
+from finetune.models.gpt2.modeling import GPT2, HEADS, Config
 from finetune.models.registry import Architecture, ConfigRules
 
 _HF_CLASSES = {
@@ -29,13 +28,12 @@ CONFIG_RULES = ConfigRules(
 
 ARCHITECTURE = Architecture(
     name="gpt2",
-    tasks=TASKS,
+    heads=HEADS,
     config_from_hf=Config.from_hf,
     build=build,
     table=convert.table,
     ignore=convert.ignore,
-    head=r"(?:lm_head|score|classifier)/.*",
-    layer=r"layers/(\d+)/.*",
+    stack="layers",
     num_layers=lambda config: config.num_layers,
     hf_architecture=lambda config, task: _HF_CLASSES[task],
     config_rules=CONFIG_RULES,

@@ -1,10 +1,10 @@
 """GPT-2 in Flax NNX: a frozen config, then the modules bottom-up (attention, MLP, block, `GPT2` with its task head).
 
 Checkpoints store the query/key/value projections fused (``attn.c_attn``, a ``Conv1D`` whose weight is already
-``(in, out)``); the table splits them into ``q_proj`` / ``k_proj`` / ``v_proj`` at load time and fuses them again
-at export. Three projections ran faster than one fused kernel and a split in XLA on CPU (about 10-20% on a training
-step of one attention block), and they give every decoder the same ``q_proj`` / ``v_proj`` paths for rules and
-adapters. There is no KV cache: these modules are for training and scoring, not incremental generation.
+``(in, out)``); the table splits them into ``q_proj`` / ``k_proj`` / ``v_proj`` at load time and fuses them again at
+export. Three projections ran faster than one fused kernel and a split in XLA on CPU (docs/performance.md), and they
+give every decoder the same ``q_proj`` / ``v_proj`` paths for rules and adapters. There is no KV cache: these
+modules are for training and scoring, not incremental generation.
 """
 
 from __future__ import annotations
@@ -17,12 +17,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.errors import ConfigError, LoadError
-from finetune.models.bert.modeling import ACTIVATIONS, axes, dense, embed, layer_norm
-from finetune.models.decoder import causal_attention, check_task, last_token
-from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear, head_rows, recomputed
+from finetune.models import heads
+from finetune.models.blocks import (
+    ACTIVATIONS,
+    Dropout,
+    Dtype,
+    causal_attention,
+    check_activation,
+    dense,
+    embed,
+    head_rows,
+    layer_norm,
+    recomputed,
+)
 
-Dtype = Any
+HEADS = heads.Heads(
+    {
+        "causal-lm": heads.LM_HEAD,
+        "text-classification": heads.SCORE,
+        "token-classification": heads.GPT2_TOKENS,
+        "feature-extraction": None,
+    },
+    reads="last",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +71,7 @@ class Config:
                 "finetune's GPT-2 is a decoder without cross-attention; the config has add_cross_attention=True. "
                 "Pick a plain GPT-2 checkpoint."
             )
-        if hf.activation_function not in ACTIVATIONS:
-            raise LoadError(
-                f"finetune's GPT-2 does not implement activation_function={hf.activation_function!r}; supported: "
-                f"{', '.join(ACTIVATIONS)}. Pick a checkpoint that uses one of these."
-            )
+        check_activation("GPT-2", "activation_function", hf.activation_function)
         dropout = [getattr(hf, name, None) for name in ("classifier_dropout", "hidden_dropout")]
         return cls(
             vocab_size=hf.vocab_size,
@@ -78,20 +91,6 @@ class Config:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
             pad_token_id=getattr(hf, "pad_token_id", None),
         )
-
-
-def unbiased(n_in: int, n_out: int, names: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-    """An ``nnx.Linear`` without bias whose kernel has the logical axes ``names`` (the LM head, ``score``)."""
-    return Linear(
-        n_in,
-        n_out,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(0.02),
-        kernel_metadata=axes(*names),
-        rngs=rngs,
-    )
 
 
 class Attention(nnx.Module):
@@ -176,7 +175,7 @@ class GPT2(nnx.Module):
 
     Args:
       cfg: The model's `Config`.
-      task: One of `TASKS`.
+      task: One of the tasks of `HEADS`.
       num_labels: Outputs of the classification head (classification tasks only).
       dtype: Computation dtype.
       param_dtype: Storage dtype of the parameters.
@@ -198,22 +197,19 @@ class GPT2(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        check_task(task, num_labels)
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.task, self.pad_token_id, self.max_positions = task, cfg.pad_token_id, cfg.max_position_embeddings
+        self.task = task
+        self.pad_token_id, self.max_positions = cfg.pad_token_id, cfg.max_position_embeddings
         self.wte = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
         self.wpe = embed(cfg.max_position_embeddings, cfg.hidden_size, None, **kw)
         self.dropout = Dropout(cfg.embedding_dropout, rngs=rngs)
         self.layers = nnx.List([Block(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
         self.ln_f = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-        untied_lm = task == "causal-lm" and not cfg.tie_word_embeddings
-        sequence, tokens = task == "text-classification", task == "token-classification"
-        self.lm_head = unbiased(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), **kw) if untied_lm else None
-        # transformers: the sequence classifier ``score`` has no bias; the token ``classifier`` has one.
-        self.score = unbiased(cfg.hidden_size, num_labels, ("embed", "classes"), **kw) if sequence else None
-        self.classifier = dense(cfg.hidden_size, num_labels, ("embed", "classes"), **kw) if tokens else None
-        self.head_dropout = Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
+        heads.build(
+            self, HEADS, task, width=cfg.hidden_size, num_labels=num_labels, dropout=cfg.classifier_dropout,
+            vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, **kw,
+        )  # fmt: skip
 
     def hidden_states(
         self,
@@ -250,12 +246,6 @@ class GPT2(nnx.Module):
         token_type_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Logits of the task head (hidden states for ``feature-extraction``); arguments as in transformers."""
-        if self.task == "text-classification":  # the score reads each row's last token: the last layer computes it
-            rows = last_token(input_ids, attention_mask, self.pad_token_id)
-            return self.score(self.hidden_states(input_ids, attention_mask, position_ids, token_type_ids, rows)[:, 0])
-        x = self.hidden_states(input_ids, attention_mask, position_ids, token_type_ids)
-        if self.task == "causal-lm":
-            return self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
-        if self.task == "token-classification":
-            return self.classifier(self.head_dropout(x))
-        return x
+        rows = heads.last_rows(HEADS, self.task, input_ids, attention_mask, self.pad_token_id)
+        x = self.hidden_states(input_ids, attention_mask, position_ids, token_type_ids, rows)
+        return heads.apply(self, HEADS, self.task, x, embedding=self.wte)

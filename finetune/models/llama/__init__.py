@@ -1,8 +1,7 @@
 """Llama-family decoders (``model_type`` llama, mistral, qwen2, qwen3): causal LM, classification, features."""
 
-from finetune.models.decoder import TASKS
 from finetune.models.llama import convert
-from finetune.models.llama.modeling import FAMILIES, Config, Llama
+from finetune.models.llama.modeling import FAMILIES, HEADS, Config, Llama
 from finetune.models.registry import Architecture, ConfigRules
 
 # task -> suffix of the transformers class name, after the family prefix (``Qwen2`` + ``ForCausalLM``).
@@ -37,13 +36,12 @@ CONFIG_RULES = ConfigRules(
 
 ARCHITECTURE = Architecture(
     name="llama",
-    tasks=TASKS,
+    heads=HEADS,
     config_from_hf=Config.from_hf,
     build=build,
     table=convert.table,
     ignore=convert.ignore,
-    head=r"(?:lm_head|score)/.*",
-    layer=r"layers/(\d+)/.*",
+    stack="layers",
     num_layers=lambda config: config.num_layers,
     hf_architecture=hf_architecture,
     config_rules=CONFIG_RULES,

@@ -10,7 +10,7 @@ The four families share one set of modules; they differ only in configuration:
   ``head_dim``, tied input/output embeddings, and a scaled rotary embedding (``rope_parameters``).
 
 The modules are written bottom-up: attention, MLP, decoder layer, then `Llama` with its task head; the rotary
-embedding lives in `finetune.models.llama.rope`. There is no KV cache: these modules are for training and scoring,
+embedding lives in `finetune.models.blocks.rotary`. There is no KV cache: these modules are for training and scoring,
 not incremental generation.
 """
 
@@ -24,13 +24,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.errors import LoadError
-from finetune.models.bert.modeling import ACTIVATIONS, axes, embed
-from finetune.models.decoder import causal_attention, check_task, last_token
-from finetune.models.dropout import Dropout
-from finetune.models.layers import Linear, head_rows, recomputed
-from finetune.models.llama.rope import Rope, apply_rope, rope_tables
+from finetune.models import heads
+from finetune.models.blocks import (
+    ACTIVATIONS,
+    Dropout,
+    Dtype,
+    Rope,
+    apply_rope,
+    causal_attention,
+    check_activation,
+    dense,
+    embed,
+    head_rows,
+    recomputed,
+    rms_norm,
+    rope_tables,
+)
 
-Dtype = Any
+HEADS = heads.Heads(
+    {
+        "causal-lm": heads.LM_HEAD,
+        "text-classification": heads.SCORE,
+        "token-classification": heads.SCORE_TOKENS,
+        "feature-extraction": None,
+    },
+    reads="last",
+)
 
 
 # model_type -> the transformers class-name prefix and the architectural choices its config does not spell out.
@@ -86,11 +105,7 @@ class Config:
                 f"The Llama-family modules read model_type {', '.join(FAMILIES)}; received model_type="
                 f"{hf.model_type!r}. Load it through `finetune.load`, which picks the right architecture."
             )
-        if hf.hidden_act not in ACTIVATIONS:
-            raise LoadError(
-                f"finetune's Llama-family modules do not implement hidden_act={hf.hidden_act!r}; supported: "
-                f"{', '.join(ACTIVATIONS)}. Pick a checkpoint that uses one of these."
-            )
+        check_activation("Llama family", "hidden_act", hf.hidden_act)
         num_heads = hf.num_attention_heads
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
         options = FAMILIES[hf.model_type]["options"]
@@ -139,40 +154,16 @@ def sliding_windows(hf: Any) -> tuple[int | None, ...]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def linear(
-    n_in: int, n_out: int, names: tuple[str, str], *, use_bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
-) -> Linear:
-    """An ``nnx.Linear`` whose kernel has the logical axes ``names`` and whose bias (if any) has the output axis."""
-    return Linear(
-        n_in,
-        n_out,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(0.02),
-        kernel_metadata=axes(*names),
-        bias_metadata=axes(names[1]),
-        rngs=rngs,
-    )
-
-
-def rms_norm(features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    """An ``nnx.RMSNorm`` over the last axis (statistics in float32), scale on the ``norm`` axis."""
-    return nnx.RMSNorm(
-        features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, scale_metadata=axes("norm"), rngs=rngs
-    )
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions and, for qwen3, per-head RMSNorm of queries and keys."""
 
     def __init__(self, cfg: Config, window: int | None, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = linear(cfg.hidden_size, q_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = linear(cfg.hidden_size, kv_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = linear(cfg.hidden_size, kv_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-        self.o_proj = linear(q_width, cfg.hidden_size, ("heads", "embed"), use_bias=cfg.o_bias, **kw)
+        self.q_proj = dense(cfg.hidden_size, q_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = dense(cfg.hidden_size, kv_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = dense(cfg.hidden_size, kv_width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = dense(q_width, cfg.hidden_size, ("heads", "embed"), use_bias=cfg.o_bias, **kw)
         self.q_norm = rms_norm(cfg.head_dim, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
         self.k_norm = rms_norm(cfg.head_dim, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
         self.dropout = Dropout(cfg.attention_dropout, rngs=rngs)
@@ -214,9 +205,9 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "use_bias": cfg.mlp_bias}
-        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+        self.gate_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.activation = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -263,7 +254,7 @@ class Llama(nnx.Module):
 
     Args:
       cfg: The model's `Config`.
-      task: One of `TASKS`.
+      task: One of the tasks of `HEADS`.
       num_labels: Outputs of the classification head (classification tasks only).
       dtype: Computation dtype.
       param_dtype: Storage dtype of the parameters.
@@ -286,23 +277,17 @@ class Llama(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        check_task(task, num_labels)
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.task, self.rope, self.head_dim, self.pad_token_id = task, cfg.rope, cfg.head_dim, cfg.pad_token_id
+        self.task = task
+        self.rope, self.head_dim, self.pad_token_id = cfg.rope, cfg.head_dim, cfg.pad_token_id
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, "vocab", **kw)
         self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
         self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        untied_lm = task == "causal-lm" and not cfg.tie_word_embeddings
-        classify = task in ("text-classification", "token-classification")
-        tokens = task == "token-classification"  # transformers: score has a bias only for token classification
-        self.lm_head = (
-            linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw) if untied_lm else None
-        )
-        self.score = (
-            linear(cfg.hidden_size, num_labels, ("embed", "classes"), use_bias=tokens, **kw) if classify else None
-        )
-        self.dropout = Dropout(cfg.classifier_dropout, rngs=rngs) if tokens else None
+        heads.build(
+            self, HEADS, task, width=cfg.hidden_size, num_labels=num_labels, dropout=cfg.classifier_dropout,
+            vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, **kw,
+        )  # fmt: skip
 
     def hidden_states(
         self,
@@ -332,12 +317,6 @@ class Llama(nnx.Module):
         ``token_type_ids`` are accepted and ignored: these models have no segment embedding, but tokenizers loaded
         as a generic ``PreTrainedTokenizerFast`` (many Llama 3 repositories) still return them.
         """
-        if self.task == "text-classification":  # the score reads each row's last token: the last layer computes it
-            rows = last_token(input_ids, attention_mask, self.pad_token_id)
-            return self.score(self.hidden_states(input_ids, attention_mask, position_ids, rows)[:, 0])
-        x = self.hidden_states(input_ids, attention_mask, position_ids)
-        if self.task == "causal-lm":
-            return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        if self.task == "token-classification":
-            return self.score(self.dropout(x))
-        return x
+        rows = heads.last_rows(HEADS, self.task, input_ids, attention_mask, self.pad_token_id)
+        x = self.hidden_states(input_ids, attention_mask, position_ids, rows)
+        return heads.apply(self, HEADS, self.task, x, embedding=self.embed_tokens)

@@ -1,10 +1,9 @@
 """RoBERTa and XLM-RoBERTa (``model_type`` ``roberta``, ``xlm-roberta``): feature extraction, sequence and token
 classification."""
 
-from finetune.models.bert import CONFIG_RULES
-from finetune.models.registry import Architecture
+from finetune.models.registry import Architecture, ConfigRules
 from finetune.models.roberta import convert
-from finetune.models.roberta.modeling import Config, Roberta
+from finetune.models.roberta.modeling import HEADS, Config, Roberta
 
 _TASK_CLASSES = {
     "feature-extraction": "Model",
@@ -24,15 +23,24 @@ def hf_architecture(config: Config, task: str) -> str:
     return family + _TASK_CLASSES[task]
 
 
+# The fields of the BERT-family config (`finetune.models.blocks.EncoderConfig.from_hf` reads them).
+CONFIG_RULES = ConfigRules(
+    sizes=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    + ("max_position_embeddings", "type_vocab_size"),
+    rates=("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"),
+    positive=("layer_norm_eps",),
+    divides=(("hidden_size", "num_attention_heads"),),
+)
+
+
 ARCHITECTURE = Architecture(
     name="roberta",
-    tasks=tuple(_TASK_CLASSES),
+    heads=HEADS,
     config_from_hf=Config.from_hf,
     build=build,
     table=convert.table,
     ignore=convert.ignore,
-    head=r"classifier/.*",
-    layer=r"encoder/layers/(\d+)/.*",
+    stack="encoder/layers",
     num_layers=lambda config: config.num_layers,
     hf_architecture=hf_architecture,
     config_rules=CONFIG_RULES,

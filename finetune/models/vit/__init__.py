@@ -7,15 +7,14 @@ built: such a checkpoint loads its backbone, and image-classification starts a f
 
 from finetune.models.registry import Architecture, ConfigRules
 from finetune.models.vit import convert
-from finetune.models.vit.modeling import Config, ViT
+from finetune.models.vit.modeling import HEADS, Config, ViT
 
 _TASK_CLASSES = {"feature-extraction": "Model", "image-classification": "ForImageClassification"}
 
 
 def build(config: Config, *, task: str, num_labels: int | None, dtype, param_dtype, rngs) -> ViT:
     """Builds the ViT for ``task``: the backbone alone, or with a ``num_labels``-way classifier."""
-    labels = num_labels if task == "image-classification" else None
-    return ViT(config, num_labels=labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return ViT(config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def hf_architecture(config: Config, task: str) -> str:
@@ -35,13 +34,12 @@ CONFIG_RULES = ConfigRules(
 
 ARCHITECTURE = Architecture(
     name="vit",
-    tasks=tuple(_TASK_CLASSES),
+    heads=HEADS,
     config_from_hf=Config.from_hf,
     build=build,
     table=convert.table,
     ignore=convert.ignore,
-    head=r"classifier/.*",
-    layer=r"encoder/layers/(\d+)/.*",
+    stack="encoder/layers",
     num_layers=lambda config: config.num_layers,
     hf_architecture=hf_architecture,
     config_rules=CONFIG_RULES,

@@ -14,12 +14,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from finetune.errors import ConfigError, LoadError
-from finetune.models.bert.modeling import ACTIVATIONS, Attention, axes, dense, layer_norm
-from finetune.models.dropout import Dropout
-from finetune.models.layers import head_rows, recomputed
+from finetune.errors import ConfigError
+from finetune.models import heads
+from finetune.models.blocks import (
+    ACTIVATIONS,
+    Attention,
+    Dropout,
+    Dtype,
+    Encoder,
+    axes,
+    check_activation,
+    dense,
+    layer_norm,
+    recomputed,
+)
 
-Dtype = Any
+HEADS = heads.Heads({"feature-extraction": None, "image-classification": heads.CLASSIFIER})
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -70,11 +80,7 @@ class Config:
     @classmethod
     def from_hf(cls, hf_config: Any) -> Config:
         """Reads a ``transformers.ViTConfig`` (or ``DeiTConfig``); refuses settings these modules do not implement."""
-        if hf_config.hidden_act not in ACTIVATIONS:
-            raise LoadError(
-                f"finetune's ViT does not implement hidden_act={hf_config.hidden_act!r}; supported: "
-                f"{', '.join(ACTIVATIONS)}. Pick a checkpoint that uses one of these."
-            )
+        check_activation("ViT", "hidden_act", hf_config.hidden_act)
         return cls(
             hidden_size=hf_config.hidden_size,
             num_layers=hf_config.num_hidden_layers,
@@ -164,7 +170,8 @@ class MLP(nnx.Module):
 class Layer(nnx.Module):
     """A pre-LayerNorm encoder layer: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
 
-    The attention block is BERT's (same projections and numerics); only the norm placement differs.
+    The attention block is the encoders' shared one (same projections and numerics as BERT's); only the norm
+    placement differs.
     """
 
     def __init__(self, config: Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
@@ -185,34 +192,21 @@ class Layer(nnx.Module):
         return x + self.dropout(self.mlp(self.layernorm_after(x)))
 
 
-class Encoder(nnx.Module):
-    """The stack of encoder layers (``layers/0``, ``layers/1``, ...)."""
-
-    def __init__(self, config: Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [Layer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
-        )
-        self.remat = False  # per-layer rematerialisation, set for training by `finetune.Recipe.remat`
-
-    def __call__(self, x: jax.Array, first: int | None = None) -> jax.Array:
-        """The last hidden state; with ``first``, only that of the first ``first`` tokens (see `head_rows`)."""
-        mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token is real; the shape BERT's attention takes
-        return head_rows(self.layers, x, mask, first=first, remat=self.remat)
-
-
 class ViT(nnx.Module):
-    """ViT backbone with an optional image-classification head.
+    """ViT backbone with the head of its task.
 
     Args:
       config: The architecture's `Config`.
-      num_labels: Classifier outputs; ``None`` builds the backbone alone (``feature-extraction``).
+      task: ``feature-extraction`` (the backbone alone) or ``image-classification``.
+      num_labels: Classifier outputs (``image-classification`` only).
       dtype: Compute dtype.
       param_dtype: Storage dtype of the parameters.
       rngs: Random streams for initialisation and dropout.
 
     Example:
       >>> model = ViT(Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-      ...                    image_size=(32, 32), patch_size=(8, 8)), num_labels=3, rngs=nnx.Rngs(0))
+      ...                    image_size=(32, 32), patch_size=(8, 8)), task="image-classification", num_labels=3,
+      ...             rngs=nnx.Rngs(0))
       >>> model(pixel_values=jnp.zeros((2, 3, 32, 32))).shape
       (2, 3)
     """
@@ -221,25 +215,25 @@ class ViT(nnx.Module):
         self,
         config: Config,
         *,
+        task: str = "feature-extraction",
         num_labels: int | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.task = task
         self.config = config
         self.embeddings = Embeddings(config, **kw)
-        self.encoder = Encoder(config, **kw)
+        self.encoder = Encoder(config, **kw, layer=Layer)
         self.layernorm = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-        self.classifier = (
-            None if num_labels is None else dense(config.hidden_size, num_labels, ("embed", "classes"), **kw)
-        )
+        heads.build(self, HEADS, task, width=config.hidden_size, num_labels=num_labels, **kw)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """``pixel_values``: ``[B, C, H, W]`` as Hugging Face image processors produce.
 
         Returns:
-          ``[B, num_labels]`` logits with a classifier, else the ``[B, tokens, embed]`` last hidden state.
+          ``[B, num_labels]`` logits for ``image-classification``, else the ``[B, tokens, embed]`` last hidden state.
         """
         channels, (height, width) = self.config.num_channels, self.config.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, height, width):
@@ -250,8 +244,6 @@ class ViT(nnx.Module):
                 "images with x.transpose(0, 3, 1, 2)."
             )
         x = self.embeddings(jnp.transpose(pixel_values, (0, 2, 3, 1)))
-        first = None if self.classifier is None else 1  # the classifier reads the class token only
-        x = self.layernorm(self.encoder(x, first))
-        if self.classifier is not None:
-            return self.classifier(x[:, 0])
-        return x
+        mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token is real
+        x = self.layernorm(self.encoder(x, mask, heads.first_rows(HEADS, self.task)))
+        return heads.apply(self, HEADS, self.task, x)

@@ -1,9 +1,7 @@
 """Dropout for every architecture: `flax.nnx.Dropout` whose keep mask costs almost nothing to draw.
 
-nnx.Dropout draws a 32-bit uniform float per element from threefry (``jax.random.bernoulli``). On CPU that
-generation was the largest part of dropout's cost in a MiniLM train step: one [32, 12, 128, 128] attention mask
-takes 105 ms with threefry (16-bit draws) and 5 ms here, and the step went from 3.79 to 3.11 s, as fast as with no
-dropout at all (tests/benchmarks/step_variants.py, variant ``hash_dropout``).
+nnx.Dropout draws a 32-bit uniform float per element from threefry (``jax.random.bernoulli``); on CPU that
+generation was the largest part of dropout's cost in a train step (docs/performance.md, under "finetune.models.blocks").
 
 How: each call still takes a fresh key from the module's threefry stream (so calls, layers and steps stay
 independent and reproducible). Within one call, element pair ``i`` of the array (its position in the global,
@@ -14,8 +12,7 @@ so sharded runs draw the same masks as one device.
 
 Because a mask is a pure function of its key, the backward pass can redraw it instead of storing what it dropped:
 `attend` (attention probabilities through dropout, then times the values) keeps only the probabilities and the key,
-not the dropped copy. On MiniLM's train step at batch 32 x 128 tokens that is 151 MB less scratch memory (1,268 to
-1,117 MB), at no measurable cost in time (docs/performance.md).
+not the dropped copy.
 """
 
 from __future__ import annotations
@@ -57,8 +54,7 @@ def draw(stream: nnx.RngStream) -> jax.Array:
 
     nnx's ``count[...] += 1`` compares the new value's sharding with the old one's; on a tracer, reading
     ``.sharding`` raises an error whose message walks every equation traced so far, so the cost grows with the
-    square of the model's depth. In MiniLM's train step the 20 keys took 130 ms of the 1.1 s trace that way, 8 ms
-    this way (timed around these calls, 11 traces).
+    square of the model's depth.
     """
     count = stream.count.get_value()
     key = jax.random.fold_in(stream.key.get_value(), count)
