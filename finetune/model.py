@@ -36,6 +36,8 @@ class Model:
       new_paths: Paths of parameters initialised fresh at load time (the ``new`` group).
       layer_pattern: Full-match regex over paths whose group 1 is the layer index (for layer-wise LR decay).
       num_layers: Number of layers ``layer_pattern`` indexes.
+      layout: Where its arrays live (`finetune.sharding.Layout`): a runtime option, never part of the recipe.
+      pooling: How ``feature-extraction`` pools its embeddings (`predict`); None: the mean over the tokens.
 
     Example:
       >>> model = finetune.Model(MyModule(rngs=nnx.Rngs(0)), task="text-classification")
@@ -57,6 +59,8 @@ class Model:
         new_paths: Sequence[str] = (),
         layer_pattern: str | None = None,
         num_layers: int | None = None,
+        layout: Any = None,
+        pooling: Pooling | None = None,
     ):
         if task not in TASKS:
             raise ConfigError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}. Pick one of these.")
@@ -80,12 +84,12 @@ class Model:
         self.layer_pattern = layer_pattern
         self.num_layers = num_layers
         self.recipe = None
-        self.layout = None  # where arrays live (finetune.sharding.Layout): a runtime option, never part of the recipe
+        self.layout = layout
         self._infer = None
         self._trainer = None
         self.last_metrics: dict[str, float] | None = None
         self.family: str | None = None  # single / multi / regression / token / lm, known once data was seen
-        self.pooling: Pooling | None = None  # feature-extraction embeddings (`predict`); None: mean over the tokens
+        self.pooling = pooling
 
     def __call__(self, **inputs: Any) -> jax.Array:
         """Runs the model in inference mode (no dropout) on one batch of keyword arrays; returns the logits."""
@@ -156,12 +160,50 @@ class Model:
             self.plan()  # rule errors surface at compile time, not after data loading
         return self
 
-    def plan(self):
-        """The group of every parameter under the current recipe (`finetune.params.rules.Assignment`)."""
-        from finetune.recipe import Recipe
-        from finetune.training.loop import plan
+    def plan(self, recipe: Any = None) -> Any:
+        """The group of every parameter under ``recipe`` (default: the current one), a
+        `finetune.params.rules.Assignment`. A recipe with ``lora`` first adds its adapters (`add_adapters`)."""
+        from finetune.params import plan
 
-        return plan(self, self.recipe or Recipe())
+        recipe = recipe if recipe is not None else self.recipe
+        if recipe is not None and recipe.lora is not None:
+            self.add_adapters(recipe.lora, seed=recipe.seed)
+        return plan.of_model(self, recipe)
+
+    def add_adapters(self, config: Any, *, seed: int = 0) -> list[str]:
+        """Adds LoRA adapters to the module (`finetune.params.lora.apply`: once; the same config again does
+        nothing); returns the adapted module paths."""
+        from finetune.params import lora
+
+        fresh = not lora.adapted(self.module)
+        paths = lora.apply(self.module, config, seed=seed)
+        if fresh and paths:
+            self._infer = None  # the cached inference function was traced for the old structure
+        return paths
+
+    def record_family(self, family: str) -> None:
+        """Remembers single- / multi-label / regression (once training data was seen) for `predict`, and for
+        exported configs (transformers reads ``problem_type``)."""
+        self.family = family
+        types = {
+            "single": "single_label_classification",
+            "multi": "multi_label_classification",
+            "regression": "regression",
+        }
+        if self.hf_config is not None and family in types and self.task != "token-classification":
+            self.hf_config.problem_type = types[family]
+
+    def with_module(self, module: nnx.Module) -> Model:
+        """A shallow copy over another module (host copies of the parameters, for an export), with no trainer and
+        nothing traced: those belong to this model's module."""
+        copy = object.__new__(Model)
+        copy.__dict__.update(self.__dict__, module=module, _trainer=None, _infer=None)
+        return copy
+
+    @property
+    def trainer(self) -> Any:
+        """The `finetune.training.loop.Trainer` of the last `fit` / `evaluate` / `predict` (None before)."""
+        return self._trainer
 
     @schema.arguments
     def fit(
@@ -227,7 +269,9 @@ class Model:
         if self.recipe is None:
             self.recipe = Recipe()
         if monitor is not None:
-            _check_monitor(monitor, self.task, self.recipe.metrics, validation=validation_data is not None)
+            from finetune.training.metrics import check_monitor
+
+            check_monitor(monitor, self.task, self.recipe.metrics, validation=validation_data is not None)
         from finetune import sharding as sharding_lib
 
         trainer = Trainer(self, self.recipe, layout=sharding_lib.resolve(self.layout, mesh, rules=sharding_rules))
@@ -397,37 +441,8 @@ class Model:
           >>> model.save_adapter("out/adapter")
           >>> peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), "out/adapter")
         """
-        from finetune.params.lora import save_adapter
+        from finetune.params.peft import save_adapter
 
         if self._trainer is not None:
             self._trainer.sync_model()
         return save_adapter(self, directory)
-
-
-# The kinds of labels each task can train on (finetune.training.tasks.kind), hence its default metrics.
-_FAMILIES = {
-    "text-classification": ("single", "multi", "regression"),
-    "image-classification": ("single", "multi", "regression"),
-    "token-classification": ("token",),
-    "causal-lm": ("lm",),
-}
-
-
-def _check_monitor(monitor: str, task: str, metrics: Sequence[Any], *, validation: bool) -> None:
-    """Refuses a `fit(monitor=...)` that is not an epoch metric of the run (a typo would keep no best checkpoint)."""
-    from finetune.training import metrics as metrics_lib
-
-    if metrics:
-        names = [m.name for m in metrics_lib.resolve(metrics)]
-    else:
-        defaults = metrics_lib.DEFAULT_METRICS
-        families = _FAMILIES.get(task, tuple(defaults))
-        names = list(dict.fromkeys(["loss", *(n for f in families for n in defaults[f])]))
-    available = names + [f"val_{n}" for n in names if validation]
-    if monitor in available:
-        return
-    hint = "" if validation else " (val_ metrics need validation_data)"
-    raise ConfigError(
-        f"`monitor` must be an epoch metric of this run: {', '.join(available)}{hint}; received monitor={monitor!r}"
-        f"{schema.close_names(monitor, [f'val_{n}' for n in names] + names)}. Monitor one of these."
-    )

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -234,10 +233,9 @@ def _host_snapshot(model: Any) -> Any:
 
     graphdef, params, rest = nnx.split(host_local(model.module), nnx.Param, ...)  # gathered when sharded over hosts
     cpu = jax.devices("cpu")[0]  # host memory, as jax arrays (the export reads their sharding)
-    snapshot = copy.copy(model)
-    snapshot.module = nnx.merge(graphdef, jax.tree.map(lambda x: jax.device_put(np.asarray(x), cpu), params), rest)
-    snapshot._trainer, snapshot._infer = None, None
-    return snapshot
+    return model.with_module(
+        nnx.merge(graphdef, jax.tree.map(lambda x: jax.device_put(np.asarray(x), cpu), params), rest)
+    )
 
 
 def _latest_checkpoint(directory: Path, at_least: int, timeout: float) -> Path | None:
