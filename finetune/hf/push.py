@@ -320,15 +320,14 @@ class PushToHub(Callback):
 
     # ------------------------------------------------------------------ background work
     def _checkpoint_dir(self) -> Path | None:
-        run = getattr(self.trainer, "_run", None)
-        directory = getattr(run, "checkpoint_dir", None)
+        directory = self.trainer.checkpoint_dir
         return Path(directory).absolute() if directory is not None else None
 
     def _submit(self, label: str, *, metrics: dict | None) -> None:
         self.trainer.sync_model()
         job = {"label": label, "model": _host_snapshot(self.trainer.model), "metrics": metrics}
         if self.strategy == "checkpoint":
-            job["checkpoint"] = (self._checkpoint_dir(), self.trainer._run.step)
+            job["checkpoint"] = (self._checkpoint_dir(), self.trainer.step)
         with self._lock:
             with contextlib.suppress(queue.Empty):
                 self._pending.get_nowait()  # superseded by this newer push

@@ -73,6 +73,11 @@ class Trainer:
         """The checkpoints of the current `fit` (None without ``checkpoint_dir``)."""
         return self._fit.checkpoints if self._fit is not None else None
 
+    @property
+    def checkpoint_dir(self) -> Any:
+        """Where the current (or last) `fit` writes its checkpoints (None: nowhere)."""
+        return self._fit.options.checkpoints.directory if self._fit is not None else None
+
     def save_checkpoint(self, *, phase: int = 0, epoch: int = 0, batch: int = 0, done: int = 0) -> None:
         """Checkpoints the state at the current step, as at batch ``batch`` of ``epoch`` in ``phase``."""
         self._save(self._fit, Position(phase, epoch, batch, done, self._fit.progress.step))
@@ -132,16 +137,18 @@ class Trainer:
         self,
         train: Any,
         *,
-        epochs: int,
-        steps: int | None,
-        batch_size: int,
+        epochs: int | None = None,
+        steps: int | None = None,
+        batch_size: int | None = None,
         validation_data: Any = None,
         callbacks: Sequence[Callback] = (),
         verbose: int = 1,
-        checkpoint_dir: Any = None,
-        **checkpointing: Any,
+        checkpoints: CheckpointOptions | None = None,
     ) -> History:
-        """Trains; see `finetune.Model.fit` for the options (``checkpointing``: those of `CheckpointOptions`)."""
+        """Trains; see `finetune.Model.fit` for the options (``epochs``, ``steps``, ``batch_size``: the recipe's by
+        default)."""
+        epochs, batch_size = epochs or self.recipe.epochs, batch_size or self.recipe.batch_size
+        steps = steps if steps is not None else self.recipe.steps
         source = self.source(train, stage="fit", argument="train")
         if validation_data is not None:  # checked before the first step, not after the first epoch
             validation_data = self.source(validation_data, stage="evaluate", argument="validation_data")
@@ -157,20 +164,19 @@ class Trainer:
                 f"`batch_size`={batch_size} is larger than the training data ({size} examples), so every step would "
                 f"be mostly padding. Use batch_size <= {size}, or more data."
             )
-        resume = checkpointing.get("resume", False)
-        if resume not in (True, False, None) and checkpoint_dir is None:
-            checkpoint_dir = resume  # resume from a path, and keep writing there
-        saving = CheckpointOptions(directory=checkpoint_dir, **checkpointing)
+        saving = checkpoints or CheckpointOptions()
+        if saving.resume not in (True, False, None) and saving.directory is None:
+            saving = dataclasses.replace(saving, directory=saving.resume)  # resume from a path, and keep writing there
         options = FitOptions(source, batch_size, validation_data, callbacks, verbose, saving)
         # Opening the checkpoints locks the directory: a second run into it is refused here.
-        checkpoints = Checkpoints(saving, source, batch_size) if checkpoint_dir is not None else None
+        opened = Checkpoints(saving, source, batch_size) if saving.directory is not None else None
         stacking = Stacking(self.recipe, sharded=self.layout is not None)
-        self._fit = run = Fit(options, Progress(), checkpoints, stacking)
+        self._fit = run = Fit(options, Progress(), opened, stacking)
         try:
             return self._train(run, epochs=epochs, steps=steps)
         finally:
-            if checkpoints is not None:
-                checkpoints.release()  # also when fit fails before training (closed by `_finish` else)
+            if opened is not None:
+                opened.release()  # also when fit fails before training (closed by `_finish` else)
 
     def _train(self, run: Fit, *, epochs: int, steps: int | None) -> History:
         """The phases of `fit`, between opening the checkpoints and releasing them."""

@@ -27,7 +27,24 @@ FIELDS_BEFORE_THEY_EXISTED = {"remat": False, "group_by_length": False}
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
-    """What `finetune.Model.fit` was asked about checkpoints (see its arguments)."""
+    """What `finetune.Model.fit` was asked about checkpoints.
+
+    Attributes:
+      directory: ``checkpoint_dir``: Orbax checkpoints go here (each epoch, and every ``save_every`` steps). The run
+        locks it: a second run into the same directory is refused at start (`CheckpointError`), as is a directory
+        that cannot be written.
+      save_every: Also checkpoint every this many steps (micro-batches).
+      save_each_epoch: Checkpoint at the end of every epoch.
+      keep: Keep the last ``keep`` checkpoints, and the best by ``monitor`` (an epoch metric, e.g. ``val_accuracy``).
+      resume: True continues from the latest checkpoint in ``directory`` when there is one; a path continues from
+        the checkpoints there. The resumed run ends with the same parameters as an uninterrupted one. A newest
+        checkpoint whose files are damaged is skipped (with a warning) for the newest intact one. Resuming with
+        other training data (its size or contents) or another ``batch_size`` than the checkpointed run's is refused
+        with a `CheckpointError` naming the change, unless ``allow_changed_data``.
+      allow_changed_data: With ``resume``, continue from the checkpoint even though the data or ``batch_size``
+        differ from the checkpointed run's: the rest of the epoch starts after as many examples as that run had
+        seen in it (the result then differs from an uninterrupted run).
+    """
 
     directory: Any = None
     save_every: int | None = None

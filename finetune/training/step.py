@@ -174,3 +174,16 @@ class Program:
         """How many shapes one step (``train_step``, ``train_steps``: several per call, ``eval_step``) has been
         compiled for."""
         return getattr(self, step)._cache_size()
+
+
+def inference(module: nnx.Module) -> Callable[[Any, dict], jax.Array]:
+    """The module's forward pass in inference mode (no dropout), compiled: ``(nnx.state(module), inputs) -> logits``.
+
+    Traced for the module's structure as it is now: a module that changes structure (adapters) needs a new one."""
+    graphdef, _ = nnx.split(nnx.view(module, deterministic=True, raise_if_not_found=False))
+
+    @jax.jit
+    def infer(state, inputs):
+        return nnx.merge(graphdef, state)(**inputs)
+
+    return infer
