@@ -292,17 +292,16 @@ class Trainer:
             done += n
             progress.step += n
             epoch_acc = self._flush(run, log, epoch_acc)  # the last interval's log, read while this runs
-            epoch_acc = self._triggers(
-                run, log, span, epoch_acc, at=dataclasses.replace(at, batch=index + 1, done=done)
-            )
+            epoch_acc = self._triggers(run, log, span, epoch_acc, at, batch=index + 1, done=done)
             if done >= span.total or self.stop_training:
                 break
         return done, epoch_acc
 
-    def _triggers(self, run: Fit, log: Intervals, span: Span, epoch_acc: dict, *, at: Position) -> dict:
-        """What happens after the call that ended at ``at.done``: every ``log_every`` steps a log read, every
-        ``save_every`` steps a checkpoint, and on an interrupt a checkpoint and the exit."""
-        done, step, saving = at.done, run.progress.step, run.options.checkpoints
+    def _triggers(self, run: Fit, log: Intervals, span: Span, epoch_acc: dict, at: Position, *, batch: int, done: int):
+        """What happens after the call that ended at batch ``batch`` of the epoch ``at`` started, micro-step ``done``
+        of the phase: every ``log_every`` steps a log read, every ``save_every`` steps a checkpoint, and on an
+        interrupt a checkpoint and the exit. Returns the epoch's metric sums."""
+        step, saving = run.progress.step, run.options.checkpoints
         if done % self.recipe.log_every == 0 or done == span.total:
             self.state = log.start(self.state, done, step)
             if run.stacking.chunk == 1 or done == span.total:  # one step per call: report at once
@@ -310,15 +309,15 @@ class Trainer:
         if (
             saving.save_every
             and step % saving.save_every == 0
-            and not (saving.save_each_epoch and at.batch == span.per_epoch)
+            and not (saving.save_each_epoch and batch == span.per_epoch)
             and done < span.total  # the last step is saved after its epoch, with the epoch's metrics
         ):
             epoch_acc = self._flush(run, log, epoch_acc)
-            self._save(run, dataclasses.replace(at, step=step))
+            self._save(run, dataclasses.replace(at, batch=batch, done=done, step=step))
         if run.interrupts.signum is not None:
             epoch_acc = self._flush(run, log, epoch_acc)
             if run.checkpoints is not None:
-                self._save(run, dataclasses.replace(at, step=step))
+                self._save(run, dataclasses.replace(at, batch=batch, done=done, step=step))
                 run.checkpoints.wait()
             run.interrupts.raise_now()
         return epoch_acc
