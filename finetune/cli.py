@@ -184,7 +184,7 @@ def _layout(args):
 
 
 def _write_outputs(model, history, output: Path, *, before: dict, after: dict) -> None:
-    from finetune.plots import plot_schedule, schedule_curves
+    from finetune.report import plot_schedule, schedule_curves
 
     output.mkdir(parents=True, exist_ok=True)
     steps = history.steps[-1]["step"] if history.steps else 1
@@ -269,7 +269,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from finetune.plots import plot_schedule, schedule_curves
+    from finetune.report import plot_schedule, schedule_curves
 
     overrides = _checked(args)
     model = _load(args, None) if args.model or args.layer_model else _schema_model()

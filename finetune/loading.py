@@ -235,10 +235,10 @@ def load(
         new_paths=new_paths,
         layer_pattern=arch.layer,
         num_layers=arch.num_layers(cfg),
+        layout=layout,
+        # a sentence-transformers checkpoint says how its embeddings are pooled
+        pooling=heads.read(directory) if task == "feature-extraction" else None,
     )
-    model.layout = layout
-    if task == "feature-extraction":  # a sentence-transformers checkpoint says how its embeddings are pooled
-        model.pooling = heads.read(directory)
     return model
 
 

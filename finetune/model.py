@@ -35,6 +35,8 @@ class Model:
       new_paths: Paths of parameters initialised fresh at load time (the ``new`` group).
       layer_pattern: Full-match regex over paths whose group 1 is the layer index (for layer-wise LR decay).
       num_layers: Number of layers ``layer_pattern`` indexes.
+      layout: Where its arrays live (`finetune.sharding.Layout`): a runtime option, never part of the recipe.
+      pooling: How ``feature-extraction`` pools its embeddings (`predict`); None: the mean over the tokens.
 
     Example:
       >>> model = finetune.Model(MyModule(rngs=nnx.Rngs(0)), task="text-classification")
@@ -56,6 +58,8 @@ class Model:
         new_paths: Sequence[str] = (),
         layer_pattern: str | None = None,
         num_layers: int | None = None,
+        layout: Any = None,
+        pooling: Pooling | None = None,
     ):
         check_task(task)
         if not isinstance(module, nnx.Module):
@@ -63,38 +67,28 @@ class Model:
                 f"`module` must be a flax.nnx.Module; received {type(module).__name__}. Wrap your network in an "
                 "nnx.Module (or load one with finetune.load)."
             )
-        self.module = module
-        self.task = task
+        self.module, self.task = module, task
         if rules is None:
             rules = module.default_rules() if hasattr(module, "default_rules") else [(".*", "backbone")]
         self.rules = [tuple(r) for r in rules]
-        self.tokenizer = tokenizer
-        self.processor = processor
-        self.hf_config = hf_config
-        self.architecture = architecture
+        self.tokenizer, self.processor = tokenizer, processor
+        self.hf_config, self.architecture = hf_config, architecture
         self.id2label = dict(id2label) if id2label else None
-        self.source = source
-        self.new_paths = tuple(new_paths)
-        self.layer_pattern = layer_pattern
-        self.num_layers = num_layers
+        self.source, self.new_paths = source, tuple(new_paths)
+        self.layer_pattern, self.num_layers = layer_pattern, num_layers
+        self.layout, self.pooling = layout, pooling
         self.recipe = None
-        self.layout = None  # where arrays live (finetune.sharding.Layout): a runtime option, never part of the recipe
-        self._infer = None
+        self._infer = None  # the compiled inference function of `__call__`
         self._trainer = None
         self.last_metrics: dict[str, float] | None = None
         self.family: str | None = None  # single / multi / regression / token / lm, known once data was seen
-        self.pooling: Pooling | None = None  # feature-extraction embeddings (`predict`); None: mean over the tokens
 
     def __call__(self, **inputs: Any) -> jax.Array:
         """Runs the model in inference mode (no dropout) on one batch of keyword arrays; returns the logits."""
         if self._infer is None:
-            graphdef, state = nnx.split(nnx.view(self.module, deterministic=True, raise_if_not_found=False))
+            from finetune.training.step import inference
 
-            @jax.jit
-            def infer(state, inputs):
-                return nnx.merge(graphdef, state)(**inputs)
-
-            self._infer = infer
+            self._infer = inference(self.module)
         state = nnx.state(self.module)
         return self._infer(state, {k: jnp.asarray(np.asarray(v)) for k, v in inputs.items() if v is not None})
 
@@ -116,12 +110,8 @@ class Model:
 
         Args:
           preset: A recipe name from `finetune.presets.list()`; None starts from `finetune.Recipe` defaults.
-          optimizer: Optimizer name or optax optimizer (see `finetune.Recipe`).
-          learning_rate: Peak learning rate.
-          rules: Ordered ``(regex, group)`` rules; None keeps the model's default rules.
-          schedule: Schedule name, dict or optax schedule.
-          loss: None (the task's loss) or ``(logits, labels) -> per-item losses``.
-          metrics: Metric names, e.g. ``["accuracy", "f1_macro"]``.
+          optimizer, learning_rate, rules, schedule, loss, metrics: Those `finetune.Recipe` fields (an optimizer
+            name or optax optimizer; the peak LR; ``(regex, group)`` rules, None: the model's defaults; ...).
           sharding: Spread training over devices: ``"data"``, ``"fsdp"``, ``"tensor"``, ``"fsdp+tensor"`` or a mesh
             shape like ``{"data": 4, "model": 2}`` (see `finetune.sharding`). A runtime option, not a recipe field,
             so checkpoints restore on any mesh.
@@ -134,32 +124,67 @@ class Model:
         Example:
           >>> model.compile(optimizer="adamw", learning_rate=3e-5, weight_decay=0.01, clip_norm=1.0)
         """
+        from finetune import presets
+        from finetune import sharding as sharding_lib
         from finetune.recipe import Recipe
 
-        base = Recipe()
-        if preset is not None:
-            from finetune import presets
-
-            base = presets.get(preset)
+        base = presets.get(preset) if preset is not None else Recipe()
         given = dict(
             optimizer=optimizer, learning_rate=learning_rate, rules=rules, schedule=schedule, loss=loss, metrics=metrics
         )
         self.recipe = base.replace(**{k: v for k, v in given.items() if v is not None}, **overrides)
         self._trainer = None
         if sharding is not None:
-            from finetune import sharding as sharding_lib
-
             self.layout = sharding_lib.resolve(self.layout, sharding)
         if self.recipe.rules is not None or self.recipe.groups:
             self.plan()  # rule errors surface at compile time, not after data loading
         return self
 
-    def plan(self):
-        """The group of every parameter under the current recipe (`finetune.params.rules.Assignment`)."""
-        from finetune.recipe import Recipe
-        from finetune.training.loop import plan
+    def plan(self, recipe: Any = None) -> Any:
+        """The group of every parameter under ``recipe`` (default: the current one), a
+        `finetune.params.rules.Assignment`. A recipe with ``lora`` first adds its adapters (`add_adapters`)."""
+        from finetune.params import plan
 
-        return plan(self, self.recipe or Recipe())
+        recipe = recipe if recipe is not None else self.recipe
+        if recipe is not None and recipe.lora is not None:
+            self.add_adapters(recipe.lora, seed=recipe.seed)
+        return plan.of_model(self, recipe)
+
+    def add_adapters(self, config: Any, *, seed: int = 0) -> list[str]:
+        """Adds LoRA adapters to the module (`finetune.params.lora.apply`: once; the same config again does
+        nothing); returns the adapted module paths."""
+        from finetune.params import lora
+
+        fresh = not lora.adapted(self.module)
+        paths = lora.apply(self.module, config, seed=seed)
+        if fresh and paths:
+            self._infer = None  # the cached inference function was traced for the old structure
+        return paths
+
+    def record_family(self, family: str) -> None:
+        """Remembers single- / multi-label / regression (once training data was seen) for `predict`, and for
+        exported configs (transformers reads ``problem_type``)."""
+        self.family = family
+        if self.hf_config is not None and family in _PROBLEM_TYPES and self.task != "token-classification":
+            self.hf_config.problem_type = _PROBLEM_TYPES[family]
+
+    def with_module(self, module: nnx.Module) -> Model:
+        """A shallow copy over another module (host copies of the parameters, for an export), with no trainer and
+        nothing traced: those belong to this model's module."""
+        copy = object.__new__(Model)
+        copy.__dict__.update(self.__dict__, module=module, _trainer=None, _infer=None)
+        return copy
+
+    def _synced(self) -> Model:
+        """This model, with what its trainer trained written back into the module."""
+        if self._trainer is not None:
+            self._trainer.sync_model()
+        return self
+
+    @property
+    def trainer(self) -> Any:
+        """The `finetune.training.loop.Trainer` of the last `fit` / `evaluate` / `predict` (None before)."""
+        return self._trainer
 
     @schema.arguments
     def fit(
@@ -193,25 +218,13 @@ class Model:
           batch_size: Examples per micro-batch (default: the recipe's).
           callbacks: `finetune.callbacks.Callback` instances (or one).
           verbose: 0 is silent; 1 prints the group report and a progress bar.
-          checkpoint_dir: Write Orbax checkpoints here (each epoch, and every ``save_every`` steps). The run locks it: a
-            second run into the same directory is refused at start (`CheckpointError`), as is a directory that cannot
-            be written.
-          save_every: Also checkpoint every this many steps (micro-batches).
-          save_each_epoch: Checkpoint at the end of every epoch (when ``checkpoint_dir`` is set).
-          keep: Keep the last ``keep`` checkpoints...
-          monitor: ...and the best by this epoch metric (e.g. ``"val_accuracy"``).
-          resume: True continues from the latest checkpoint in ``checkpoint_dir`` when there is one; a path
-            continues from the checkpoints there. The resumed run ends with the same parameters as an uninterrupted
-            one. A newest checkpoint whose files are damaged is skipped (with a warning) for the newest intact one.
-            Resuming with other training data (its size or contents) or another ``batch_size`` than the checkpointed
-            run's is refused with a `CheckpointError` naming the change, unless ``allow_changed_data=True``.
-          allow_changed_data: With ``resume``, continue from the checkpoint even though the data or ``batch_size``
-            differ from the checkpointed run's: the rest of the epoch starts after as many examples as that run had
-            seen in it (the result then differs from an uninterrupted run).
-          mesh: Spread training over devices: ``"data"`` (batch split), ``"fsdp"`` (parameters and optimizer state
-            split too), ``"tensor"`` (heads and MLP split over a model axis), ``"fsdp+tensor"``, a mesh shape like
-            ``{"data": 4, "model": 2}``, or a `jax.sharding.Mesh`. Default: ``compile(sharding=...)``'s, else one
-            device. ``batch_size`` is the global batch; it must divide over the data axis. See `finetune.sharding`.
+          checkpoint_dir, save_every, save_each_epoch, keep, monitor, resume, allow_changed_data: Orbax checkpoints
+            in ``checkpoint_dir`` (locked by the run), each epoch and every ``save_every`` steps; the last ``keep``
+            and the best by ``monitor`` (e.g. ``"val_accuracy"``) kept; ``resume=True`` (or a path) continues exactly
+            as an uninterrupted run. In full: `finetune.training.resume.CheckpointOptions`.
+          mesh: Spread training over devices: ``"data"``, ``"fsdp"``, ``"tensor"``, ``"fsdp+tensor"``, a mesh shape
+            like ``{"data": 4, "model": 2}``, or a `jax.sharding.Mesh` (see `finetune.sharding`). Default:
+            ``compile(sharding=...)``'s, else one device. ``batch_size`` is the global batch.
           sharding_rules: Logical axis -> mesh axis overrides of `finetune.sharding.DEFAULT_RULES`, e.g.
             ``{"vocab": "model"}``.
 
@@ -219,32 +232,28 @@ class Model:
           >>> history = model.fit({"x": x, "labels": y}, epochs=3, batch_size=32)
           >>> history.history["loss"]
         """
+        from finetune import sharding as sharding_lib
         from finetune.recipe import Recipe
         from finetune.training.loop import Trainer
+        from finetune.training.metrics import check_monitor
+        from finetune.training.resume import CheckpointOptions
 
         if self.recipe is None:
             self.recipe = Recipe()
         if monitor is not None:
-            _check_monitor(monitor, self.task, self.recipe.metrics, validation=validation_data is not None)
-        from finetune import sharding as sharding_lib
-
-        trainer = Trainer(self, self.recipe, layout=sharding_lib.resolve(self.layout, mesh, rules=sharding_rules))
-        self._trainer = trainer
+            check_monitor(monitor, self.task, self.recipe.metrics, validation=validation_data is not None)
+        layout = sharding_lib.resolve(self.layout, mesh, rules=sharding_rules)
+        trainer = self._trainer = Trainer(self, self.recipe, layout=layout)
+        ckpt = CheckpointOptions(checkpoint_dir, save_every, save_each_epoch, keep, monitor, resume, allow_changed_data)
         return trainer.fit(
             train,
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size,
             validation_data=validation_data,
-            epochs=epochs or self.recipe.epochs,
-            steps=steps if steps is not None else self.recipe.steps,
-            batch_size=batch_size or self.recipe.batch_size,
             callbacks=callbacks,
             verbose=verbose,
-            checkpoint_dir=checkpoint_dir,
-            save_every=save_every,
-            save_each_epoch=save_each_epoch,
-            keep=keep,
-            monitor=monitor,
-            resume=resume,
-            allow_changed_data=allow_changed_data,
+            checkpoints=ckpt,
         )
 
     def _eval_trainer(self):
@@ -253,8 +262,7 @@ class Model:
 
         if self._trainer is None:
             self._trainer = Trainer(self, self.recipe or Recipe(), layout=self.layout)
-        self._trainer.sync_model()
-        return self._trainer
+        return self._synced()._trainer
 
     @schema.arguments
     def evaluate(self, data: Any, *, batch_size: Count | None = None) -> dict[str, float]:
@@ -269,22 +277,10 @@ class Model:
     ) -> dict[str, Any]:
         """Predictions for every example (inference mode, padding ignored), as numpy arrays with one row per example.
 
-        Per task, by default:
-
-        * classification: ``logits``, ``labels`` (class ids; 0/1 per label for multi-label) and ``probabilities``
-          (softmax; sigmoid for multi-label); regression heads: ``logits`` and ``predictions`` [N].
-          Token classification gives them per token, ``[N, T, ...]`` padded to the longest example.
-        * ``causal-lm``: ``log_likelihood`` [N] (the summed log-probability of each example's scored tokens: every
-          token after the first, or the completion of prompt / completion data, as the loss scores them),
-          ``num_tokens`` [N] (how many were scored), ``perplexity`` [N] (``exp(-log_likelihood / num_tokens)``) and
-          ``next_token_ids`` [N, T] (the most likely token after each position; -100 on padding). The
-          ``[N, T, vocab]`` logits come only when asked (``outputs=["logits", ...]``). Text generation is not
-          part of `predict`.
-        * ``feature-extraction``: ``embeddings`` [N, D], one sentence embedding per example, pooled as the
-          checkpoint's sentence-transformers config says (``1_Pooling/config.json``, and unit length when
-          ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.models.heads.pool`);
-          ``outputs=["embeddings", "token_embeddings"]`` adds the token states as a list of ``[T_i, H]`` arrays,
-          one per example, without padding.
+        By default: ``logits``, ``labels`` and ``probabilities`` for classification (``predictions`` for
+        regression; per token for token classification); ``log_likelihood``, ``num_tokens``, ``perplexity`` and
+        ``next_token_ids`` for ``causal-lm``; ``embeddings`` for ``feature-extraction``. Each in full:
+        `finetune.training.tasks` ("What predict returns").
 
         Args:
           data: What `evaluate` takes; labels, when present, are ignored.
@@ -337,9 +333,7 @@ class Model:
         """
         from finetune.hf.export import write
 
-        if self._trainer is not None:
-            self._trainer.sync_model()
-        return write(self, directory, **card)
+        return write(self._synced(), directory, **card)
 
     @schema.arguments
     def push_to_hub(
@@ -395,37 +389,10 @@ class Model:
           >>> model.save_adapter("out/adapter")
           >>> peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), "out/adapter")
         """
-        from finetune.params.lora import save_adapter
+        from finetune.params.peft import save_adapter
 
-        if self._trainer is not None:
-            self._trainer.sync_model()
-        return save_adapter(self, directory)
+        return save_adapter(self._synced(), directory)
 
 
-# The kinds of labels each task can train on (finetune.training.tasks.kind), hence its default metrics.
-_FAMILIES = {
-    "text-classification": ("single", "multi", "regression"),
-    "image-classification": ("single", "multi", "regression"),
-    "token-classification": ("token",),
-    "causal-lm": ("lm",),
-}
-
-
-def _check_monitor(monitor: str, task: str, metrics: Sequence[Any], *, validation: bool) -> None:
-    """Refuses a `fit(monitor=...)` that is not an epoch metric of the run (a typo would keep no best checkpoint)."""
-    from finetune.training import metrics as metrics_lib
-
-    if metrics:
-        names = [m.name for m in metrics_lib.resolve(metrics)]
-    else:
-        defaults = metrics_lib.DEFAULT_METRICS
-        families = _FAMILIES.get(task, tuple(defaults))
-        names = list(dict.fromkeys(["loss", *(n for f in families for n in defaults[f])]))
-    available = names + [f"val_{n}" for n in names if validation]
-    if monitor in available:
-        return
-    hint = "" if validation else " (val_ metrics need validation_data)"
-    raise ConfigError(
-        f"`monitor` must be an epoch metric of this run: {', '.join(available)}{hint}; received monitor={monitor!r}"
-        f"{schema.close_names(monitor, [f'val_{n}' for n in names] + names)}. Monitor one of these."
-    )
+# What transformers' configs call each kind of labels (``problem_type``).
+_PROBLEM_TYPES = dict(single="single_label_classification", multi="multi_label_classification", regression="regression")

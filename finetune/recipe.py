@@ -230,6 +230,19 @@ class Recipe:
             overrides["lora"] = {**self.lora, **overrides["lora"]}
         return dataclasses.replace(self, **overrides)
 
+    def stages(self, epochs: int) -> list[tuple[int, Recipe]]:
+        """``[(epochs, recipe)]`` of each phase in order, the main one (``epochs`` long, this recipe) last.
+
+        An early phase's recipe is this one with the phase's overrides (its groups merged over these).
+        """
+        early = []
+        for phase in self.phases:
+            overrides = {k: v for k, v in phase.items() if k != "epochs"}
+            if "groups" in overrides:
+                overrides["groups"] = {**(self.groups or {}), **overrides["groups"]}
+            early.append((phase["epochs"], self.replace(**overrides, phases=())))
+        return [*early, (epochs, self)]
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict of every field (callables and optax objects as their repr), for checkpoints and cards."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

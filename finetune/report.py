@@ -1,7 +1,9 @@
-"""The parameter-group report printed by `Model.summary()` and at the start of `fit`."""
+"""Summary tables and plots: the parameter-group report printed by `Model.summary()` and at the start of `fit`,
+and the learning rate of every group over training (`schedule_curves`, `plot_schedule`)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -10,6 +12,7 @@ from flax import nnx
 
 from finetune import optim
 from finetune.params.rules import decay_mask, flatten
+from finetune.recipe import Recipe
 
 # The optimizer's state has the same shapes whatever the training length; schedules only need one that no warmup or
 # decay given in steps exceeds.
@@ -41,11 +44,8 @@ def group_report(model: Any, *, recipe: Any = None, trainer: Any = None, paths: 
     The optimizer-state bytes are the trainer's once it has built its state, else those of the optimizer the recipe
     builds, worked out from shapes alone (nothing is allocated).
     """
-    from finetune.recipe import Recipe
-    from finetune.training.loop import plan
-
     recipe = recipe or Recipe()
-    assignment = trainer.assignment if trainer is not None else plan(model, recipe)
+    assignment = trainer.assignment if trainer is not None else model.plan(recipe)
     flat = flatten(nnx.to_pure_dict(nnx.state(model.module, nnx.Param)))
     if trainer is not None and trainer.state is not None and trainer.state.get("opt") is not None:
         opt_bytes = optim.state_bytes(trainer.state["opt"])
@@ -87,3 +87,51 @@ def planned_state_bytes(model: Any, recipe: Any, assignment: Any) -> dict[str, i
     decay = decay_mask(flatten(params), recipe.decay_rules)
     tx, _ = optim.build(assignment, decay, recipe.optimizer_spec(), total_steps=_ANY_LENGTH)
     return optim.state_bytes(jax.eval_shape(tx.init, params))
+
+
+def schedule_curves(model: Any, recipe: Recipe, total_steps: int) -> dict[str, np.ndarray]:
+    """``{group: LR at every optimizer step}`` over ``total_steps``, phases included (0 while a group is frozen).
+
+    Phases share the steps in proportion to their epochs (the main phase counts ``recipe.epochs``).
+    """
+    phases = recipe.stages(recipe.epochs)
+    weights = np.array([e for e, _ in phases], float)
+    lengths = np.floor(weights / weights.sum() * total_steps).astype(int)
+    lengths[-1] = total_steps - lengths[:-1].sum()
+    curves: dict[str, list[np.ndarray]] = {}
+    for done, ((_, phase), n) in enumerate(zip(phases, lengths, strict=True)):
+        assignment = model.plan(phase)
+        _, schedules = optim.build(
+            assignment, {p: False for p in assignment.group_of}, phase.optimizer_spec(), total_steps=max(int(n), 1)
+        )
+        steps = np.arange(int(n))
+        for group in assignment.groups:
+            values = np.asarray([float(schedules[group](s)) for s in steps]) if group in schedules else np.zeros(n)
+            curves.setdefault(group, [np.zeros(sum(lengths[:done]))]).append(values)
+        for group, parts in curves.items():
+            if group not in assignment.groups:
+                parts.append(np.zeros(n))
+    return {g: np.concatenate(parts) for g, parts in curves.items()}
+
+
+def plot_schedule(curves: dict[str, np.ndarray], path: str | os.PathLike, *, title: str = "learning rate per group"):
+    """Saves the curves of `schedule_curves` as a PNG (log-scale LR against step). Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("Plotting needs matplotlib: pip install 'finetune[plot]'.") from e
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for group, values in sorted(curves.items()):
+        ax.plot(np.arange(len(values)), np.where(values > 0, values, np.nan), label=group)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=100)
+    plt.close(fig)
+    return path

@@ -55,7 +55,7 @@ def main():
     args = parser.parse_args()
     if not args.distributed:  # the one-process reference, then the multi-process checkpoint restored here
         model = train(args.bert)
-        state = model._trainer.state
+        state = model.trainer.state
         np.savez(f"{args.out}/params-single.npz", **host(state["params"]))
         restored, _ = Checkpointer(f"{args.out}/ckpt").restore(None, state)
         np.savez(f"{args.out}/restored.npz", **host(restored["params"]))
@@ -63,7 +63,7 @@ def main():
     sharding.initialize(args.coordinator, args.num_processes, args.process_id)  # None: from the environment
     assert jax.process_count() == 2, jax.process_count()
     model = train(args.bert, mesh="data", checkpoint_dir=f"{args.out}/ckpt")
-    np.savez(f"{args.out}/params-{jax.process_index()}.npz", **host(model._trainer.state["params"]))
+    np.savez(f"{args.out}/params-{jax.process_index()}.npz", **host(model.trainer.state["params"]))
     model.save_pretrained(f"{args.out}/export-{jax.process_index()}")  # every process calls it; only process 0 writes
     print(f"process {jax.process_index()} done")
 

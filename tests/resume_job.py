@@ -24,7 +24,7 @@ class KillAt(ft.callbacks.Callback):
             os.kill(os.getpid(), self.sig)
         elif step >= self.step:
             if self.in_save:  # start a checkpoint write and die before it completes
-                self.trainer._save(self.trainer._run, 0, 0, 0, 0)
+                self.trainer.save_checkpoint()
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -69,8 +69,8 @@ def opt_check(state) -> dict:
 
 
 def describe(model, history, loaded, baseline) -> dict:
-    state, layout = model._trainer.state, model._trainer.layout
-    expected = flatten((model._trainer.program.shardings or {"params": {}})["params"])
+    state, layout = model.trainer.state, model.trainer.layout
+    expected = flatten((model.trainer.program.shardings or {"params": {}})["params"])
     params = flatten(state["params"])
     per_device = sharding.bytes_per_device(state["params"])
     return {

@@ -189,7 +189,7 @@ def test_non_finite_steps_stop_training_and_the_last_good_checkpoint_stays_intac
     with pytest.raises(ft.NonFiniteError, match="2 consecutive steps"):
         model.fit(order_free, epochs=3, batch_size=16, verbose=0, checkpoint_dir=tmp_path / "c", save_every=1)
     ckpt = Checkpointer(tmp_path / "c")
-    state, meta = ckpt.restore(None, model._trainer.state)
+    state, meta = ckpt.restore(None, model.trainer.state)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state["params"]))
     good = params_of(model)  # the skipped steps left the parameters at the last finite step
     assert all(np.isfinite(v).all() for v in good.values())
@@ -197,20 +197,20 @@ def test_non_finite_steps_stop_training_and_the_last_good_checkpoint_stays_intac
 
 def test_resuming_a_checkpoint_from_before_the_newer_recipe_fields():
     from finetune.recipe import Recipe
-    from finetune.training.loop import _recipe_changes
+    from finetune.training.resume import recipe_changes
 
     old = Recipe().to_dict()
     for field in ("remat", "group_by_length", "steps_per_execution"):
         old.pop(field)
-    assert _recipe_changes(old, Recipe(group_by_length=False).to_dict()) == []  # the old behaviour: resumable
-    assert _recipe_changes(old, Recipe().to_dict()) == ["group_by_length"]  # the data order would change
+    assert recipe_changes(old, Recipe(group_by_length=False).to_dict()) == []  # the old behaviour: resumable
+    assert recipe_changes(old, Recipe().to_dict()) == ["group_by_length"]  # the data order would change
 
 
 def test_a_checkpoint_from_before_default_packing_resumes_where_nothing_is_packed():
     from finetune.recipe import Recipe
-    from finetune.training.loop import _recipe_changes, _with_packing
+    from finetune.training.resume import recipe_changes, with_packing
 
     old, new = Recipe(packing=False).to_dict(), Recipe().to_dict()  # the default was False, is now None
-    assert _recipe_changes(*(_with_packing(r, False) for r in (old, new))) == []  # e.g. images, or DistilBERT
-    assert _recipe_changes(*(_with_packing(r, True) for r in (old, new))) == ["packing"]  # BERT: another order
-    assert _recipe_changes(*(_with_packing(r, True) for r in (new, new))) == []
+    assert recipe_changes(*(with_packing(r, False) for r in (old, new))) == []  # e.g. images, or DistilBERT
+    assert recipe_changes(*(with_packing(r, True) for r in (old, new))) == ["packing"]  # BERT: another order
+    assert recipe_changes(*(with_packing(r, True) for r in (new, new))) == []

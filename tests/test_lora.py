@@ -79,7 +79,7 @@ def test_adapters_are_lora_params_beside_the_kernel_and_leave_the_model_unchange
 
 def test_only_adapters_and_the_new_head_train_and_optimizer_state_scales_with_adapter_size(bert):
     _, model, before = bert
-    trainer = model._trainer
+    trainer = model.trainer
     trained = set(flatten(trainer.state["params"]))
     assert trained == {p for p in _params(model) if "/lora/" in p or p.startswith("classifier/")}
     trainable_bytes = _nbytes(trainer.state["params"])
@@ -111,7 +111,7 @@ def test_save_adapter_loads_in_peft_with_equal_logits_for_an_encoder_with_a_new_
 def test_causal_lm_sft_trains_only_the_adapters_and_lowers_the_completion_loss(llama):
     _, model, before = llama
     assert before["trained_loss"] < before["loss"]
-    trainer = model._trainer
+    trainer = model.trainer
     assert set(flatten(trainer.state["params"])) == {p for p in _params(model) if "/lora/" in p}
     assert (
         2 * _nbytes(trainer.state["params"])

@@ -344,7 +344,7 @@ def test_R10_a_full_disk_during_a_checkpoint_write_leaves_no_tmp_dir_and_the_pre
     class Full(ft.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1:  # the first epoch's checkpoint (step 4) is written
-                self.trainer._run.checkpointer.wait()
+                self.trainer.checkpoints.wait()
                 if real:
                     fill_disk(tmp_path / "disk")
                 else:

@@ -124,7 +124,7 @@ def test_frozen_parameters_are_bit_identical_and_absent_from_optimizer_state():
     assert frozen and all(np.array_equal(before[p], after[p]) for p in frozen)
     assert not np.array_equal(before["classifier/kernel"], after["classifier/kernel"])
     # The optimizer state holds exactly the trainable parameters: adam's mu has their paths and nothing else.
-    state = model._trainer.state
+    state = model.trainer.state
     assert set(jax.tree_util.tree_structure(state["params"]).node_data()[1]) == {"head", "classifier"}
     mus = optax.tree_utils.tree_get_all_with_path(state["opt"], "mu")
     leaves = [leaf for _, mu in mus for leaf in jax.tree.leaves(mu)]

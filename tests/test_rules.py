@@ -83,3 +83,20 @@ def test_decay_mask_defaults_to_ndim_at_least_two_and_rules_override():
     flat = {"k": np.zeros((2, 3)), "b": np.zeros(3), "emb": np.zeros((5, 2)), "scale": np.zeros(4)}
     assert decay_mask(flat) == {"k": True, "b": False, "emb": True, "scale": False}
     assert decay_mask(flat, [("emb", False)]) == {"k": True, "b": False, "emb": False, "scale": False}
+
+
+def test_the_plan_is_pure_and_adapters_are_a_step_of_their_own():
+    import finetune as ft
+    from finetune.params import lora, plan
+    from tests.tiny import TinyClassifier
+
+    model = ft.Model(TinyClassifier(), task="text-classification")
+    recipe = ft.Recipe(lora={"targets": r"encoder/\d+", "rank": 2})
+    before = plan.of_model(model, recipe)  # no adapters yet: nothing is added, nothing goes to `lora`
+    assert not lora.adapted(model.module) and "lora" not in set(before.group_of.values())
+    assert plan.assignment(before.group_of, None, rules=model.rules).group_of == before.group_of  # paths in, groups out
+    model.plan(recipe)  # the facade adds the adapters (once), then plans
+    assert sorted(lora.adapted(model.module)) == ["encoder/0", "encoder/1"]
+    after = plan.of_model(model, recipe)
+    assert after.group_of["encoder/0/lora/lora_a"] == "lora" and not after.trainable("encoder/0/kernel")
+    assert model.add_adapters(recipe.lora) == ["encoder/0", "encoder/1"]  # the same config again changes nothing

@@ -32,9 +32,9 @@ def test_stacked_steps_train_exactly_like_single_steps(spe):
     single, stacked = Steps(), Steps()
     one, h1 = _fit(1, callbacks=[single])
     many, h2 = _fit(spe, callbacks=[stacked])
-    program = many._trainer.program
-    assert program.train_steps._cache_size() == 1  # the stacked program did run (auto: tiny steps are short)
-    assert one._trainer.program.train_steps._cache_size() == 0
+    program = many.trainer.program
+    assert program.compiled("train_steps") == 1  # the stacked program did run (auto: tiny steps are short)
+    assert one.trainer.program.compiled("train_steps") == 0
     a, b = params_of(one), params_of(many)
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg=path)  # dropout draws and updates are identical
@@ -46,8 +46,8 @@ def test_a_ragged_last_batch_in_a_stack_compiles_nothing_new():
     x, y = blobs(95)  # the last batch of each epoch has 5 real rows and 5 padded ones
     model = ft.Model(TinyClassifier(), task="text-classification").compile(log_every=5, steps_per_execution=5)
     history = model.fit((x, y), epochs=3, batch_size=10, verbose=0)
-    program = model._trainer.program
-    assert (program.train_step._cache_size(), program.train_steps._cache_size()) == (0, 1)  # padded: stackable
+    program = model.trainer.program
+    assert (program.compiled("train_step"), program.compiled("train_steps")) == (0, 1)  # padded: stackable
     assert history.compilations == [1] and history.steps[-1]["step"] == 30
 
 
@@ -55,7 +55,7 @@ def test_a_callback_stop_takes_effect_within_one_call():
     stopper = Steps(stop_at=5)
     model, history = _fit(5, callbacks=[stopper])
     assert [s for s, _ in stopper.seen] == [5, 10]
-    assert model._trainer._run.step == 10  # step 5 was reported while steps 6-10 ran: one call more, no further
+    assert model.trainer.step == 10  # step 5 was reported while steps 6-10 ran: one call more, no further
     assert history.epochs == [0]
 
 

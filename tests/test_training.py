@@ -30,7 +30,7 @@ def test_compiles_once_across_epochs_with_a_ragged_last_batch():
     x, y = blobs(100)  # 100 = 6 * 16 + 4: the last batch is padded, not dropped or recompiled
     model = _model()
     history = model.fit((x, y), epochs=2, batch_size=16, verbose=0)
-    assert model._trainer.program.compilations() == 1
+    assert model.trainer.program.compilations() == 1
     assert history.compilations == [1]
     assert history.steps[-1]["step"] == 14
 
@@ -83,10 +83,10 @@ def test_the_optimizer_step_is_traced_once_for_every_batch_shape(monkeypatch):
     x, y = blobs(64)
     model = _model(steps_per_execution=1)
     model.fit((x, y), epochs=1, batch_size=16, verbose=0)
-    trainer = model._trainer
+    trainer = model.trainer
     before = jax.device_get(trainer.state["params"])
     for size in (8, 4):  # new batch shapes: the train step is traced and compiled again, the optimizer step is not
-        batch = next(trainer._source((x, y), stage="fit").batches(size, seed=0))
+        batch = next(trainer.source((x, y), stage="fit").batches(size, seed=0))
         trainer.state = trainer.program.train_step(trainer.state, batch)
     assert trainer.program.compilations() == 3
     assert len(traced) == 1
@@ -236,11 +236,11 @@ def test_remat_trains_the_same_and_keeps_less_for_the_backward_pass(tmp_path):
         model = ft.load(path, task="text-classification", num_labels=2)
         model.compile(optimizer="sgd", learning_rate=1e-2, remat=remat)  # updates proportional to the gradients
         model.fit(data, epochs=2, batch_size=32, verbose=0)
-        program, state = model._trainer.program, model._trainer.state
-        batch = next(model._trainer._run.source.batches(32, seed=0))
+        program, state = model.trainer.program, model.trainer.state
+        batch = next(model.trainer.train_source.batches(32, seed=0))
 
         def loss(params, rest, program=program, state=state, batch=batch):
-            return program._forward(program.graphdef, params, state["frozen"], rest, batch)[0].sum()
+            return program.forward(program.graphdef, params, state["frozen"], rest, batch)[0].sum()
 
         # What the train step's backward pass keeps: the leaves of the vjp closure (weights and activations).
         kept = jax.tree.leaves(jax.vjp(loss, state["params"], state["rest"])[1])

@@ -73,8 +73,7 @@ def write(
     if not is_main_process():
         return target  # only process 0 writes
     if local is not model.module:
-        model = copy.copy(model)
-        model.module = local
+        model = model.with_module(local)
 
     def fill(staging: Path) -> None:
         with deferred():  # saving configs and tokenizers may import transformers modules that import torch

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -234,10 +233,9 @@ def _host_snapshot(model: Any) -> Any:
 
     graphdef, params, rest = nnx.split(host_local(model.module), nnx.Param, ...)  # gathered when sharded over hosts
     cpu = jax.devices("cpu")[0]  # host memory, as jax arrays (the export reads their sharding)
-    snapshot = copy.copy(model)
-    snapshot.module = nnx.merge(graphdef, jax.tree.map(lambda x: jax.device_put(np.asarray(x), cpu), params), rest)
-    snapshot._trainer, snapshot._infer = None, None
-    return snapshot
+    return model.with_module(
+        nnx.merge(graphdef, jax.tree.map(lambda x: jax.device_put(np.asarray(x), cpu), params), rest)
+    )
 
 
 def _latest_checkpoint(directory: Path, at_least: int, timeout: float) -> Path | None:
@@ -322,15 +320,14 @@ class PushToHub(Callback):
 
     # ------------------------------------------------------------------ background work
     def _checkpoint_dir(self) -> Path | None:
-        run = getattr(self.trainer, "_run", None)
-        directory = getattr(run, "checkpoint_dir", None)
+        directory = self.trainer.checkpoint_dir
         return Path(directory).absolute() if directory is not None else None
 
     def _submit(self, label: str, *, metrics: dict | None) -> None:
         self.trainer.sync_model()
         job = {"label": label, "model": _host_snapshot(self.trainer.model), "metrics": metrics}
         if self.strategy == "checkpoint":
-            job["checkpoint"] = (self._checkpoint_dir(), self.trainer._run.step)
+            job["checkpoint"] = (self._checkpoint_dir(), self.trainer.step)
         with self._lock:
             with contextlib.suppress(queue.Empty):
                 self._pending.get_nowait()  # superseded by this newer push

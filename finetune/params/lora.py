@@ -7,8 +7,8 @@ subclass of `nnx.Param`), so rules select them by path (``.*/lora/lora_[ab]``) a
 ``lora``; the base weights fall into frozen groups and get neither gradients nor optimizer state. ``lora_b`` starts
 at zero: an adapted model computes exactly what the base model computes until it trains.
 
-Two exports: `merged` folds the adapters into the kernels (what ``save_pretrained`` writes), and `save_adapter`
-writes only the adapters, in the format of the ``peft`` library.
+`merged` folds the adapters into the kernels (what ``save_pretrained`` writes); `finetune.params.peft` writes only
+the adapters, in the format of the ``peft`` library.
 
 Example:
   >>> model = finetune.load("sentence-transformers/all-MiniLM-L6-v2", task="text-classification", num_labels=2)
@@ -21,24 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import jax.numpy as jnp
-import numpy as np
 import pydantic
-import safetensors.numpy
 from flax import nnx
 
 from finetune import schema
 from finetune.errors import ConfigError
-from finetune.hf.tables import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
+from finetune.hf.tables import path_str
 from finetune.models.blocks import Dropout, Linear
 from finetune.params.rules import Group
-from finetune.writer import write_directory
 
 GROUP = "lora"
 RULE = r"(?:.*/)?lora/lora_[ab]"
@@ -46,12 +41,6 @@ RULE = r"(?:.*/)?lora/lora_[ab]"
 GROUPS = {"backbone": Group(trainable=False), "head": Group(trainable=False), GROUP: Group()}
 # PEFT's kaiming_uniform_(a=sqrt(5)) on A: a uniform bound of 1 / sqrt(fan_in).
 _A_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-PEFT_TASKS = {
-    "text-classification": "SEQ_CLS",
-    "token-classification": "TOKEN_CLS",
-    "causal-lm": "CAUSAL_LM",
-    "feature-extraction": "FEATURE_EXTRACTION",
-}
 
 
 def _targets(value: Any) -> Any:
@@ -166,7 +155,7 @@ def adapted(module: nnx.Module) -> dict[str, LoRALinear]:
     return {path_str(p): m for p, m in nnx.iter_modules(module) if isinstance(m, LoRALinear)}
 
 
-def _linears(module: nnx.Module) -> dict[str, nnx.Linear]:
+def linears(module: nnx.Module) -> dict[str, nnx.Linear]:
     return {path_str(p): m for p, m in nnx.iter_modules(module) if isinstance(m, nnx.Linear)}
 
 
@@ -202,13 +191,15 @@ def _select(linears: Sequence[str], config: LoRAConfig) -> list[str]:
     return chosen
 
 
-def apply(model: Any, config: Mapping[str, Any] | LoRAConfig, *, seed: int = 0) -> list[str]:
-    """Adds adapters to the ``nnx.Linear`` layers of ``model.module`` whose paths match ``config.targets``.
+def apply(module: nnx.Module, config: Mapping[str, Any] | LoRAConfig, *, seed: int = 0) -> list[str]:
+    """Adds adapters to the ``nnx.Linear`` layers of ``module`` whose paths match ``config.targets``.
 
-    Applying the same configuration again does nothing, so the trainer can call it for every phase.
+    Applying the same configuration again does nothing, so the trainer can call it for every phase. A
+    `finetune.Model` adds them with `finetune.Model.add_adapters`, which also drops what it traced for the old
+    structure.
 
     Args:
-      model: A `finetune.Model`; its module is changed in place.
+      module: An NNX module; it is changed in place.
       config: A `LoRAConfig` or the recipe's ``lora`` dict (``targets``, ``rank``, ``alpha``, ``dropout``).
       seed: Seeds the initialisation of ``lora_a`` and the adapters' dropout.
 
@@ -220,13 +211,13 @@ def apply(model: Any, config: Mapping[str, Any] | LoRAConfig, *, seed: int = 0) 
         with other settings.
 
     Example:
-      >>> finetune.params.lora.apply(model, {"targets": r".*mlp/.*", "rank": 16, "alpha": 32})
+      >>> finetune.params.lora.apply(model.module, {"targets": r".*mlp/.*", "rank": 16, "alpha": 32})
       ['layers/0/mlp/gate_proj', 'layers/0/mlp/up_proj', ...]
     """
     config = LoRAConfig.from_mapping(config)
-    linears = _linears(model.module)
-    paths = _select(list(linears), config)
-    existing = adapted(model.module)
+    layers = linears(module)
+    paths = _select(list(layers), config)
+    existing = adapted(module)
     if existing:
         same = sorted(existing) == sorted(paths) and all(
             (m.rank, m.alpha, m.lora_dropout.rate) == (config.rank, config.alpha, config.dropout)
@@ -240,19 +231,18 @@ def apply(model: Any, config: Mapping[str, Any] | LoRAConfig, *, seed: int = 0) 
         return paths
     rngs = nnx.Rngs(seed)  # one stream: lora_a draws and dropout masks never reuse a key
     for path in paths:
-        layer = LoRALinear(linears[path], rank=config.rank, alpha=config.alpha, dropout=config.dropout, rngs=rngs)
-        _replace(model.module, path, layer)
-    model._infer = None  # the model's cached inference function was traced for the old structure
+        layer = LoRALinear(layers[path], rank=config.rank, alpha=config.alpha, dropout=config.dropout, rngs=rngs)
+        _replace(module, path, layer)
     return paths
 
 
-def plan_defaults(module: nnx.Module, rules: Sequence[tuple]) -> tuple[list[tuple], dict[str, Group]]:
+def plan_defaults(paths: Sequence[str], rules: Sequence[tuple]) -> tuple[list[tuple], dict[str, Group]]:
     """The rules and default groups of a module with adapters: `RULE` -> ``lora`` first, base frozen (`GROUPS`).
 
-    A module without adapters gets its rules back unchanged; rules that already name the ``lora`` group are kept
-    as they are (with the default groups).
+    Parameter ``paths`` without adapters (none matching `RULE`) get their rules back unchanged; rules that already
+    name the ``lora`` group are kept as they are (with the default groups).
     """
-    if not adapted(module):
+    if not any(re.fullmatch(RULE, p) for p in paths):
         return list(rules), {}
     if any(target == GROUP for _, target in rules):
         return list(rules), dict(GROUPS)
@@ -274,151 +264,3 @@ def merged(module: nnx.Module) -> nnx.Module:
     for path, layer in adapted(copy).items():
         _replace(copy, path, layer.merged())
     return copy
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The PEFT format
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _hf_key(table: Sequence[Any], path: str) -> tuple[str, Any, tuple[str, ...]] | None:
-    """``(checkpoint key, row, the row's parameter paths)`` that exports ``path``, or None (first row wins)."""
-    for row in table:
-        for template in row.paths:
-            m = _template_regex(template).fullmatch(path)
-            if m is None:
-                continue
-            groups = {int(name[1:]): value for name, value in m.groupdict().items()}
-            paths = tuple(_fill_template(t, groups) for t in row.paths)
-            return render_key(row.key, groups), row, paths
-    return None
-
-
-def _module_name(key: str) -> str:
-    return key.rsplit(".", 1)[0]
-
-
-def _target_names(adapted_names: Sequence[str], linear_names: Sequence[str]) -> list[str]:
-    """PEFT ``target_modules``: the last name parts (``["query", "value"]``) when they select exactly the adapted
-    modules, else every adapted module's full name."""
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted_names})
-    if {n for n in linear_names if n.rsplit(".", 1)[-1] in suffixes} == set(adapted_names):
-        return suffixes
-    return sorted(adapted_names)
-
-
-def _adapter_tensors(layers: Mapping[str, LoRALinear], table: Sequence[Any]) -> tuple[dict, list[str]]:
-    """PEFT's ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` of every adapted layer, and their module names."""
-    tensors, names, problems = {}, [], []
-    for path, layer in layers.items():
-        found = _hf_key(table, f"{path}/kernel")
-        if found is None or len(found[1].paths) > 1 or found[1].transform != TRANSPOSE:
-            problems.append(path)
-            continue
-        name = _module_name(found[0])
-        a, b = (np.asarray(v.get_value(), np.float32) for v in (layer.lora.lora_a, layer.lora.lora_b))
-        tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
-        names.append(name)
-    if problems:
-        raise ConfigError(
-            f"These adapted layers have no single transposed nn.Linear weight in the Hugging Face checkpoint (a fused "
-            f"or reshaped tensor), so PEFT cannot load adapters for them: {', '.join(problems)}. Target other layers, "
-            "or export the merged model with save_pretrained."
-        )
-    return tensors, names
-
-
-# The module names PEFT itself adds to ``modules_to_save`` for these task types (``PeftModelForSequenceClassification``,
-# ``...ForTokenClassification``): it wraps them whether or not the adapter trained them, and reads their weights from
-# the adapter file, so those weights must be there (the pretrained ones when the head stayed frozen).
-PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
-
-
-def _wrapped(names: set[str], requested: set[str]) -> set[str]:
-    """The modules PEFT wraps for ``modules_to_save=requested``: every module name ending with one of them (PEFT
-    matches plain string suffixes, so ``classifier`` also wraps ``pre_classifier``), outermost only, since a
-    wrapper holds its submodules whole."""
-    matched = {n for n in names if any(n.endswith(r) for r in requested)}
-    return {n for n in matched if not any(n.startswith(f"{m}.") for m in matched)}
-
-
-def _saved_modules(
-    module: nnx.Module, table: Sequence[Any], trainable: set[str], task_type: str | None
-) -> tuple[dict, list[str]]:
-    """PEFT's ``modules_to_save``: the Hugging Face modules that own a trainable non-adapter parameter (a new or
-    trained head), and those PEFT adds by itself for the task type (`PEFT_HEADS`), as the outermost modules PEFT
-    wraps; with the tensors of everything under them, stored whole."""
-    params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-    keys = {p: _hf_key(table, p) for p in params if not isinstance(params[p], nnx.LoRAParam)}
-    owners = {_module_name(keys[p][0]) for p in trainable if keys.get(p) is not None}
-    exported = {k[0]: k for k in keys.values() if k is not None}
-    names = {".".join(key.split(".")[:i]) for key in exported for i in range(1, key.count(".") + 1)}
-    wrapped = _wrapped(names, owners | set(PEFT_HEADS.get(task_type, ())))
-    tensors = {}
-    for key, row, paths in exported.values():
-        if any(key.startswith(f"{m}.") for m in wrapped):
-            arrays = [np.asarray(params[p].get_value()) for p in paths]
-            tensors[f"base_model.model.{key}"] = np.ascontiguousarray(row.transform.inverse(arrays))
-    return tensors, sorted(wrapped)
-
-
-def save_adapter(model: Any, directory: str | Path, *, trainable: set[str] | None = None) -> Path:
-    """Writes the adapters in PEFT's format: ``adapter_config.json`` and ``adapter_model.safetensors``.
-
-    ``peft.PeftModel.from_pretrained(base, directory)`` then puts them on the transformers base model. Trained
-    parameters outside the adapters (a new classifier) are saved whole as PEFT's ``modules_to_save``.
-
-    Args:
-      model: A `finetune.Model` loaded with `finetune.load`, with adapters.
-      directory: New, empty, or an earlier adapter export (replaced atomically, as `finetune.writer` describes); a
-        directory holding other files is refused.
-      trainable: Parameter paths that trained; default: the trainable groups of the model's current plan.
-
-    Returns:
-      The directory, as a `pathlib.Path`.
-
-    Example:
-      >>> model.save_adapter("out/adapter")
-      >>> peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), "out/adapter")
-    """
-    layers = adapted(model.module)
-    if model.architecture is None or not layers:
-        raise ConfigError(
-            "save_adapter needs a model loaded with finetune.load and adapted with LoRA (compile with preset 'lora' "
-            "or 'lora-sft', or a `lora` recipe field). Use save_pretrained to export a model without adapters."
-        )
-    if trainable is None:
-        from finetune.recipe import Recipe
-        from finetune.training.loop import plan
-
-        assignment = plan(model, model.recipe or Recipe())
-        trainable = {p for p in assignment.group_of if assignment.trainable(p)}
-    table = model.architecture.table(model.architecture.config_from_hf(model.hf_config), model.task)
-    tensors, names = _adapter_tensors(layers, table)
-    task_type = PEFT_TASKS.get(model.task)
-    head, saved = _saved_modules(model.module, table, trainable, task_type)
-    linears = [_hf_key(table, f"{p}/kernel") for p in _linears(model.module)]
-    first = next(iter(layers.values()))
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": model.source,
-        "r": first.rank,
-        "lora_alpha": first.alpha,
-        "lora_dropout": first.lora_dropout.rate,
-        "target_modules": _target_names(names, [_module_name(k[0]) for k in linears if k is not None]),
-        "modules_to_save": saved or None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "use_rslora": False,
-        "use_dora": False,
-    }
-
-    def fill(out: Path) -> None:
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        safetensors.numpy.save_file({**tensors, **head}, str(out / "adapter_model.safetensors"), {"format": "pt"})
-
-    return write_directory(directory, fill, kind="adapter")

@@ -1,1 +1,2 @@
-"""Training: the compiled steps (`step`), the fit/evaluate/predict loop (`trainer`), callbacks, metrics, tasks."""
+"""Training: the fit / evaluate / predict loop (`loop`), the compiled steps (`step`, built by `build`), what one fit
+tracks (`run`, `logs`, `stacking`, `resume`), checkpoints, callbacks, metrics and tasks."""

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune import schema
 from finetune.errors import ConfigError
 from finetune.training.tasks import Scored
 
@@ -138,3 +139,30 @@ def results(metrics: Sequence[Metric], acc: Mapping[str, Any], prefix: str = "")
     every metric is NaN: nothing was measured, and 0.0 would read as a perfect loss or a failed model."""
     counted = np.asarray(acc["loss"]["count"]) > 0 if "loss" in acc else True
     return {prefix + m.name: m.result(acc[m.name]) if counted else float("nan") for m in metrics}
+
+
+# The kinds of labels each task can train on (finetune.training.tasks.kind), hence its default metrics.
+_FAMILIES = {
+    "text-classification": ("single", "multi", "regression"),
+    "image-classification": ("single", "multi", "regression"),
+    "token-classification": ("token",),
+    "causal-lm": ("lm",),
+}
+
+
+def check_monitor(monitor: str, task: str, metrics: Sequence[Any], *, validation: bool) -> None:
+    """Refuses a `fit(monitor=...)` that is not an epoch metric of the run (a typo would keep no best checkpoint)."""
+    if metrics:
+        names = [m.name for m in resolve(metrics)]
+    else:
+        defaults = DEFAULT_METRICS
+        families = _FAMILIES.get(task, tuple(defaults))
+        names = list(dict.fromkeys(["loss", *(n for f in families for n in defaults[f])]))
+    available = names + [f"val_{n}" for n in names if validation]
+    if monitor in available:
+        return
+    hint = "" if validation else " (val_ metrics need validation_data)"
+    raise ConfigError(
+        f"`monitor` must be an epoch metric of this run: {', '.join(available)}{hint}; received monitor={monitor!r}"
+        f"{schema.close_names(monitor, [f'val_{n}' for n in names] + names)}. Monitor one of these."
+    )

@@ -91,14 +91,15 @@ class Program:
     def zero_metrics(self) -> dict:
         return self._zeros()
 
-    def _forward(self, graphdef, params, frozen, rest, batch):
+    def forward(self, graphdef, params, frozen, rest, batch):
+        """The logits of ``batch`` and the module's new non-parameter state (dropout RNG counts, ...)."""
         model = nnx.merge(graphdef, params, frozen, rest)
         logits = model(**model_inputs(batch))
         return logits, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
     def _train_step(self, state: State, batch: dict) -> State:
         def objective(params):
-            logits, rest = self._forward(self.graphdef, params, state["frozen"], state["rest"], batch)
+            logits, rest = self.forward(self.graphdef, params, state["frozen"], state["rest"], batch)
             loss, scored = self.loss(logits, batch)
             return loss, (metrics_lib.update(self.metrics, state["acc"], scored), rest)
 
@@ -118,7 +119,7 @@ class Program:
         return jax.lax.scan(lambda s, batch: (self._train_step(s, batch), None), state, batches)[0]
 
     def _eval_step(self, state: State, acc: dict, batch: dict) -> dict:
-        logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
+        logits, _ = self.forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
         _, scored = self.loss(logits, batch)
         return metrics_lib.update(self.metrics, acc, scored)
 
@@ -129,7 +130,7 @@ class Program:
         if key not in self._predictors:
 
             def step(state: State, batch: dict) -> dict[str, jax.Array]:
-                logits, _ = self._forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
+                logits, _ = self.forward(self.eval_graphdef, state["params"], state["frozen"], state["rest"], batch)
                 return predictions(logits, batch, **options)
 
             out = None if self.shardings is None else self.shardings["step"]  # replicated: host-readable
@@ -167,4 +168,22 @@ class Program:
 
     def compilations(self) -> int:
         """How many shapes the train step (single, or several per call) has been compiled for."""
-        return self.train_step._cache_size() + self.train_steps._cache_size()
+        return self.compiled("train_step") + self.compiled("train_steps")
+
+    def compiled(self, step: str) -> int:
+        """How many shapes one step (``train_step``, ``train_steps``: several per call, ``eval_step``) has been
+        compiled for."""
+        return getattr(self, step)._cache_size()
+
+
+def inference(module: nnx.Module) -> Callable[[Any, dict], jax.Array]:
+    """The module's forward pass in inference mode (no dropout), compiled: ``(nnx.state(module), inputs) -> logits``.
+
+    Traced for the module's structure as it is now: a module that changes structure (adapters) needs a new one."""
+    graphdef, _ = nnx.split(nnx.view(module, deterministic=True, raise_if_not_found=False))
+
+    @jax.jit
+    def infer(state, inputs):
+        return nnx.merge(graphdef, state)(**inputs)
+
+    return infer

@@ -3,6 +3,23 @@
 A batch is a dict of arrays: the model inputs (Hugging Face names), ``labels``, and ``example_mask`` ([B], 0 for the
 rows that pad the last batch). Causal LM batches may carry ``loss_mask`` ([B, T], 1 on completion tokens).
 Every loss is a weighted mean whose weights are 0 on padding, so padding never moves the loss or the metrics.
+
+What predict returns (`finetune.Model.predict`), per task, by default:
+
+* classification: ``logits``, ``labels`` (class ids; 0/1 per label for multi-label) and ``probabilities``
+  (softmax; sigmoid for multi-label); regression heads: ``logits`` and ``predictions`` [N].
+  Token classification gives them per token, ``[N, T, ...]`` padded to the longest example.
+* ``causal-lm``: ``log_likelihood`` [N] (the summed log-probability of each example's scored tokens: every
+  token after the first, or the completion of prompt / completion data, as the loss scores them),
+  ``num_tokens`` [N] (how many were scored), ``perplexity`` [N] (``exp(-log_likelihood / num_tokens)``) and
+  ``next_token_ids`` [N, T] (the most likely token after each position; -100 on padding). The
+  ``[N, T, vocab]`` logits come only when asked (``outputs=["logits", ...]``). Text generation is not
+  part of `predict`.
+* ``feature-extraction``: ``embeddings`` [N, D], one sentence embedding per example, pooled as the
+  checkpoint's sentence-transformers config says (``1_Pooling/config.json``, and unit length when
+  ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.models.pooling`);
+  ``outputs=["embeddings", "token_embeddings"]`` adds the token states as a list of ``[T_i, H]`` arrays,
+  one per example, without padding.
 """
 
 from __future__ import annotations
