@@ -43,11 +43,11 @@ def build_rngs(seed: int) -> nnx.Rngs:
     """``nnx.Rngs(seed)`` for building modules under tracing (`load_weights`), with the same random numbers.
 
     Its counters are numpy scalars: flax bumps a traced counter through a path that asks the tracer for its
-    ``sharding``, and jax answers by walking the whole trace, so tracing a model's init grows quadratically with its
-    size (24 BERT layers: 6 s instead of 0.8 s). Each read of a counter is a copy: flax increments it in place, and
-    jax keeps a numpy argument of a traced call (the count in ``fold_in(key, count)``) by reference, so without the
-    copy every key drawn under tracing would see the final count, and every module built from these streams (each
-    `Dropout`'s stream, each fresh parameter's initialiser) would get one and the same key.
+    ``sharding``, and jax answers by walking the whole trace, so tracing a model's init would grow quadratically with
+    its size (docs/performance.md). Each read of a counter is a copy: flax increments it in place, and jax keeps a
+    numpy argument of a traced call (the count in ``fold_in(key, count)``) by reference, so without the copy every
+    key drawn under tracing would see the final count, and every module built from these streams (each `Dropout`'s
+    stream, each fresh parameter's initialiser) would get one and the same key.
     """
     rngs = nnx.Rngs(seed)
     for stream in vars(rngs).values():

@@ -120,10 +120,10 @@ class Transpose(Transform):
 
     axes: tuple[int, ...] | None = None
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         return (np.transpose(x, self.axes),)
 
-    def inverse(self, xs):
+    def inverse(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         (x,) = xs
         return np.transpose(x, None if self.axes is None else np.argsort(self.axes))
 
@@ -139,12 +139,12 @@ class Reshape(Transform):
     source: tuple[int, ...]
     transpose: tuple[int, ...] | None = None
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         if self.transpose is not None:
             x = np.transpose(x, self.transpose)
         return (np.reshape(x, self.shape),)
 
-    def inverse(self, xs):
+    def inverse(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         (x,) = xs
         x = np.reshape(x, self.source)
         return x if self.transpose is None else np.transpose(x, np.argsort(self.transpose))
@@ -158,12 +158,12 @@ class Split(Transform):
     axis: int = -1
     transpose: bool = False
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         if self.transpose:
             x = x.T
         return tuple(np.split(x, self.n, axis=self.axis))
 
-    def inverse(self, xs):
+    def inverse(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         x = np.concatenate(list(xs), axis=self.axis)
         return x.T if self.transpose else x
 

@@ -208,6 +208,34 @@ def test_render_writes_the_first_alternative():
     assert tables.render("a.[weight|gamma]", {}) == "a.weight"
 
 
+def test_templates_accept_every_alternative_and_render_the_first():
+    template = "[bert.|]encoder.layer.{i}.output.LayerNorm.[weight|gamma]"
+    for key in ("bert.encoder.layer.11.output.LayerNorm.weight", "encoder.layer.11.output.LayerNorm.gamma"):
+        assert tables.parse(template, key) == {"i": "11"}
+    assert tables.parse(template, "encoder.layer.x.output.LayerNorm.weight") is None  # a layer index is digits
+    assert tables.render(template, {"i": "11"}) == "bert.encoder.layer.11.output.LayerNorm.weight"
+    assert tables.parse("cls.*", "cls.predictions.bias") == {}
+
+
+def test_templates_outside_the_grammar_are_load_errors():
+    with pytest.raises(LoadError, match=r"'a\.\[b' is not in the key grammar"):
+        tables.parse("a.[b", "a.b")
+    with pytest.raises(LoadError, match="cannot be turned back into a checkpoint key"):
+        tables.render("cls.*", {})
+
+
+def test_key_tables_are_data_that_imports_nothing_from_finetune_hf():
+    import ast
+
+    root = pathlib.Path(finetune.__file__).parent / "models"
+    for path in sorted(root.glob("*/convert.py")):
+        tree = ast.parse(path.read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        own = f"finetune.models.{path.parent.name}"
+        assert all(m == "__future__" or m.startswith("collections") or m.startswith(own) for m in imported), path
+
+
 class Fused(nnx.Module):
     def __init__(self, rngs):
         self.query = nnx.Linear(4, 3, use_bias=False, rngs=rngs)
