@@ -24,7 +24,6 @@ from flax import nnx
 from finetune._torch import deferred
 from finetune.errors import ConfigError, LoadError
 from finetune.hf import tables
-from finetune.hf.weights import listing
 from finetune.params.lora import merged
 from finetune.params.rules import path_str
 from finetune.sharding import host_local, is_main_process
@@ -79,7 +78,7 @@ def export_weights(module: nnx.Module, table: Sequence[tables.Row | tuple]) -> d
     if missing:
         raise LoadError(
             "These parameters have no row in the checkpoint table, so they cannot be exported:\n"
-            + listing("Uncovered parameters", missing)
+            + tables.listing("Uncovered parameters", missing)
             + "\nAdd rows for them to the architecture's table."
         )
     return out

@@ -2,7 +2,8 @@
 
 A table (``models/<arch>/convert.py``) is plain data: rows ``(key, path)`` or ``(key, path, transform)``, where
 ``key`` is a checkpoint key template, ``path`` an NNX path template (or a tuple of them when one checkpoint tensor
-feeds several parameters) and ``transform`` a name from `TRANSFORMS` (or a `Transform`). The grammar:
+feeds several parameters) and ``transform`` a name from `TRANSFORMS`, a record ``(kind, *arguments)`` of a kind in
+`KINDS` (``("reshape", (768, 12, 64), (768, 768), (1, 0))``), or a `Transform`. The grammar:
 
 - ``{i}``: a placeholder for a layer index (digits), the same number in a row's key and path(s);
 - ``[a|b]``: alternatives. Loading accepts each, export writes the first: ``LayerNorm.[weight|gamma]`` reads the
@@ -196,17 +197,24 @@ class Row:
         return (self.path,) if isinstance(self.path, str) else self.path
 
 
-def _transform(name: str | Transform, paths: tuple[str, ...]) -> Transform:
-    if isinstance(name, Transform):
-        return name
-    if name == "split":
+# The records a row may give as its transform: ``(kind, *arguments)`` builds ``KINDS[kind](*arguments)``.
+KINDS: dict[str, type[Transform]] = {"transpose": Transpose, "reshape": Reshape, "split": Split}
+
+
+def _transform(spec: str | tuple | Transform, paths: tuple[str, ...]) -> Transform:
+    if isinstance(spec, Transform):
+        return spec
+    if spec == "split":
         return Split(len(paths))
-    if name not in TRANSFORMS:
-        raise LoadError(
-            f"A table row names the transform {name!r}; the known ones are {', '.join([*TRANSFORMS, 'split'])}. "
-            "Use one of these, or give the row a `finetune.hf.tables.Transform`."
-        )
-    return TRANSFORMS[name]
+    if isinstance(spec, tuple) and spec and spec[0] in KINDS:
+        return KINDS[spec[0]](*spec[1:])
+    if isinstance(spec, str) and spec in TRANSFORMS:
+        return TRANSFORMS[spec]
+    raise LoadError(
+        f"A table row gives the transform {spec!r}; the known names are {', '.join([*TRANSFORMS, 'split'])}, and the "
+        f"records are (kind, *arguments) with a kind among {', '.join(KINDS)}. Use one of these, or give the row a "
+        "`finetune.hf.tables.Transform`."
+    )
 
 
 def rows(table: Iterable[Row | tuple]) -> list[Row]:
@@ -243,3 +251,11 @@ def key_for(table: Sequence[Row], path: str) -> tuple[str, Row, tuple[str, ...]]
 def ignored(patterns: Sequence[str], key: str) -> bool:
     """Whether ``key`` is one that a table's ignore templates let go unused."""
     return any(parse(p, key) is not None for p in patterns)
+
+
+def listing(title: str, items: Sequence[str], limit: int = 25) -> str:
+    """``title (n):`` and the first ``limit`` items, one a line: a section of a table-coverage error."""
+    shown = [f"  - {item}" for item in items[:limit]]
+    if len(items) > limit:
+        shown.append(f"  - ... and {len(items) - limit} more")
+    return f"{title} ({len(items)}):\n" + "\n".join(shown)

@@ -26,14 +26,6 @@ from finetune.params.rules import path_str
 logger = logging.getLogger("finetune")
 
 
-def listing(title: str, items: Sequence[str], limit: int = 25) -> str:
-    """``title (n):`` and the first ``limit`` items, one a line: the sections of a coverage error."""
-    shown = [f"  - {item}" for item in items[:limit]]
-    if len(items) > limit:
-        shown.append(f"  - ... and {len(items) - limit} more")
-    return f"{title} ({len(items)}):\n" + "\n".join(shown)
-
-
 def _init_leaves(
     init_fn: Callable[[], nnx.Module], paths: frozenset[str], shardings: Mapping[str, Any] | None = None
 ) -> dict[str, jax.Array]:
@@ -110,7 +102,7 @@ class _Fill:
         if any(items for _, items in sections):
             raise LoadError(
                 f"The checkpoint {where} does not fit the model:\n"
-                + "\n".join(listing(title, items) for title, items in sections if items)
+                + "\n".join(tables.listing(title, items) for title, items in sections if items)
                 + "\nCheck that the checkpoint's config matches its weights, and pick the task whose head it has (or "
                 "one without a head, e.g. feature-extraction)."
             )

@@ -252,6 +252,20 @@ def test_fused_tensors_split_on_load_and_join_on_export(tmp_path):
     assert np.array_equal(export_weights(module, table)["h.0.qk.weight"], fused)
 
 
+def test_transforms_given_as_records_load_and_export_both_ways(tmp_path):
+    fused = np.arange(24, dtype=np.float32).reshape(6, 4)
+    safetensors.numpy.save_file({"h.0.qk.weight": fused}, str(tmp_path / "model.safetensors"))
+    table = [("h.[0|zero].qk.weight", ("query/kernel", "key/kernel"), ("split", 2, -1, True))]
+    module, _ = weights.load_weights(lambda: Fused(nnx.Rngs(0)), table, files.find_checkpoint(tmp_path))
+    assert np.array_equal(module.key.kernel[...], fused[3:].T)
+    assert np.array_equal(export_weights(module, table)["h.0.qk.weight"], fused)
+    reshape = tables.rows([("w", "p", ("reshape", (4, 2, 3), (4, 6), (1, 0)))])[0].transform
+    (kernel,) = reshape.forward(fused)
+    assert kernel.shape == (4, 2, 3) and np.array_equal(reshape.inverse([kernel]), fused)
+    with pytest.raises(LoadError, match="the transform 'flip'"):
+        tables.rows([("w", "p", "flip")])
+
+
 # ---------------------------------------------------------------------------------------------- Hub names
 
 

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 from finetune.models.bert.modeling import Config
 
+Rows = tuple[tuple, ...]  # (key template, path template(s)[, transform name]) each
+
 # (checkpoint key after the prefix, NNX path, transform).
-_EMBEDDINGS = (
+_EMBEDDINGS: Rows = (
     ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding"),
     ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding"),
     ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding"),
@@ -21,7 +23,7 @@ _EMBEDDINGS = (
     ("embeddings.LayerNorm.[bias|beta]", "embeddings/norm/bias"),
 )
 # (key after ``encoder.layer.{i}.``, path after ``encoder/layers/{i}/``, transform).
-_LAYER = (
+_LAYER: Rows = (
     ("attention.self.query.weight", "attention/query/kernel", "transpose"),
     ("attention.self.query.bias", "attention/query/bias"),
     ("attention.self.key.weight", "attention/key/kernel", "transpose"),
@@ -39,11 +41,11 @@ _LAYER = (
     ("output.LayerNorm.[weight|gamma]", "output_norm/scale"),
     ("output.LayerNorm.[bias|beta]", "output_norm/bias"),
 )
-_POOLER = (
+_POOLER: Rows = (
     ("pooler.dense.weight", "pooler/dense/kernel", "transpose"),
     ("pooler.dense.bias", "pooler/dense/bias"),
 )
-_CLASSIFIER = (
+_CLASSIFIER: Rows = (
     ("classifier.weight", "classifier/kernel", "transpose"),
     ("classifier.bias", "classifier/bias"),
 )

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 from finetune.models.distilbert.modeling import Config
 
-_EMBEDDINGS = (
+Rows = tuple[tuple, ...]  # (key template, path template(s)[, transform name]) each
+
+_EMBEDDINGS: Rows = (
     ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding"),
     ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding"),
     ("embeddings.LayerNorm.weight", "embeddings/norm/scale"),
@@ -19,7 +21,7 @@ _EMBEDDINGS = (
 )
 # (key after ``transformer.layer.{i}.``, path after ``encoder/layers/{i}/``, transform): BERT's layer under
 # DistilBERT's names.
-_LAYER = (
+_LAYER: Rows = (
     ("attention.q_lin.weight", "attention/query/kernel", "transpose"),
     ("attention.q_lin.bias", "attention/query/bias"),
     ("attention.k_lin.weight", "attention/key/kernel", "transpose"),
@@ -37,7 +39,7 @@ _LAYER = (
     ("output_layer_norm.weight", "output_norm/scale"),
     ("output_layer_norm.bias", "output_norm/bias"),
 )
-_CLASSIFIER = (
+_CLASSIFIER: Rows = (
     ("classifier.weight", "classifier/kernel", "transpose"),
     ("classifier.bias", "classifier/bias"),
 )

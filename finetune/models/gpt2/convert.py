@@ -14,17 +14,19 @@ from collections.abc import Sequence
 
 from finetune.models.gpt2.modeling import Config
 
+Rows = tuple[tuple, ...]  # (key template, path template(s)[, transform name]) each
+
 _QKV = ("attention/q_proj", "attention/k_proj", "attention/v_proj")
 
 # (checkpoint key after the prefix, NNX path(s), transform).
-_DECODER = (
+_DECODER: Rows = (
     ("wte.weight", "wte/embedding"),
     ("wpe.weight", "wpe/embedding"),
     ("ln_f.weight", "ln_f/scale"),
     ("ln_f.bias", "ln_f/bias"),
 )
 # (key after ``h.{i}.``, path(s) after ``layers/{i}/``, transform).
-_LAYER = (
+_LAYER: Rows = (
     *((f"{norm}.weight", f"{norm}/scale") for norm in ("ln_1", "ln_2")),
     *((f"{norm}.bias", f"{norm}/bias") for norm in ("ln_1", "ln_2")),
     ("attn.c_attn.weight", tuple(f"{p}/kernel" for p in _QKV), "split"),
@@ -64,7 +66,7 @@ def table(config: Config, task: str) -> Sequence[tuple]:
 
 def _in_layer(path: str | tuple[str, ...]) -> str | tuple[str, ...]:
     if isinstance(path, tuple):
-        return tuple(_in_layer(p) for p in path)
+        return tuple("layers/{i}/" + p for p in path)
     return "layers/{i}/" + path
 
 

@@ -11,15 +11,17 @@ from collections.abc import Sequence
 
 from finetune.models.llama.modeling import Config
 
+Rows = tuple[tuple, ...]  # (key template, path template(s)[, transform name]) each
+
 # (checkpoint key after the prefix, NNX path, transform).
-_DECODER = (
+_DECODER: Rows = (
     ("embed_tokens.weight", "embed_tokens/embedding"),
     ("norm.weight", "norm/scale"),
 )
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 # (key after ``layers.{i}.``, path after ``layers/{i}/``, transform).
-_LAYER = (
+_LAYER: Rows = (
     ("input_layernorm.weight", "input_layernorm/scale"),
     *((f"self_attn.{proj}.weight", f"attention/{proj}/kernel", "transpose") for proj in _ATTENTION),
     *((f"self_attn.{proj}.bias", f"attention/{proj}/bias") for proj in _ATTENTION),

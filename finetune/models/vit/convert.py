@@ -11,8 +11,10 @@ from collections.abc import Sequence
 
 from finetune.models.vit.modeling import Config
 
+Rows = tuple[tuple, ...]  # (key template, path template(s)[, transform name]) each
+
 # (checkpoint key after ``encoder.layer.{i}.``, NNX path after ``encoder/layers/{i}/``, transform).
-_LAYER = (
+_LAYER: Rows = (
     ("attention.attention.query.weight", "attention/query/kernel", "transpose"),
     ("attention.attention.query.bias", "attention/query/bias"),
     ("attention.attention.key.weight", "attention/key/kernel", "transpose"),
