@@ -35,7 +35,8 @@ from finetune.errors import LoadError
 _TOKEN = re.compile(r"\{(?P<name>\w+)\}|\[(?P<alts>[^\[\]]*)\]|(?P<star>\*)|(?P<text>[^{}\[\]*|]+)")
 
 
-def _tokens(template: str) -> list[re.Match]:
+@functools.lru_cache(maxsize=4096)
+def _tokens(template: str) -> tuple[re.Match, ...]:
     """The template's tokens; a `LoadError` names a template that is not in the grammar."""
     tokens, end = [], 0
     for m in _TOKEN.finditer(template):
@@ -48,7 +49,7 @@ def _tokens(template: str) -> list[re.Match]:
             f"The table template {template!r} is not in the key grammar at {template[end:]!r}: use literal text, "
             "`{i}` placeholders, `[a|b]` alternatives (not nested) and `*` for any rest."
         )
-    return tokens
+    return tuple(tokens)
 
 
 @functools.lru_cache(maxsize=4096)
