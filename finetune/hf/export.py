@@ -1,8 +1,10 @@
 """Export in Hugging Face format: weights (the loading table run backwards), config, tokenizer/processor, model card.
 
-The export goes through `finetune.writer`: written beside the target and swapped into place in one atomic step, so
-the target holds a complete export (old or new) whenever the process is killed; a directory that holds what finetune
-did not write is refused, never replaced.
+Everything an export writes is decided here: `export_weights` runs the architecture's key table backwards (each
+template rendered by `finetune.hf.tables`) over the module with its LoRA adapters folded in
+(`finetune.params.lora.merged`). The directory is written through `finetune.writer`: beside the target, then
+swapped into place in one atomic step, so the target holds a complete export (old or new) whenever the process is
+killed; a directory that holds what finetune did not write is refused, never replaced.
 
 Example:
   >>> model.save_pretrained("out/minilm-reviews")   # then: AutoModelForSequenceClassification.from_pretrained(...)
