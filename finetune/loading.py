@@ -1,7 +1,8 @@
 """`finetune.load`: a Hub id or local directory -> a `finetune.Model` with pretrained weights.
 
 Resolve the directory (`finetune.hf.hub`), read its config, look the architecture up in the registry, build the module
-abstractly, fill it from the checkpoint (`finetune.hf.tables`), and attach tokenizer / image processor and labels.
+abstractly, fill it from the checkpoint (`finetune.hf.weights`, through the architecture's key table), and attach
+tokenizer / image processor and labels.
 
 The task head: parameters matching the architecture's ``head`` regex that the checkpoint lacks are initialised fresh
 and form the ``new`` group. A head the checkpoint has with another shape (a classifier trained for 5 labels loaded
@@ -19,15 +20,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from finetune import schema, sharding
 from finetune._torch import deferred
 from finetune.errors import ConfigError, LoadError
-from finetune.hf import hub
-from finetune.hf import tables as weights
+from finetune.hf import files, hub, weights
 from finetune.model import Model
 from finetune.models import heads, registry
+from finetune.params.rules import path_str
 from finetune.schema import Count, DType, Flag, Index, Labels, Text
 
 logger = logging.getLogger("finetune")
@@ -35,6 +37,28 @@ logger = logging.getLogger("finetune")
 LABELLED_TASKS = ("text-classification", "token-classification", "image-classification")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 PROCESSOR_FILES = ("preprocessor_config.json",)
+
+
+def build_rngs(seed: int) -> nnx.Rngs:
+    """``nnx.Rngs(seed)`` for building modules under tracing (`load_weights`), with the same random numbers.
+
+    Its counters are numpy scalars: flax bumps a traced counter through a path that asks the tracer for its
+    ``sharding``, and jax answers by walking the whole trace, so tracing a model's init would grow quadratically with
+    its size (docs/performance.md). Each read of a counter is a copy: flax increments it in place, and jax keeps a
+    numpy argument of a traced call (the count in ``fold_in(key, count)``) by reference, so without the copy every
+    key drawn under tracing would see the final count, and every module built from these streams (each `Dropout`'s
+    stream, each fresh parameter's initialiser) would get one and the same key.
+    """
+    rngs = nnx.Rngs(seed)
+    for stream in vars(rngs).values():
+        if isinstance(stream, nnx.RngStream):
+            stream.count.set_value(np.zeros(stream.count.shape, np.uint32))
+            stream.count.set_metadata(on_get_value=_copied)
+    return rngs
+
+
+def _copied(variable: nnx.Variable, value: np.ndarray) -> np.ndarray:
+    return np.array(value)
 
 
 def read_config(directory: pathlib.Path) -> Any:
@@ -47,7 +71,7 @@ def read_config(directory: pathlib.Path) -> Any:
             f"No `config.json` in {directory}, so the architecture is unknown. The directory contains: {contents}. "
             "Point to a Hugging Face model directory (one written by `save_pretrained`)."
         )
-    raw = weights.read_json(path)
+    raw = files.read_json(path)
     if not isinstance(raw, dict):
         raise LoadError(
             f"`config.json` in {directory} holds a JSON {type(raw).__name__}, not an object of config fields. "
@@ -105,7 +129,7 @@ def _check_json_files(directory: pathlib.Path, names: tuple[str, ...]) -> None:
     """A JSON file among ``names`` that does not parse is a `LoadError` naming it, not a missing tokenizer later."""
     for name in names:
         if name.endswith(".json") and (directory / name).is_file():
-            weights.read_json(directory / name)
+            files.read_json(directory / name)
 
 
 def _auto(directory: pathlib.Path, names: tuple[str, ...], loader_name: str) -> Any:
@@ -146,7 +170,7 @@ def default_rules(arch: registry.Architecture, module: nnx.Module, new_paths: tu
     rules = []
     if new_paths:
         rules.append(("(?:" + "|".join(re.escape(p) for p in new_paths) + ")", "new"))
-    paths = [weights.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]
+    paths = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]
     if any(re.fullmatch(arch.head, p) and p not in new_paths for p in paths):
         rules.append((arch.head, "head"))
     return [*rules, (".*", "backbone")]
@@ -212,9 +236,9 @@ def load(
 
     def init_fn() -> nnx.Module:
         kw = {"task": task, "num_labels": num_labels, "dtype": dtype, "param_dtype": param_dtype}
-        return arch.build(cfg, **kw, rngs=weights.build_rngs(seed))
+        return arch.build(cfg, **kw, rngs=build_rngs(seed))
 
-    checkpoint = weights.find_checkpoint(directory, allow_pickle=allow_pickle)
+    checkpoint = files.find_checkpoint(directory, allow_pickle=allow_pickle)
     layout = sharding.resolve(mesh)
     module, new_paths = weights.load_weights(
         init_fn, arch.table(cfg, task), checkpoint, ignore=arch.ignore(cfg, task), fresh=arch.head, layout=layout
@@ -288,11 +312,11 @@ def from_config(
     registry.check_config(arch, hf_config, "the `config` passed to `from_config`", ConfigError, fix)
     cfg = arch.config_from_hf(hf_config)
     kw = {"task": task, "num_labels": num_labels, "dtype": dtype, "param_dtype": param_dtype}
-    module = arch.build(cfg, **kw, rngs=weights.build_rngs(seed))
+    module = arch.build(cfg, **kw, rngs=build_rngs(seed))
     if num_labels is not None:
         hf_config.id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
         hf_config.label2id = {v: k for k, v in hf_config.id2label.items()}
-    paths = tuple(weights.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    paths = tuple(path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)))
     return Model(
         module,
         task=task,

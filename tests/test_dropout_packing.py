@@ -273,8 +273,8 @@ def test_each_dropout_of_a_loaded_model_has_a_stream_of_its_own(checkpoint):
 
 
 def test_modules_built_under_tracing_from_build_rngs_get_the_keys_an_eager_build_gets():
-    """`finetune.hf.tables.build_rngs` is how loading builds a model (traced); it must draw what `nnx.Rngs` draws."""
-    from finetune.hf.tables import build_rngs
+    """`finetune.loading.build_rngs` is how loading builds a model (traced); it must draw what `nnx.Rngs` draws."""
+    from finetune.loading import build_rngs
     from finetune.models.bert.modeling import Bert, Config
 
     def build(rngs):

@@ -1,8 +1,10 @@
-"""Export in Hugging Face format: weights (the loading table inverted), config, tokenizer/processor, model card.
+"""Export in Hugging Face format: weights (the loading table run backwards), config, tokenizer/processor, model card.
 
-The export goes through `finetune.writer`: written beside the target and swapped into place in one atomic step, so
-the target holds a complete export (old or new) whenever the process is killed; a directory that holds what finetune
-did not write is refused, never replaced.
+Everything an export writes is decided here: `export_weights` runs the architecture's key table backwards (each
+template rendered by `finetune.hf.tables`) over the module with its LoRA adapters folded in
+(`finetune.params.lora.merged`). The directory is written through `finetune.writer`: beside the target, then
+swapped into place in one atomic step, so the target holds a complete export (old or new) whenever the process is
+killed; a directory that holds what finetune did not write is refused, never replaced.
 
 Example:
   >>> model.save_pretrained("out/minilm-reviews")   # then: AutoModelForSequenceClassification.from_pretrained(...)
@@ -13,15 +15,19 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.numpy
+from flax import nnx
 
 from finetune._torch import deferred
-from finetune.errors import ConfigError
-from finetune.hf.tables import export_weights
+from finetune.errors import ConfigError, LoadError
+from finetune.hf import tables
 from finetune.params.lora import merged
+from finetune.params.rules import path_str
 from finetune.sharding import host_local, is_main_process
 from finetune.writer import check_target, write_directory
 
@@ -33,6 +39,51 @@ TASK_TAGS = {
     "causal-lm": "text-generation",
     "feature-extraction": "feature-extraction",
 }
+
+
+def export_weights(module: nnx.Module, table: Sequence[tables.Row | tuple]) -> dict[str, np.ndarray]:
+    """The module's parameters as checkpoint tensors: the table run backwards (first row wins for each path).
+
+    A row with several paths (a fused tensor) is exported when all its paths exist, via ``Transform.inverse``.
+    Tied parameters are exported once, under the first row's key; each key template writes its first alternatives
+    (`finetune.hf.tables.render`).
+
+    Args:
+      module: A module built by an architecture whose table this is.
+      table: The same rows `finetune.hf.weights.load_weights` reads with.
+
+    Returns:
+      ``{checkpoint key: numpy array}`` (contiguous, in the parameters' dtype), ready for
+      ``safetensors.numpy.save_file``.
+
+    Raises:
+      LoadError: If some parameter is not covered by any row.
+
+    Example:
+      >>> safetensors.numpy.save_file(export_weights(model.module, table), "model.safetensors")
+    """
+    params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    out: dict[str, np.ndarray] = {}
+    done: set[str] = set()
+    for row in tables.rows(table):
+        for path in params:
+            values = None if path in done else tables.parse(row.paths[0], path)
+            if values is None:
+                continue
+            paths = [tables.render(t, values) for t in row.paths]
+            if any(p not in params or p in done for p in paths):
+                continue
+            arrays = [np.asarray(params[p].get_value()) for p in paths]
+            out[tables.render(row.key, values)] = np.ascontiguousarray(row.transform.inverse(arrays))
+            done.update(paths)
+    missing = sorted(set(params) - done)
+    if missing:
+        raise LoadError(
+            "These parameters have no row in the checkpoint table, so they cannot be exported:\n"
+            + tables.listing("Uncovered parameters", missing)
+            + "\nAdd rows for them to the architecture's table."
+        )
+    return out
 
 
 def _hf_config(model: Any) -> Any:

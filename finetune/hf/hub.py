@@ -11,7 +11,7 @@ import re
 
 from finetune.errors import ConfigError, HubError, LoadError
 from finetune.hf import scrub
-from finetune.hf.tables import FLAX_MSGPACK, pickle_refused
+from finetune.hf.files import FLAX_MSGPACK, pickle_refused
 
 logger = logging.getLogger("finetune")
 

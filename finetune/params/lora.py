@@ -31,9 +31,8 @@ from flax import nnx
 
 from finetune import schema
 from finetune.errors import ConfigError
-from finetune.hf.tables import path_str
 from finetune.models.blocks import Dropout, Linear
-from finetune.params.rules import Group
+from finetune.params.rules import Group, path_str
 
 GROUP = "lora"
 RULE = r"(?:.*/)?lora/lora_[ab]"

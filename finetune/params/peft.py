@@ -15,9 +15,10 @@ import safetensors.numpy
 from flax import nnx
 
 from finetune.errors import ConfigError
-from finetune.hf.tables import TRANSPOSE, _fill_template, _template_regex, path_str, render_key
+from finetune.hf import tables
 from finetune.params.lora import LoRALinear, adapted, linears
 from finetune.params.plan import of_model
+from finetune.params.rules import path_str
 from finetune.writer import write_directory
 
 PEFT_TASKS = {
@@ -30,15 +31,7 @@ PEFT_TASKS = {
 
 def _hf_key(table: Sequence[Any], path: str) -> tuple[str, Any, tuple[str, ...]] | None:
     """``(checkpoint key, row, the row's parameter paths)`` that exports ``path``, or None (first row wins)."""
-    for row in table:
-        for template in row.paths:
-            m = _template_regex(template).fullmatch(path)
-            if m is None:
-                continue
-            groups = {int(name[1:]): value for name, value in m.groupdict().items()}
-            paths = tuple(_fill_template(t, groups) for t in row.paths)
-            return render_key(row.key, groups), row, paths
-    return None
+    return tables.key_for(tables.rows(table), path)
 
 
 def _module_name(key: str) -> str:
@@ -59,7 +52,7 @@ def _adapter_tensors(layers: Mapping[str, LoRALinear], table: Sequence[Any]) -> 
     tensors, names, problems = {}, [], []
     for path, layer in layers.items():
         found = _hf_key(table, f"{path}/kernel")
-        if found is None or len(found[1].paths) > 1 or found[1].transform != TRANSPOSE:
+        if found is None or len(found[1].paths) > 1 or found[1].transform != tables.TRANSPOSE:
             problems.append(path)
             continue
         name = _module_name(found[0])

@@ -17,7 +17,7 @@ What predict returns (`finetune.Model.predict`), per task, by default:
   part of `predict`.
 * ``feature-extraction``: ``embeddings`` [N, D], one sentence embedding per example, pooled as the
   checkpoint's sentence-transformers config says (``1_Pooling/config.json``, and unit length when
-  ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.models.pooling`);
+  ``modules.json`` has a Normalize module), else the mean over the real tokens (`finetune.models.heads.pool`);
   ``outputs=["embeddings", "token_embeddings"]`` adds the token states as a list of ``[T_i, H]`` arrays,
   one per example, without padding.
 """

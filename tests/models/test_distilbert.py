@@ -11,7 +11,7 @@ import safetensors.numpy
 import transformers
 
 import finetune
-from finetune.hf.tables import export_weights
+from finetune.hf.export import export_weights
 from tests.models.reference import assert_close, padded_text_batch, tiny_model, torch_logits
 
 CASES = [

@@ -14,7 +14,7 @@ from flax import nnx
 
 import finetune
 from finetune.errors import ConfigError
-from finetune.hf.tables import export_weights
+from finetune.hf.export import export_weights
 from finetune.models import registry
 from finetune.models.gpt2 import modeling
 from tests.models.reference import assert_close, padded_text_batch, save_torch_model, tiny_model, torch_logits

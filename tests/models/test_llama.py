@@ -15,7 +15,7 @@ from flax import nnx
 
 import finetune
 from finetune.errors import LoadError
-from finetune.hf.tables import export_weights
+from finetune.hf.export import export_weights
 from finetune.models import registry
 from finetune.models.blocks import rotary as rope
 from finetune.models.llama import modeling

@@ -13,8 +13,8 @@ from flax import nnx
 
 import finetune
 from finetune.errors import LoadError
-from finetune.hf import hub
-from finetune.hf import tables as weights
+from finetune.hf import files, hub, tables, weights
+from finetune.hf.export import export_weights
 from finetune.hf.tables import Row, Split
 from finetune.models import registry
 from tests.models.reference import assert_close, padded_text_batch, tiny_bert, torch_logits
@@ -56,7 +56,7 @@ def test_sharded_safetensors_load_through_their_index(tmp_path, classifier):
     weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (tmp_path / "config.json").write_text(torch_model.config.to_json_string())
-    assert weights.find_checkpoint(tmp_path).files == tuple(tmp_path / name for name in shards)
+    assert files.find_checkpoint(tmp_path).files == tuple(tmp_path / name for name in shards)
     assert_matches_torch(finetune.load(tmp_path, task="text-classification"), torch_model)
 
 
@@ -82,7 +82,7 @@ def test_flax_msgpack_is_read_when_it_is_all_a_repo_has(tmp_path, classifier):
     torch_model, path = classifier
     (tmp_path / "config.json").write_text(torch_model.config.to_json_string())
     (tmp_path / "flax_model.msgpack").write_bytes(flax.serialization.msgpack_serialize(to_hf_flax(tensors_of(path))))
-    assert weights.find_checkpoint(tmp_path).format == "msgpack"
+    assert files.find_checkpoint(tmp_path).format == "msgpack"
     assert_matches_torch(finetune.load(tmp_path, task="text-classification"), torch_model)
 
 
@@ -182,7 +182,7 @@ def test_export_inverts_loading_exactly(tmp_path, cls_name):
     _, path = tiny_bert(tmp_path, cls_name, num_labels=3)
     task = "text-classification" if "Sequence" in cls_name else "token-classification"
     model = finetune.load(path, task=task)
-    exported = weights.export_weights(model.module, model.architecture.table(_cfg(model), task))
+    exported = export_weights(model.module, model.architecture.table(_cfg(model), task))
     original = tensors_of(path)
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
@@ -192,7 +192,7 @@ def test_export_inverts_loading_exactly(tmp_path, cls_name):
 def test_bare_encoder_exports_without_the_prefix(tmp_path):
     _, path = tiny_bert(tmp_path, "BertModel")
     model = finetune.load(path)
-    exported = weights.export_weights(model.module, model.architecture.table(_cfg(model), "feature-extraction"))
+    exported = export_weights(model.module, model.architecture.table(_cfg(model), "feature-extraction"))
     original = {k: v for k, v in tensors_of(path).items() if not k.startswith("pooler.")}  # no pooler is built
     assert sorted(exported) == sorted(original)
     assert all(np.array_equal(exported[k], v) for k, v in original.items())
@@ -202,10 +202,38 @@ def _cfg(model):
     return model.architecture.config_from_hf(model.hf_config)
 
 
-def test_render_key_follows_the_quantifiers():
-    assert weights.render_key(r"(?:bert\.)?encoder\.layer\.(\d+)\.x", {1: "3"}) == "bert.encoder.layer.3.x"
-    assert weights.render_key(r"(?:bert\.)??encoder\.layer\.(\d+)\.x", {1: "3"}) == "encoder.layer.3.x"
-    assert weights.render_key(r"a\.(?:weight|gamma)", {}) == "a.weight"
+def test_render_writes_the_first_alternative():
+    assert tables.render("[bert.|]encoder.layer.{i}.x", {"i": "3"}) == "bert.encoder.layer.3.x"
+    assert tables.render("[|bert.]encoder.layer.{i}.x", {"i": "3"}) == "encoder.layer.3.x"
+    assert tables.render("a.[weight|gamma]", {}) == "a.weight"
+
+
+def test_templates_accept_every_alternative_and_render_the_first():
+    template = "[bert.|]encoder.layer.{i}.output.LayerNorm.[weight|gamma]"
+    for key in ("bert.encoder.layer.11.output.LayerNorm.weight", "encoder.layer.11.output.LayerNorm.gamma"):
+        assert tables.parse(template, key) == {"i": "11"}
+    assert tables.parse(template, "encoder.layer.x.output.LayerNorm.weight") is None  # a layer index is digits
+    assert tables.render(template, {"i": "11"}) == "bert.encoder.layer.11.output.LayerNorm.weight"
+    assert tables.parse("cls.*", "cls.predictions.bias") == {}
+
+
+def test_templates_outside_the_grammar_are_load_errors():
+    with pytest.raises(LoadError, match=r"'a\.\[b' is not in the key grammar"):
+        tables.parse("a.[b", "a.b")
+    with pytest.raises(LoadError, match="cannot be turned back into a checkpoint key"):
+        tables.render("cls.*", {})
+
+
+def test_key_tables_are_data_that_imports_nothing_from_finetune_hf():
+    import ast
+
+    root = pathlib.Path(finetune.__file__).parent / "models"
+    for path in sorted(root.glob("*/convert.py")):
+        tree = ast.parse(path.read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        own = f"finetune.models.{path.parent.name}"
+        assert all(m == "__future__" or m.startswith("collections") or m.startswith(own) for m in imported), path
 
 
 class Fused(nnx.Module):
@@ -217,11 +245,25 @@ class Fused(nnx.Module):
 def test_fused_tensors_split_on_load_and_join_on_export(tmp_path):
     fused = np.arange(24, dtype=np.float32).reshape(6, 4)  # PyTorch (2 * out, in)
     safetensors.numpy.save_file({"h.0.qk.weight": fused}, str(tmp_path / "model.safetensors"))
-    table = [Row(r"h\.0\.qk\.weight", ("query/kernel", "key/kernel"), Split(2, axis=-1, transpose=True))]
-    module, new = weights.load_weights(lambda: Fused(nnx.Rngs(0)), table, weights.find_checkpoint(tmp_path))
+    table = [Row("h.0.qk.weight", ("query/kernel", "key/kernel"), Split(2, axis=-1, transpose=True))]
+    module, new = weights.load_weights(lambda: Fused(nnx.Rngs(0)), table, files.find_checkpoint(tmp_path))
     assert new == ()
     assert np.array_equal(module.query.kernel[...], fused[:3].T)
-    assert np.array_equal(weights.export_weights(module, table)["h.0.qk.weight"], fused)
+    assert np.array_equal(export_weights(module, table)["h.0.qk.weight"], fused)
+
+
+def test_transforms_given_as_records_load_and_export_both_ways(tmp_path):
+    fused = np.arange(24, dtype=np.float32).reshape(6, 4)
+    safetensors.numpy.save_file({"h.0.qk.weight": fused}, str(tmp_path / "model.safetensors"))
+    table = [("h.[0|zero].qk.weight", ("query/kernel", "key/kernel"), ("split", 2, -1, True))]
+    module, _ = weights.load_weights(lambda: Fused(nnx.Rngs(0)), table, files.find_checkpoint(tmp_path))
+    assert np.array_equal(module.key.kernel[...], fused[3:].T)
+    assert np.array_equal(export_weights(module, table)["h.0.qk.weight"], fused)
+    reshape = tables.rows([("w", "p", ("reshape", (4, 2, 3), (4, 6), (1, 0)))])[0].transform
+    (kernel,) = reshape.forward(fused)
+    assert kernel.shape == (4, 2, 3) and np.array_equal(reshape.inverse([kernel]), fused)
+    with pytest.raises(LoadError, match="the transform 'flip'"):
+        tables.rows([("w", "p", "flip")])
 
 
 # ---------------------------------------------------------------------------------------------- Hub names

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import finetune
-from finetune.hf.tables import export_weights
+from finetune.hf.export import export_weights
 from finetune.models.roberta.modeling import create_position_ids
 from tests.models.reference import assert_close, padded_text_batch, tiny_model, torch_logits
 

@@ -12,7 +12,7 @@ import transformers
 
 import finetune
 from finetune.errors import ConfigError
-from finetune.hf.tables import export_weights
+from finetune.hf.export import export_weights
 from tests.models.reference import assert_close, tiny_model, torch_logits
 
 CASES = [

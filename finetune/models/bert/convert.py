@@ -1,72 +1,75 @@
-"""BERT checkpoint keys (transformers' PyTorch names) <-> NNX paths, as data.
+"""BERT checkpoint keys (transformers' PyTorch names) <-> NNX paths, as plain data.
 
-Task checkpoints prefix the encoder with ``bert.``; bare ``BertModel`` checkpoints do not. Every row accepts both.
-The quantifier decides what `finetune.hf.tables.export_weights` writes: greedy ``(?:bert\\.)?`` (task models) keeps the
-prefix, lazy ``(?:bert\\.)??`` (the bare encoder) drops it, as transformers' classes expect.
+Rows are ``(key template, path template[, transform name])`` in the grammar of `finetune.hf.tables`: ``{i}`` is the
+layer index, ``[a|b]`` accepts both and exports the first. Task checkpoints prefix the encoder with ``bert.``, bare
+``BertModel`` checkpoints do not: every row accepts both, and task models export the prefix (``[bert.|]``) while the
+bare encoder drops it (``[|bert.]``), as transformers' classes expect.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from finetune.hf.tables import IDENTITY, TRANSPOSE, Row
 from finetune.models.bert.modeling import Config
 
-# (checkpoint key after the prefix, NNX path, transform); "\1" is the layer index.
-_EMBEDDINGS = (
-    (r"embeddings\.word_embeddings\.weight", "embeddings/word_embeddings/embedding", IDENTITY),
-    (r"embeddings\.position_embeddings\.weight", "embeddings/position_embeddings/embedding", IDENTITY),
-    (r"embeddings\.token_type_embeddings\.weight", "embeddings/token_type_embeddings/embedding", IDENTITY),
-    (r"embeddings\.LayerNorm\.(?:weight|gamma)", "embeddings/norm/scale", IDENTITY),
-    (r"embeddings\.LayerNorm\.(?:bias|beta)", "embeddings/norm/bias", IDENTITY),
+Rows = tuple[tuple, ...]  # (key template, path template(s)[, transform name]) each
+
+# (checkpoint key after the prefix, NNX path, transform).
+_EMBEDDINGS: Rows = (
+    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding"),
+    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding"),
+    ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding"),
+    ("embeddings.LayerNorm.[weight|gamma]", "embeddings/norm/scale"),
+    ("embeddings.LayerNorm.[bias|beta]", "embeddings/norm/bias"),
 )
-_LAYER = (
-    (r"attention\.self\.query\.weight", "attention/query/kernel", TRANSPOSE),
-    (r"attention\.self\.query\.bias", "attention/query/bias", IDENTITY),
-    (r"attention\.self\.key\.weight", "attention/key/kernel", TRANSPOSE),
-    (r"attention\.self\.key\.bias", "attention/key/bias", IDENTITY),
-    (r"attention\.self\.value\.weight", "attention/value/kernel", TRANSPOSE),
-    (r"attention\.self\.value\.bias", "attention/value/bias", IDENTITY),
-    (r"attention\.output\.dense\.weight", "attention/output/kernel", TRANSPOSE),
-    (r"attention\.output\.dense\.bias", "attention/output/bias", IDENTITY),
-    (r"attention\.output\.LayerNorm\.(?:weight|gamma)", "attention_norm/scale", IDENTITY),
-    (r"attention\.output\.LayerNorm\.(?:bias|beta)", "attention_norm/bias", IDENTITY),
-    (r"intermediate\.dense\.weight", "intermediate/kernel", TRANSPOSE),
-    (r"intermediate\.dense\.bias", "intermediate/bias", IDENTITY),
-    (r"output\.dense\.weight", "output/kernel", TRANSPOSE),
-    (r"output\.dense\.bias", "output/bias", IDENTITY),
-    (r"output\.LayerNorm\.(?:weight|gamma)", "output_norm/scale", IDENTITY),
-    (r"output\.LayerNorm\.(?:bias|beta)", "output_norm/bias", IDENTITY),
+# (key after ``encoder.layer.{i}.``, path after ``encoder/layers/{i}/``, transform).
+_LAYER: Rows = (
+    ("attention.self.query.weight", "attention/query/kernel", "transpose"),
+    ("attention.self.query.bias", "attention/query/bias"),
+    ("attention.self.key.weight", "attention/key/kernel", "transpose"),
+    ("attention.self.key.bias", "attention/key/bias"),
+    ("attention.self.value.weight", "attention/value/kernel", "transpose"),
+    ("attention.self.value.bias", "attention/value/bias"),
+    ("attention.output.dense.weight", "attention/output/kernel", "transpose"),
+    ("attention.output.dense.bias", "attention/output/bias"),
+    ("attention.output.LayerNorm.[weight|gamma]", "attention_norm/scale"),
+    ("attention.output.LayerNorm.[bias|beta]", "attention_norm/bias"),
+    ("intermediate.dense.weight", "intermediate/kernel", "transpose"),
+    ("intermediate.dense.bias", "intermediate/bias"),
+    ("output.dense.weight", "output/kernel", "transpose"),
+    ("output.dense.bias", "output/bias"),
+    ("output.LayerNorm.[weight|gamma]", "output_norm/scale"),
+    ("output.LayerNorm.[bias|beta]", "output_norm/bias"),
 )
-_POOLER = (
-    (r"pooler\.dense\.weight", "pooler/dense/kernel", TRANSPOSE),
-    (r"pooler\.dense\.bias", "pooler/dense/bias", IDENTITY),
+_POOLER: Rows = (
+    ("pooler.dense.weight", "pooler/dense/kernel", "transpose"),
+    ("pooler.dense.bias", "pooler/dense/bias"),
 )
-_CLASSIFIER = (
-    Row(r"classifier\.weight", "classifier/kernel", TRANSPOSE),
-    Row(r"classifier\.bias", "classifier/bias", IDENTITY),
+_CLASSIFIER: Rows = (
+    ("classifier.weight", "classifier/kernel", "transpose"),
+    ("classifier.bias", "classifier/bias"),
 )
 
 
 def prefix(task: str) -> str:
     """The optional ``bert.`` prefix: exported for task models, not for the bare encoder."""
-    return r"(?:bert\.)??" if task == "feature-extraction" else r"(?:bert\.)?"
+    return "[|bert.]" if task == "feature-extraction" else "[bert.|]"
 
 
-def table(config: Config, task: str) -> Sequence[Row]:
+def table(config: Config, task: str) -> Sequence[tuple]:
     """The rows for ``task``; the same rows load and (run backwards) export."""
     p = prefix(task)
-    rows = [Row(p + key, path, t) for key, path, t in _EMBEDDINGS]
-    rows += [Row(p + r"encoder\.layer\.(\d+)\." + key, r"encoder/layers/\1/" + path, t) for key, path, t in _LAYER]
-    rows += [Row(p + key, path, t) for key, path, t in _POOLER]
+    rows = [(p + key, path, *t) for key, path, *t in _EMBEDDINGS]
+    rows += [(f"{p}encoder.layer.{{i}}.{key}", f"encoder/layers/{{i}}/{path}", *t) for key, path, *t in _LAYER]
+    rows += [(p + key, path, *t) for key, path, *t in _POOLER]
     return rows + list(_CLASSIFIER)
 
 
 def ignore(config: Config, task: str) -> Sequence[str]:
     """Checkpoint keys that may go unused: pretraining heads, buffers, and heads this task does not build."""
-    keys = [r"cls\..*", r"(?:bert\.)?embeddings\.position_ids"]
+    keys = ["cls.*", "[bert.|]embeddings.position_ids"]
     if task != "text-classification":
-        keys.append(r"(?:bert\.)?pooler\..*")
+        keys.append("[bert.|]pooler.*")
     if task == "feature-extraction":
-        keys.append(r"classifier\..*")
+        keys.append("classifier.*")
     return keys
