@@ -8,7 +8,8 @@ import pydantic
 
 from finetune import schema
 from finetune.model import Model
-from finetune.schema import Callbacks, Count, Text, Verbose
+from finetune.schema import Count, Text, Verbose
+from finetune.training.callbacks import Callbacks
 
 
 def _model_or_name(value: Any) -> Any:

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from finetune import runtime
 from finetune.errors import ConfigError, FinetuneError
 
@@ -218,43 +216,17 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from finetune.data.sources import load_file
+    from finetune.training import tasks
 
     overrides = _checked(args)
     data = load_file(args.data)
     model = _load(args, None).compile(**overrides)
-    text = "".join(json.dumps(row) + "\n" for row in prediction_rows(model, data, batch_size=args.batch_size))
+    text = "".join(json.dumps(row) + "\n" for row in tasks.prediction_rows(model, data, batch_size=args.batch_size))
     if args.output:
         Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)
     return 0
-
-
-def prediction_rows(model, data, *, batch_size: int | None = None) -> list[dict[str, Any]]:
-    """One JSON-ready dict per example, what ``finetune predict`` writes: ``{"prediction": label name (or class id;
-    a list of names for multi-label; a number for regression)}``, ``{"embedding": [...]}`` for feature extraction,
-    ``{"log_likelihood", "num_tokens", "perplexity"}`` for causal LMs."""
-    if model.task == "token-classification":
-        raise ConfigError(
-            "`finetune predict` writes one prediction per example, and token-classification predicts one per token "
-            "(aligned to the tokenizer's pieces, not to words). Use Model.predict in Python, whose `labels` are "
-            "[N, T] class ids, or pass --task text-classification for a sequence classifier."
-        )
-    if model.task == "feature-extraction":
-        return [{"embedding": e.tolist()} for e in model.predict(data, batch_size=batch_size)["embeddings"]]
-    if model.task == "causal-lm":
-        out = model.predict(data, batch_size=batch_size, outputs=["log_likelihood", "num_tokens", "perplexity"])
-        return [
-            {"log_likelihood": float(ll), "num_tokens": int(n), "perplexity": float(p) if n else None}
-            for ll, n, p in zip(out["log_likelihood"], out["num_tokens"], out["perplexity"], strict=True)
-        ]
-    out = model.predict(data, batch_size=batch_size)
-    if "predictions" in out:
-        return [{"prediction": float(v)} for v in out["predictions"]]
-    names = model.id2label or {}
-    if out["labels"].ndim == 2:  # multi-label: the names of the labels predicted on
-        return [{"prediction": [names.get(int(i), int(i)) for i in np.flatnonzero(row)]} for row in out["labels"]]
-    return [{"prediction": names.get(int(i), int(i))} for i in out["labels"]]
 
 
 def cmd_presets(args) -> int:

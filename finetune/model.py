@@ -13,7 +13,8 @@ from flax import nnx
 from finetune import schema
 from finetune.errors import ConfigError
 from finetune.models.heads import Pooling, check_task
-from finetune.schema import Callbacks, Card, Count, Flag, Path, Resume, Text, Verbose
+from finetune.schema import Card, Count, Flag, Path, Resume, Text, Verbose
+from finetune.training.callbacks import Callbacks
 
 
 class Model:
@@ -233,9 +234,9 @@ class Model:
           >>> history.history["loss"]
         """
         from finetune import sharding as sharding_lib
+        from finetune.metrics import check_monitor
         from finetune.recipe import Recipe
         from finetune.training.loop import Trainer
-        from finetune.training.metrics import check_monitor
         from finetune.training.resume import CheckpointOptions
 
         if self.recipe is None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 import pydantic
 
-from finetune import schedules, schema
+from finetune import schedules, schema, violations
 from finetune.errors import ConfigError
 from finetune.params.rules import Assignment, path_str
 
@@ -174,7 +174,7 @@ def _optimizer(value: Any) -> Any:
     if isinstance(value, optax.GradientTransformation) or callable(value) or value in OPTIMIZERS:
         return value
     raise schema.violation(
-        f"one of {', '.join(OPTIMIZERS)}{schema.close_names(value, OPTIMIZERS)}, an optax optimizer factory "
+        f"one of {', '.join(OPTIMIZERS)}{violations.close_names(value, OPTIMIZERS)}, an optax optimizer factory "
         "(learning_rate, **options) -> GradientTransformation, or a transformation without learning rate",
         "Pick one of these names.",
     )

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 
-from finetune import schema
+from finetune import schema, violations
 from finetune.errors import RulesError
 from finetune.optim import Optimizer, OptimizerSpec, option_names
 from finetune.params.lora import LoRAConfig
@@ -23,7 +23,7 @@ from finetune.schema import Count, Flag, Index, NonNegative, Positive, Text, Uni
 
 
 def _metrics(value: Any) -> tuple:
-    from finetune.training import metrics as metrics_lib
+    from finetune import metrics as metrics_lib
 
     items = (value,) if isinstance(value, str) else value  # "accuracy" means ["accuracy"], in Python and --set
     if not isinstance(items, list | tuple) or not all(isinstance(m, str | metrics_lib.Metric) for m in items):
@@ -40,7 +40,7 @@ def _role(value: str) -> str:
 
     if value in ROLES:
         return value
-    raise schema.violation(f"a column role: one of {', '.join(ROLES)}{schema.close_names(value, ROLES)}")
+    raise schema.violation(f"a column role: one of {', '.join(ROLES)}{violations.close_names(value, ROLES)}")
 
 
 Columns = Annotated[
@@ -126,7 +126,7 @@ class Recipe:
       decay_rules: ``(regex, bool)`` rules (or a callable) overriding the weight-decay mask (default: ``ndim >= 2``).
       optimizer_options: Extra keyword arguments of the optimizer (e.g. ``{"b2": 0.98}``, ``{"momentum": 0.9}``).
       loss: None for the task's loss, or ``(logits, labels) -> per-item losses``.
-      metrics: Metric names (see `finetune.training.metrics.METRICS`); empty takes the task's defaults.
+      metrics: Metric names (see `finetune.metrics.METRICS`); empty takes the task's defaults.
       epochs: Passes over the training data (unless ``steps`` is set).
       steps: Optimizer steps to train for; overrides ``epochs``.
       batch_size: Examples per micro-batch.
@@ -209,8 +209,9 @@ class Recipe:
             for key, value in options.items():
                 if names is not None and key not in names:
                     takes = ", ".join(names) or "no options"
+                    close = violations.close_names(key, names)
                     raise schema.violation(
-                        f"an option that the optimizer {optimizer!r} takes ({takes}){schema.close_names(key, names)}",
+                        f"an option that the optimizer {optimizer!r} takes ({takes}){close}",
                         "Drop it, or pick an optimizer that takes it.",
                         path=f"{where}optimizer_options.{key}",
                         value=value,
@@ -225,7 +226,7 @@ class Recipe:
         fields = [f.name for f in dataclasses.fields(self)]
         unknown = [k for k in overrides if k not in fields]
         if unknown:
-            raise schema.unknown(unknown, fields, owner="the recipe", values=overrides)
+            raise violations.unknown(unknown, fields, owner="the recipe", values=overrides)
         if isinstance(overrides.get("lora"), Mapping) and isinstance(self.lora, Mapping):
             overrides["lora"] = {**self.lora, **overrides["lora"]}
         return dataclasses.replace(self, **overrides)
@@ -260,9 +261,9 @@ class Recipe:
         )
 
 
-schema.nested("groups", tuple(f.name for f in dataclasses.fields(Group)))
-schema.nested("lora", tuple(f.name for f in dataclasses.fields(LoRAConfig)))
-schema.nested("phases", tuple(f.name for f in dataclasses.fields(Recipe)))
+violations.nested("groups", tuple(f.name for f in dataclasses.fields(Group)))
+violations.nested("lora", tuple(f.name for f in dataclasses.fields(LoRAConfig)))
+violations.nested("phases", tuple(f.name for f in dataclasses.fields(Recipe)))
 
 
 def _plain(value: Any) -> Any:

@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import ConfigDict, Field, ValidationError
 
-from finetune.schema import Count, Finite, NonNegative, Positive, close_names, first_problem, violation
+from finetune.schema import Count, Finite, NonNegative, Positive
+from finetune.violations import close_names, first_problem, violation
 
 SCHEDULES = ("constant", "cosine", "linear", "exponential", "piecewise", "joined")
 

@@ -11,9 +11,9 @@ config, or a parameter of a public function via `arguments`), and checked by pyd
 
 Three entry points apply it: `checked` (a class decorator: a frozen pydantic dataclass, e.g. `finetune.Recipe`),
 `arguments` (a function decorator: the parameters' annotations) and `check` (one value, e.g. a command-line option).
-All three turn pydantic's `ValidationError` into one finetune exception (one converter, `_error`) whose message names
-the argument, the value received, what is allowed and the fix. Python and the command line (``--set``) go through the
-same types, so they accept and refuse the same values.
+All three turn pydantic's `ValidationError` into one finetune exception (one converter, `finetune.violations.error`)
+whose message names the argument, the value received, what is allowed and the fix. Python and the command line
+(``--set``) go through the same types, so they accept and refuse the same values.
 
 Example:
   >>> check(Count, 0, name="batch_size")
@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import inspect
 import os
@@ -35,22 +34,15 @@ from typing import Annotated, Any
 
 import pydantic
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, WrapValidator
-from pydantic_core import ArgsKwargs, PydanticCustomError
+from pydantic_core import ArgsKwargs
 from typing_extensions import TypedDict, Unpack, is_typeddict
 
+from finetune import violations
 from finetune.errors import ConfigError, FinetuneError
+from finetune.violations import INT_FIX, NUMBER_FIX, unknown, violation
 
 # Pydantic settings of every checked class: unknown keys refused, arbitrary objects (optax, callables) allowed.
 CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-_KIND = "finetune"  # the pydantic error type of every violation described here (allowed + fix)
-
-
-def violation(allowed: str, fix: str = "", *, path: str | None = None, value: Any = None) -> PydanticCustomError:
-    """The pydantic error a validator raises: what is allowed and the fix; for a check across fields (raised where
-    the value's own location is unknown), the ``path`` and the ``value`` it names."""
-    ctx = {"allowed": allowed, "fix": fix, **({"path": path, "received": _show(value)} if path else {})}
-    return PydanticCustomError(_KIND, "{allowed}", ctx)
 
 
 def allowed(text: str, fix: str = "") -> WrapValidator:
@@ -71,25 +63,22 @@ def allowed(text: str, fix: str = "") -> WrapValidator:
     return WrapValidator(validate)
 
 
-_INT_FIX = "Write a whole number, e.g. 3 (not a string, a bool or a float)."
-_NUMBER_FIX = "Write a finite number, e.g. 0.1 (not a string, a bool, NaN or infinity)."
-
 Flag = Annotated[
     bool,
     Strict(),
     allowed("True or False", "A string such as 'no' is not a bool: write True or False (true or false with --set)."),
 ]
 Text = Annotated[str, Strict(), allowed("a string", "Quote the value as a string.")]
-Count = Annotated[int, Strict(), Field(ge=1), allowed("an int >= 1", _INT_FIX)]
-Index = Annotated[int, Strict(), Field(ge=0), allowed("an int >= 0", _INT_FIX)]
-Integer = Annotated[int, Strict(), allowed("an int", _INT_FIX)]
-Finite = Annotated[float, Strict(), Field(allow_inf_nan=False), allowed("a finite number", _NUMBER_FIX)]
-Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False), allowed("a finite number > 0", _NUMBER_FIX)]
+Count = Annotated[int, Strict(), Field(ge=1), allowed("an int >= 1", INT_FIX)]
+Index = Annotated[int, Strict(), Field(ge=0), allowed("an int >= 0", INT_FIX)]
+Integer = Annotated[int, Strict(), allowed("an int", INT_FIX)]
+Finite = Annotated[float, Strict(), Field(allow_inf_nan=False), allowed("a finite number", NUMBER_FIX)]
+Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False), allowed("a finite number > 0", NUMBER_FIX)]
 NonNegative = Annotated[
-    float, Strict(), Field(ge=0, allow_inf_nan=False), allowed("a finite number >= 0", _NUMBER_FIX + " 0 is none.")
+    float, Strict(), Field(ge=0, allow_inf_nan=False), allowed("a finite number >= 0", NUMBER_FIX + " 0 is none.")
 ]
-Fraction = Annotated[float, Strict(), Field(ge=0, lt=1), allowed("a number in [0, 1)", _NUMBER_FIX)]
-Unit = Annotated[float, Strict(), Field(gt=0, le=1), allowed("a number in (0, 1]", _NUMBER_FIX)]
+Fraction = Annotated[float, Strict(), Field(ge=0, lt=1), allowed("a number in [0, 1)", NUMBER_FIX)]
+Unit = Annotated[float, Strict(), Field(gt=0, le=1), allowed("a number in (0, 1]", NUMBER_FIX)]
 
 
 def _regex(value: str) -> str:
@@ -149,24 +138,6 @@ class Card(TypedDict, total=False):
     datasets: list[Text]
     license: Text
     metrics: dict[Text, Finite]
-
-
-def _callbacks(value: Any) -> list:
-    from finetune.training.callbacks import Callback
-
-    items = [value] if isinstance(value, Callback) else value
-    if isinstance(items, list | tuple) and all(isinstance(cb, Callback) for cb in items):
-        return list(items)
-    bad = (
-        next((cb for cb in items if not isinstance(cb, Callback)), items) if isinstance(items, list | tuple) else items
-    )
-    raise violation(
-        f"a finetune.callbacks.Callback or a list of them (received an item of type {type(bad).__name__})",
-        "Subclass finetune.callbacks.Callback (override the hooks you need), or pass one of the built-in callbacks.",
-    )
-
-
-Callbacks = Annotated[Any, pydantic.AfterValidator(_callbacks)]
 
 
 def _verbose(value: Any) -> Any:
@@ -251,7 +222,7 @@ def arguments(func: Callable | None = None, *, error: type[FinetuneError] = Conf
         try:
             checked_values = model.model_validate(values)
         except ValidationError as e:
-            raise _error(e, error, owner=owner, names=_names(model, var_keyword), skip=var_keyword) from None
+            raise violations.error(e, error, owner=owner, names=_names(model, var_keyword), skip=var_keyword) from None
         for name in values:
             bound.arguments[name] = getattr(checked_values, name)
         if var_keyword is not None and var_keyword in bound.arguments:
@@ -319,7 +290,7 @@ def checked(
         except ValidationError as e:
             first = e.errors()[0]["loc"][:1]
             kind = (errors or {}).get(str(first[0]) if first else "", error)
-            raise _error(e, kind, owner=owner, names=names) from None
+            raise violations.error(e, kind, owner=owner, names=names) from None
 
     out.__init__ = __init__  # type: ignore[method-assign]
     return out
@@ -350,121 +321,4 @@ def check(kind: Any, value: Any, *, name: str, error: type[FinetuneError] = Conf
         return _adapter(kind).validate_python(value)
     except ValidationError as e:
         names = tuple(f.name for f in dataclasses.fields(kind)) if dataclasses.is_dataclass(kind) else ()
-        raise _error(e, error, prefix=name, names=names) from None
-
-
-# ---------------------------------------------------------------------------------------------------- messages
-def close_names(value: Any, names: Any) -> str:
-    """`` (did you mean 'x'?)`` with the names closest to ``value``, or ``""``."""
-    close = difflib.get_close_matches(str(value), [str(n) for n in names], n=3)
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-
-
-def unknown(names: Any, allowed_names: Any, *, owner: str, values: Mapping[str, Any] | None = None) -> ConfigError:
-    """The error for keys that are not fields or options: each with its closest names, then every allowed name."""
-    parts = []
-    for key in names:
-        shown = f"{key}={_show(values[key])}" if values is not None and key in values else repr(key)
-        parts.append(f"`{key}`{close_names(key, allowed_names)}; received {shown}")
-    return ConfigError(
-        f"Unknown option(s) of {owner}: {'; '.join(parts)}. Allowed: {', '.join(map(str, allowed_names))}. "
-        "Fix the name."
-    )
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 160 else text[:150] + "...(" + str(len(text)) + " characters)"
-
-
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (("." if out else "") + str(part))
-    return out
-
-
-# What pydantic's own checks (of the structure around the schema's types) allow, and the fix.
-_PHRASES = {
-    "int_type": ("an int", _INT_FIX),
-    "int_from_float": ("an int", _INT_FIX),
-    "bool_type": ("True or False", "Write True or False."),
-    "float_type": ("a number", _NUMBER_FIX),
-    "finite_number": ("a finite number", _NUMBER_FIX),
-    "string_type": ("a string", "Quote the value as a string."),
-    "dict_type": ("a dict", "Write a dict, e.g. {'name': value}."),
-    "list_type": ("a list", "Write a list, e.g. [value, ...]."),
-    "tuple_type": ("a list", "Write a list, e.g. [value, ...]."),
-    "callable_type": ("a callable", "Pass a function."),
-}
-
-
-def _sentence(item: Mapping[str, Any], prefix: str) -> str:
-    ctx = item.get("ctx") or {}
-    loc = tuple(p for p in item["loc"] if p not in ("[key]",))
-    path = _dotted(((prefix,) if prefix else ()) + loc + ((ctx["path"],) if "path" in ctx else ())) or "value"
-    received = f"received {path}={ctx['received'] if 'received' in ctx else _show(item['input'])}"
-    if isinstance(ctx.get("error"), FinetuneError):
-        return str(ctx["error"])
-    if item["type"] == _KIND:
-        fix = f" {ctx['fix']}" if ctx.get("fix") else ""
-        return f"`{path}` must be {ctx['allowed']}; {received}.{fix}"
-    if item["type"] == "missing":
-        return f"`{path}` is required and was not given."
-    phrase, fix = _PHRASES.get(item["type"]) or (
-        item["msg"].removeprefix("Input should be "),
-        "Give a value of that form.",
-    )
-    return f"`{path}` must be {phrase}; {received}. {fix}"
-
-
-def _problems(e: ValidationError, prefix: str, owner: str, names: tuple[str, ...], skip: str | None) -> list[str]:
-    out: list[str] = []
-    unknown_keys: dict[tuple, dict] = {}
-    for item in e.errors():
-        if skip is not None and item["loc"][:1] == (skip,):
-            item = {**item, "loc": item["loc"][1:]}
-        if item["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            unknown_keys.setdefault(item["loc"][:-1], {})[item["loc"][-1]] = item["input"]
-        else:
-            out.append(_sentence(item, prefix))
-    for parent, values in unknown_keys.items():
-        allowed_names = _names_at(parent) if parent else names
-        where = f"`{_dotted(((prefix,) if prefix else ()) + parent)}`" if parent or prefix else owner
-        out.insert(0, str(unknown(values, allowed_names or (), owner=where, values=values)))
-    return list(dict.fromkeys(out))
-
-
-def first_problem(e: ValidationError) -> str:
-    """The first violation of ``e`` as a sentence (for a value described as a whole, such as a schedule dict)."""
-    item = e.errors()[0]
-    if item["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        return f"`{_dotted(item['loc'])}` is not one of its arguments."
-    return _sentence(item, "")
-
-
-def _error(
-    e: ValidationError,
-    error: type[FinetuneError],
-    *,
-    prefix: str = "",
-    owner: str = "",
-    names: tuple[str, ...] = (),
-    skip: str | None = None,
-) -> FinetuneError:
-    problems = _problems(e, prefix, owner or e.title, names, skip)
-    return error(problems[0] + "".join(f"\nAlso: {p}" for p in problems[1:]))
-
-
-# Nested field name -> the keys it takes (a recipe's `groups.<name>` takes a Group's fields, `lora` LoRAConfig's).
-_NESTED: dict[str, tuple[str, ...]] = {}
-
-
-def nested(field: str, names: tuple[str, ...]) -> None:
-    """Records that the dict under ``field`` (at any depth) takes the keys ``names``, for unknown-key hints."""
-    _NESTED[field] = names
-
-
-def _names_at(parent: tuple) -> tuple[str, ...] | None:
-    """The keys allowed at ``parent`` (a location inside a checked value): those of its innermost registered field."""
-    return next((_NESTED[p] for p in reversed(parent) if isinstance(p, str) and p in _NESTED), None)
+        raise violations.error(e, error, prefix=name, names=names) from None

@@ -11,11 +11,11 @@ import sklearn.metrics
 
 import finetune as ft
 from finetune import data as data_lib
+from finetune import metrics as metrics_lib
 from finetune.data import labels as labels_lib
 from finetune.data.columns import find_columns
 from finetune.data.text import align, pack
-from finetune.training import metrics as metrics_lib
-from finetune.training.tasks import Scored
+from finetune.metrics import Scored
 
 
 def ragged_source(n=50, seed=0, max_length=128):

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 import finetune as ft
 from finetune import cli, schedules, schema
+from finetune.metrics import METRICS
 from finetune.optim import OPTIMIZERS, SCHEDULES, make_schedule
 from finetune.params.lora import LoRAConfig, Targets
 from finetune.params.rules import Group, LrMult
 from finetune.recipe import Recipe
-from finetune.training.metrics import METRICS
 from tests.tiny import TinyClassifier
 
 EXAMPLES = 500

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finetune import metrics as metrics_lib
 from finetune import optim
 from finetune import sharding as sharding_lib
 from finetune.errors import ConfigError
 from finetune.params.rules import Assignment, decay_mask, flatten
-from finetune.training import metrics as metrics_lib
 from finetune.training.step import Program, split
 from finetune.training.tasks import kind, loss_fn, model_inputs
 

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
+import pydantic
+
 from finetune import schema
 from finetune.errors import ConfigError
 
@@ -132,3 +134,20 @@ class LearningRateLogger(Callback):
     def on_step_end(self, step, logs=None):
         lrs = {k[3:]: v for k, v in (logs or {}).items() if k.startswith("lr/")}
         self.records.append({"step": step, **lrs})
+
+
+def _callbacks(value: Any) -> list:
+    items = [value] if isinstance(value, Callback) else value
+    if isinstance(items, list | tuple) and all(isinstance(cb, Callback) for cb in items):
+        return list(items)
+    bad = (
+        next((cb for cb in items if not isinstance(cb, Callback)), items) if isinstance(items, list | tuple) else items
+    )
+    raise schema.violation(
+        f"a finetune.callbacks.Callback or a list of them (received an item of type {type(bad).__name__})",
+        "Subclass finetune.callbacks.Callback (override the hooks you need), or pass one of the built-in callbacks.",
+    )
+
+
+# `fit(callbacks=...)`: one callback or a list of them, each a `Callback`.
+Callbacks = Annotated[Any, pydantic.AfterValidator(_callbacks)]

@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from finetune import metrics as metrics_lib
 from finetune import optim
-from finetune.training import metrics as metrics_lib
 from finetune.training import nonfinite
 from finetune.training.callbacks import Callback
 from finetune.training.history import History

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from finetune import metrics as metrics_lib
 from finetune import runtime
 from finetune import sharding as sharding_lib
 from finetune.errors import ConfigError
@@ -25,7 +26,6 @@ from finetune.params import plan
 from finetune.params.rules import Assignment
 from finetune.recipe import Recipe
 from finetune.training import build, feed, nonfinite, signals
-from finetune.training import metrics as metrics_lib
 from finetune.training import run as run_lib
 from finetune.training.callbacks import Callback
 from finetune.training.history import History

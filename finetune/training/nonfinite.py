@@ -3,7 +3,7 @@ that says what is true of the parameters.
 
 A step whose loss or gradients are non-finite is skipped (`finetune.optim.skip_nonfinite`): the parameters, the
 optimizer state and the metric sums stay as they were. So an interval or epoch whose steps were all skipped has no
-example in its sums, and its metrics are NaN (`finetune.training.metrics.Metric.result`), never 0.0.
+example in its sums, and its metrics are NaN (`finetune.metrics.Metric.result`), never 0.0.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from finetune import metrics as metrics_lib
 from finetune import optim
 from finetune.params.rules import path_str
-from finetune.training import metrics as metrics_lib
 from finetune.training.tasks import model_inputs, predictions
 
 State = dict[str, Any]

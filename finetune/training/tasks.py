@@ -25,7 +25,7 @@ What predict returns (`finetune.Model.predict`), per task, by default:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from finetune.errors import ConfigError
+from finetune.metrics import Scored
 from finetune.models.heads import pool
 
 IGNORE = -100  # label id of positions that carry no label (sub-tokens, padding), as in transformers
@@ -103,16 +104,6 @@ def loss_fn(task: str, custom: Callable | None = None) -> Callable:
         return loss, Scored(family, flat_logits, labels, weights, items)
 
     return compute
-
-
-class Scored(NamedTuple):
-    """The scored items of one batch, flattened: what metrics are computed from."""
-
-    family: str
-    logits: jax.Array
-    labels: jax.Array
-    weights: jax.Array
-    losses: jax.Array
 
 
 # What `predict` returns per family: (the default outputs, every output it can give). Causal LMs and feature extractors
@@ -228,3 +219,30 @@ def _same_width(arrays: list[np.ndarray], fill: int) -> list[np.ndarray]:
     return [
         np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill) for a in arrays
     ]
+
+
+def prediction_rows(model, data, *, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """One JSON-ready dict per example, what ``finetune predict`` writes: ``{"prediction": label name (or class id;
+    a list of names for multi-label; a number for regression)}``, ``{"embedding": [...]}`` for feature extraction,
+    ``{"log_likelihood", "num_tokens", "perplexity"}`` for causal LMs."""
+    if model.task == "token-classification":
+        raise ConfigError(
+            "`finetune predict` writes one prediction per example, and token-classification predicts one per token "
+            "(aligned to the tokenizer's pieces, not to words). Use Model.predict in Python, whose `labels` are "
+            "[N, T] class ids, or pass --task text-classification for a sequence classifier."
+        )
+    if model.task == "feature-extraction":
+        return [{"embedding": e.tolist()} for e in model.predict(data, batch_size=batch_size)["embeddings"]]
+    if model.task == "causal-lm":
+        out = model.predict(data, batch_size=batch_size, outputs=["log_likelihood", "num_tokens", "perplexity"])
+        return [
+            {"log_likelihood": float(ll), "num_tokens": int(n), "perplexity": float(p) if n else None}
+            for ll, n, p in zip(out["log_likelihood"], out["num_tokens"], out["perplexity"], strict=True)
+        ]
+    out = model.predict(data, batch_size=batch_size)
+    if "predictions" in out:
+        return [{"prediction": float(v)} for v in out["predictions"]]
+    names = model.id2label or {}
+    if out["labels"].ndim == 2:  # multi-label: the names of the labels predicted on
+        return [{"prediction": [names.get(int(i), int(i)) for i in np.flatnonzero(row)]} for row in out["labels"]]
+    return [{"prediction": names.get(int(i), int(i))} for i in out["labels"]]

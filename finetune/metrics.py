@@ -10,15 +10,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune import schema
+from finetune import violations
 from finetune.errors import ConfigError
-from finetune.training.tasks import Scored
+
+
+class Scored(NamedTuple):
+    """The scored items of one batch, flattened: what metrics are computed from."""
+
+    family: str
+    logits: jax.Array
+    labels: jax.Array
+    weights: jax.Array
+    losses: jax.Array
 
 
 def _counts(s: Scored, num_classes: int) -> dict[str, jax.Array]:
@@ -164,5 +173,5 @@ def check_monitor(monitor: str, task: str, metrics: Sequence[Any], *, validation
     hint = "" if validation else " (val_ metrics need validation_data)"
     raise ConfigError(
         f"`monitor` must be an epoch metric of this run: {', '.join(available)}{hint}; received monitor={monitor!r}"
-        f"{schema.close_names(monitor, [f'val_{n}' for n in names] + names)}. Monitor one of these."
+        f"{violations.close_names(monitor, [f'val_{n}' for n in names] + names)}. Monitor one of these."
     )
