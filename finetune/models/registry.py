@@ -104,7 +104,7 @@ def check_config(
                 f"`{name}` in {where} must be {problem}; received {name}={value!r} ({type(value).__name__}). {fix}"
             )
     for name, divisor in rules.divides:
-        value, by = get(name), (divisor if _is_int(divisor) else get(divisor))
+        value, by = get(name), (get(divisor) if isinstance(divisor, str) else divisor)
         if not (_is_int(value) and _is_int(by)) or value % by == 0:
             continue
         named = isinstance(divisor, str)

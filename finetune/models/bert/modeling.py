@@ -76,6 +76,7 @@ class Bert(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         if segment_ids is not None:
             heads.check_packed(self.task, example_rows, example_cols)
+            assert position_ids is not None, "packed batches carry position_ids, from 0 in each example"
             x = self.embeddings(input_ids, token_type_ids, position_ids)
             return heads.apply(
                 self, HEADS, self.task, self.encoder(x, None, packed=(segment_ids, example_rows, example_cols))

@@ -20,7 +20,7 @@ from finetune.errors import LoadError
 
 Dtype = Any
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -190,7 +190,8 @@ def head_rows(
 def call_layer(traced: Callable[..., Any], layer: nnx.Module, x: Any, *args: Any) -> Any:
     """``layer(x, *args)`` through ``traced`` (one layer as a nested jit, see below), with the layer's non-parameter
     state (its RNG counts) written back. `run_layers` calls each layer through this."""
-    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    # flax types a split with two filters as a tuple of any length (GraphDef, State, *States): it gives three here.
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)  # type: ignore[misc]
     y, rest = traced(graphdef, params, rest, x, *args)
     nnx.update(layer, rest)
     return y
@@ -213,5 +214,6 @@ _rematerialised = jax.jit(jax.checkpoint(_layer, static_argnums=(0,)), static_ar
 
 def clear_traces() -> None:
     """Forgets the nested layer calls' traces, so that the next stack of an already-seen structure is traced anew."""
-    _traced.clear_cache()
-    _rematerialised.clear_cache()
+    # jax's JitWrapped protocol omits clear_cache, which the jitted functions have.
+    _traced.clear_cache()  # type: ignore[attr-defined]
+    _rematerialised.clear_cache()  # type: ignore[attr-defined]

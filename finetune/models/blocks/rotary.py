@@ -108,6 +108,7 @@ def _llama3(rope: Rope, dim: int) -> tuple[np.ndarray, float]:
     """Llama 3.1: long wavelengths divided by ``factor``, short ones kept, the band between interpolated."""
     inv_freq = _base_frequencies(rope, dim)
     context = rope.original_max_position_embeddings
+    assert context is not None, "llama3 scaling needs original_max_position_embeddings (Rope.from_hf sets it)"
     low_freq_wavelen, high_freq_wavelen = context / rope.low_freq_factor, context / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
@@ -132,6 +133,7 @@ def _yarn(rope: Rope, dim: int) -> tuple[np.ndarray, float]:
 
     def correction_dim(rotations: float) -> float:
         context = rope.original_max_position_embeddings
+        assert context is not None, "yarn scaling needs original_max_position_embeddings (Rope.from_hf sets it)"
         return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
 
     low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
@@ -169,8 +171,8 @@ def _dynamic_ntk(rope: Rope, dim: int, position_ids: jax.Array, inv_freq: jax.Ar
 
 def rope_tables(rope: Rope, head_dim: int, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(cos, sin)`` of shape ``[B or 1, T, head_dim]`` in float32 for integer ``position_ids`` ``[B or 1, T]``."""
-    inv_freq, scale = ROPE_FREQUENCIES[rope.rope_type](rope, head_dim)
-    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    frequencies, scale = ROPE_FREQUENCIES[rope.rope_type](rope, head_dim)
+    inv_freq = jnp.asarray(frequencies, jnp.float32)
     if rope.rope_type == "dynamic":
         inv_freq = _dynamic_ntk(rope, head_dim, position_ids, inv_freq)
     freqs = position_ids[..., None].astype(jnp.float32) * inv_freq

@@ -188,6 +188,7 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, t, -1, self.head_dim)
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         if self.q_norm is not None:
+            assert self.k_norm is not None  # built together (cfg.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q_cos, q_sin = cos, sin
         if positions is not None:  # the queries' own rows of the tables
