@@ -3,6 +3,7 @@ parameters, the compute dtype and rematerialisation applied, every array placed 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -42,11 +43,13 @@ def program(
         )
     if recipe.remat:  # each layer of the stack recomputed in the backward pass (train step only)
         graphdef = _with_attributes(graphdef, params, frozen, rest, remat=True)
-    tx, schedules = (None, {})
+    tx: optim.SkipNonfinite | None = None
+    schedules: dict = {}
     if train:
         decay = decay_mask(flatten(params), recipe.decay_rules)
         tx, schedules = optim.build(assignment, decay, recipe.optimizer_spec(), total_steps=total_steps)
     logits = jax.eval_shape(lambda: nnx.merge(eval_graphdef, params, frozen, rest)(**_inputs(sample)))
+    names: Sequence[str | metrics_lib.Metric]
     if predicting and model.task == "feature-extraction":  # no loss: a program with no metrics
         family, names = "features", ()
     else:

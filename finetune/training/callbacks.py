@@ -114,7 +114,8 @@ class CSVLogger(Callback):
 
     @schema.arguments
     def __init__(self, path: schema.Path):
-        self.path, self.rows = os.fspath(path), []
+        self.path = os.fspath(path)
+        self.rows: list[dict[str, Any]] = []
 
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append({"epoch": epoch, **(logs or {})})

@@ -80,7 +80,9 @@ class Trainer:
 
     def save_checkpoint(self, *, phase: int = 0, epoch: int = 0, batch: int = 0, done: int = 0) -> None:
         """Checkpoints the state at the current step, as at batch ``batch`` of ``epoch`` in ``phase``."""
-        self._save(self._fit, Position(phase, epoch, batch, done, self._fit.progress.step))
+        run = self._fit
+        assert run is not None, "save_checkpoint is for the trainer of a running fit"
+        self._save(run, Position(phase, epoch, batch, done, run.progress.step))
 
     # ---------------------------------------------------------------- building
     def build(self, sample: dict, *, total_steps: int | None, train: bool = True, predicting: bool = False) -> None:
@@ -121,9 +123,11 @@ class Trainer:
             nnx.update(self.model.module, self.state["params"], self.state["frozen"], self.state["rest"])
 
     def get_weights(self) -> dict:
+        assert self.state is not None  # built
         return jax.device_get(self.state["params"])
 
     def set_weights(self, params: dict) -> None:
+        assert self.program is not None and self.state is not None  # built
         shardings = self.program.shardings
         params = sharding_lib.place(params, shardings["params"]) if shardings else jax.device_put(params)
         self.state = {**self.state, "params": params}
@@ -216,6 +220,7 @@ class Trainer:
         opts, progress = run.options, run.progress
         span = run_lib.span(opts.source.steps(opts.batch_size), self.recipe.accumulate, epochs, steps)
         first_epoch, start, done = self._begin_phase(run, span)
+        assert self.program is not None and self.state is not None  # built by _begin_phase
         bar = tqdm(total=span.total, initial=done, disable=opts.verbose == 0, unit="step", dynamic_ncols=True)
         skipped = nonfinite.skipped_so_far(self.state["opt"])  # counted from here (a resumed run: its checkpoint's)
         log = Intervals(
@@ -271,6 +276,7 @@ class Trainer:
         opts, progress, recipe = run.options, run.progress, self.recipe
         for cb in opts.callbacks:
             cb.on_epoch_begin(at.epoch)
+        assert self.program is not None  # built by _begin_phase
         epoch_acc, done = self.program.zero_metrics(), at.done
         log.begin_epoch(progress.step + 1)
         batches = opts.source.batches(
@@ -303,6 +309,7 @@ class Trainer:
         interrupt a checkpoint and the exit. Returns the epoch's metric sums."""
         step, saving = run.progress.step, run.options.checkpoints
         if done % self.recipe.log_every == 0 or done == span.total:
+            assert self.state is not None  # built by _begin_phase
             self.state = log.start(self.state, done, step)
             if run.stacking.chunk == 1 or done == span.total:  # one step per call: report at once
                 epoch_acc = self._flush(run, log, epoch_acc)
@@ -325,6 +332,7 @@ class Trainer:
     def _end_epoch(self, run: Fit, log: Intervals, span: Span, epoch_acc: dict, *, at: Position) -> bool:
         """The epoch's last log, metrics, evaluation, callbacks and checkpoint; True when training is done."""
         opts, progress = run.options, run.progress
+        assert self.state is not None  # built by _begin_phase
         self.state, epoch_acc = log.finish_epoch(
             epoch_acc, state=self.state, done=at.done, global_step=progress.step, recipe=self.recipe
         )
@@ -340,10 +348,12 @@ class Trainer:
         return finished
 
     def _flush(self, run: Fit, log: Intervals, epoch_acc: dict) -> dict:
+        assert self.state is not None  # built by _begin_phase
         return log.flush(epoch_acc, state=self.state, global_step=run.progress.step, recipe=self.recipe)
 
     def _save(self, run: Fit, at: Position, metrics: dict | None = None) -> None:
         progress = run.progress
+        assert run.checkpoints is not None  # saving needs a checkpoint_dir
         run.checkpoints.save(
             at, self.state, recipe=self.recipe, packed=progress.packed, history=progress.history, metrics=metrics
         )
@@ -353,6 +363,7 @@ class Trainer:
         source = self.source(data, stage="evaluate")
         if self.program is None:
             self.build(next(source.batches(batch_size, seed=None)), total_steps=None, train=False)
+        assert self.program is not None
         acc = self.program.zero_metrics()
         with runtime.kept_scratch():
             for batch in feed.prefetch(source.batches(batch_size, seed=None), self.layout):
@@ -370,6 +381,7 @@ class Trainer:
         first = next(source.batches(batch_size, seed=None))
         if self.program is None:
             self.build(first, total_steps=None, train=False, predicting=True)
+        assert self.program is not None
         family = predict_family(self.model.task, self.program.num_classes, self.model.family)
         names = output_names(family, outputs)
         step, parts = self.program.predictor(family=family, names=names, pooling=pooling), []

@@ -147,6 +147,7 @@ class Checkpoints:
     def check(self, state: Any, recipe: Any, packed: bool) -> list[str]:
         """Refuses to resume another model, recipe or (unless allowed) data; returns the allowed data changes."""
         meta, directory = self.meta, str(self.checkpointer.directory)
+        assert meta is not None  # called with a checkpoint to resume from
         if meta["fingerprint"] != fingerprint(state):
             raise ConfigError(
                 f"Cannot resume from {directory!r}: it holds a checkpoint of a different model "
@@ -178,6 +179,7 @@ class Checkpoints:
         ``packed`` here, the checkpoint's ``packed`` there."""
         changes = self.check(state, recipe, packed)
         wanted = self.meta
+        assert wanted is not None  # checked above
         state, meta = self.checkpointer.restore_intact(wanted, state, accept=lambda m: m["phase"] == wanted["phase"])
         history = History.from_dict(meta["history"]) if meta["step"] != wanted["step"] else None
         self.meta = None

@@ -28,6 +28,7 @@ class Interrupts:
             raise KeyboardInterrupt("Training interrupted (SIGINT); a checkpoint was written before stopping.")
         # SIGTERM: the checkpoint is written and waited for; exit now, as the default handler would have, rather than
         # unwind through background threads (data prefetch, checkpoint writers) at interpreter shutdown.
+        assert self.signum is not None  # SIGTERM was received
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + int(self.signum))

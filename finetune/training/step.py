@@ -30,7 +30,7 @@ State = dict[str, Any]
 def split(module: nnx.Module, trainable: set[str]) -> tuple[Any, Any, dict, dict, dict]:
     """``(train graphdef, eval graphdef, params, frozen, rest)``: the module as static structure plus pure dicts."""
     is_trainable = lambda path, x: isinstance(x, nnx.Param) and path_str(path) in trainable  # noqa: E731
-    graphdef, params, frozen, rest = nnx.split(module, is_trainable, nnx.Param, ...)
+    graphdef, params, frozen, rest = nnx.split(module, is_trainable, nnx.Param, ...)  # type: ignore[misc]
     eval_view = nnx.view(module, deterministic=True, raise_if_not_found=False)
     eval_graphdef = nnx.split(eval_view, is_trainable, nnx.Param, ...)[0]
     return graphdef, eval_graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen), nnx.to_pure_dict(rest)
@@ -158,11 +158,11 @@ class Program:
 
     def finish_read(self, flat: jax.Array) -> Any:
         """The values `start_read` packed, on the host in their own shapes and dtypes (waits for the device)."""
-        flat, (leaves, treedef) = np.asarray(flat), self._read_layout
+        host, (leaves, treedef) = np.asarray(flat), self._read_layout
         values, at = [], 0
         for leaf in leaves:
             n = int(np.prod(leaf.shape))
-            values.append(flat[at : at + n].reshape(leaf.shape).astype(leaf.dtype))
+            values.append(host[at : at + n].reshape(leaf.shape).astype(leaf.dtype))
             at += n
         return jax.tree.unflatten(treedef, values)
 
