@@ -52,7 +52,7 @@ def build_rngs(seed: int) -> nnx.Rngs:
     rngs = nnx.Rngs(seed)
     for stream in vars(rngs).values():
         if isinstance(stream, nnx.RngStream):
-            stream.count.set_value(np.zeros(stream.count.shape, np.uint32))
+            stream.count.set_value(np.zeros(stream.count.shape, np.uint32))  # type: ignore[arg-type]  # flax takes numpy
             stream.count.set_metadata(on_get_value=_copied)
     return rngs
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Unpack
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,10 @@ from finetune.errors import ConfigError
 from finetune.models.heads import Pooling, check_task
 from finetune.schema import Card, Count, Flag, Path, Resume, Text, Verbose
 from finetune.training.callbacks import Callbacks
+
+if TYPE_CHECKING:
+    from finetune.recipe import Recipe
+    from finetune.training.loop import Trainer
 
 
 class Model:
@@ -78,9 +82,10 @@ class Model:
         self.source, self.new_paths = source, tuple(new_paths)
         self.layer_pattern, self.num_layers = layer_pattern, num_layers
         self.layout, self.pooling = layout, pooling
-        self.recipe = None
-        self._infer = None  # the compiled inference function of `__call__`
-        self._trainer = None
+        self.recipe: Recipe | None = None
+        # the compiled inference function of `__call__`
+        self._infer: Callable[[Any, dict[str, Any]], jax.Array] | None = None
+        self._trainer: Trainer | None = None
         self.last_metrics: dict[str, float] | None = None
         self.family: str | None = None  # single / multi / regression / token / lm, known once data was seen
 
@@ -334,7 +339,8 @@ class Model:
         """
         from finetune.hf.export import write
 
-        return write(self._synced(), directory, **card)
+        # mypy counts Card's pydantic ``__pydantic_config__`` as one of its keys
+        return write(self._synced(), directory, **card)  # type: ignore[misc]
 
     @schema.arguments
     def push_to_hub(

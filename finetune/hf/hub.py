@@ -8,6 +8,7 @@ import logging
 import os
 import pathlib
 import re
+from typing import Literal, overload
 
 from finetune.errors import ConfigError, HubError, LoadError
 from finetune.hf import scrub
@@ -24,6 +25,14 @@ PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 _NAMED_CHARACTERS = {"\n": "a line feed (\\n)", "\r": "a carriage return (\\r)", "\t": "a tab (\\t)", " ": "a space"}
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
+
+
+@overload
+def check_token(token: object, *, name: str = "token", allow_bool: Literal[False] = False) -> str | None: ...
+
+
+@overload
+def check_token(token: object, *, name: str = "token", allow_bool: bool) -> str | bool | None: ...
 
 
 def check_token(token: object, *, name: str = "token", allow_bool: bool = False) -> str | bool | None:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, Unpack
+from typing import Annotated, Any, Literal, TypedDict, Unpack, get_args
 
 import numpy as np
 
@@ -42,10 +42,9 @@ logger = logging.getLogger("finetune")
 
 DEFAULT_MESSAGE = "Upload model fine-tuned with finetune"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-STRATEGIES = ("end", "every_save", "checkpoint")
-Strategy = Annotated[
-    Literal[STRATEGIES], schema.allowed("one of " + ", ".join(map(repr, STRATEGIES)), "Pick one of these.")
-]
+_StrategyName = Literal["end", "every_save", "checkpoint"]
+STRATEGIES: tuple[str, ...] = get_args(_StrategyName)
+Strategy = Annotated[_StrategyName, schema.allowed("one of " + ", ".join(map(repr, STRATEGIES)), "Pick one of these.")]
 CHECKPOINT_FOLDER = "last-checkpoint"
 # Never uploaded: hidden files (staging directories, caches) and Orbax checkpoints still being written.
 IGNORE_PATTERNS = [".*", "**/.*", "*.orbax-checkpoint-tmp*", "**/*.orbax-checkpoint-tmp*"]
@@ -231,7 +230,8 @@ def _host_snapshot(model: Any) -> Any:
     import jax
     from flax import nnx
 
-    graphdef, params, rest = nnx.split(host_local(model.module), nnx.Param, ...)  # gathered when sharded over hosts
+    # gathered when sharded over hosts; flax types the split of n filters as a tuple of unknown length
+    graphdef, params, rest = nnx.split(host_local(model.module), nnx.Param, ...)  # type: ignore[misc]
     cpu = jax.devices("cpu")[0]  # host memory, as jax arrays (the export reads their sharding)
     return model.with_module(
         nnx.merge(graphdef, jax.tree.map(lambda x: jax.device_put(np.asarray(x), cpu), params), rest)
@@ -248,6 +248,14 @@ def _latest_checkpoint(directory: Path, at_least: int, timeout: float) -> Path |
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)
+
+
+class _PushOptions(TypedDict):
+    """The `push_folder` options `PushToHub` passes to every push."""
+
+    private: bool | None
+    revision: str | None
+    token: str | None
 
 
 class PushToHub(Callback):
@@ -293,7 +301,7 @@ class PushToHub(Callback):
         **card: Unpack[Card],
     ):
         self.repo_id, self.strategy = _check_repo_id(repo_id), strategy
-        self.options = {"private": private, "revision": revision, "token": check_token(token)}
+        self.options: _PushOptions = {"private": private, "revision": revision, "token": check_token(token)}
         self.commit_message, self.checkpoint_timeout, self.card = commit_message, checkpoint_timeout, card
         self.commit_urls: list[str] = []
         self.last_error: BaseException | None = None
@@ -358,9 +366,11 @@ class PushToHub(Callback):
             folder = Path(tmp) / "export"
             from finetune.hf.export import write
 
-            write(job["model"], folder, metrics=metrics, **self.card)
+            # mypy counts Card's pydantic ``__pydantic_config__`` (and ``metrics``) as keys the card may hold
+            write(job["model"], folder, metrics=metrics, **self.card)  # type: ignore[misc]
             if "checkpoint" in job:
-                self._stage_checkpoint(*job["checkpoint"], folder)
+                directory, step = job["checkpoint"]
+                self._stage_checkpoint(directory, step, folder)
             scrub.scrub_files(folder)  # this staged copy only: the run's own files are left as they are
             deletes = [f"{CHECKPOINT_FOLDER}/**"] if "checkpoint" in job else None
             url = push_folder(folder, self.repo_id, commit_message=message, delete_patterns=deletes, **self.options)

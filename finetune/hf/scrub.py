@@ -202,7 +202,7 @@ def _install() -> None:
                 _scrub_record(record)
             return record
 
-        make._finetune_scrub = True
+        make._finetune_scrub = True  # type: ignore[attr-defined]  # a mark on the function object
         logging.setLogRecordFactory(make)
     show = warnings.showwarning
     if not getattr(show, "_finetune_scrub", False):
@@ -212,7 +212,7 @@ def _install() -> None:
                 message = scrub(str(message))
             return show(message, category, filename, lineno, file, line)
 
-        display._finetune_scrub = True
+        display._finetune_scrub = True  # type: ignore[attr-defined]
         warnings.showwarning = display
 
 

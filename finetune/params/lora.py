@@ -140,7 +140,9 @@ class LoRALinear(Linear):
         for name in [n for n in vars(linear) if not n.startswith("_")]:
             setattr(linear, name, getattr(self, name))
         kernel = self.kernel.get_value()
-        linear.kernel = self.kernel.replace(value=(kernel.astype(jnp.float32) + self.delta()).astype(kernel.dtype))
+        # flax types Variable.replace as returning a Variable; it returns the Param's own type
+        new = self.kernel.replace(value=(kernel.astype(jnp.float32) + self.delta()).astype(kernel.dtype))
+        linear.kernel = new  # type: ignore[assignment]
         return linear
 
 
@@ -160,7 +162,7 @@ def linears(module: nnx.Module) -> dict[str, nnx.Linear]:
 
 def _replace(root: nnx.Module, path: str, new: nnx.Module) -> None:
     *parents, last = path.split("/")
-    parent = root
+    parent: Any = root  # a module, or a list / dict of modules inside one
     for part in parents:
         parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
     if last.isdigit():

@@ -72,7 +72,7 @@ def _adapter_tensors(layers: Mapping[str, LoRALinear], table: Sequence[Any]) -> 
 # The module names PEFT itself adds to ``modules_to_save`` for these task types (``PeftModelForSequenceClassification``,
 # ``...ForTokenClassification``): it wraps them whether or not the adapter trained them, and reads their weights from
 # the adapter file, so those weights must be there (the pretrained ones when the head stayed frozen).
-PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+PEFT_HEADS: dict[str, tuple[str, ...]] = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
 
 
 def _wrapped(names: set[str], requested: set[str]) -> set[str]:
@@ -91,10 +91,11 @@ def _saved_modules(
     wraps; with the tensors of everything under them, stored whole."""
     params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     keys = {p: _hf_key(table, p) for p in params if not isinstance(params[p], nnx.LoRAParam)}
-    owners = {_module_name(keys[p][0]) for p in trainable if keys.get(p) is not None}
+    owners = {_module_name(k[0]) for k in (keys.get(p) for p in trainable) if k is not None}
     exported = {k[0]: k for k in keys.values() if k is not None}
     names = {".".join(key.split(".")[:i]) for key in exported for i in range(1, key.count(".") + 1)}
-    wrapped = _wrapped(names, owners | set(PEFT_HEADS.get(task_type, ())))
+    heads = PEFT_HEADS.get(task_type, ()) if task_type is not None else ()
+    wrapped = _wrapped(names, owners | set(heads))
     tensors = {}
     for key, row, paths in exported.values():
         if any(key.startswith(f"{m}.") for m in wrapped):
