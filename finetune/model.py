@@ -31,8 +31,7 @@ class Model:
         ``image-classification``, ``causal-lm``, ``feature-extraction``.
       rules: Default parameter-group rules, an ordered list of ``(regex, group)``; first full match wins. ``None``
         takes ``module.default_rules()`` when the module defines it, else everything in ``backbone``.
-      tokenizer: The checkpoint's tokenizer, if any.
-      processor: The checkpoint's image processor, if any.
+      tokenizer, processor: The checkpoint's tokenizer and image processor, if any.
       hf_config: The Hugging Face config (``transformers.PretrainedConfig``) the module was built from, if any.
       architecture: The `finetune.models.registry.Architecture` the module was built from, if any.
       id2label: Label names by class index.
@@ -339,8 +338,7 @@ class Model:
         """
         from finetune.hf.export import write
 
-        # mypy counts Card's pydantic ``__pydantic_config__`` as one of its keys
-        return write(self._synced(), directory, **card)  # type: ignore[misc]
+        return write(self._synced(), directory, **card)  # type: ignore[misc]  # (Card's pydantic config as a key)
 
     @schema.arguments
     def push_to_hub(
@@ -363,16 +361,12 @@ class Model:
           token: A write token; default: huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``).
           **card: ``datasets=[...]``, ``license=...``, ``metrics={...}`` for the model card.
 
-        Returns:
-          The URL of the commit.
-
-        Raises:
-          HubError: No token, or the Hub unreachable or refusing the push (the message never holds the token).
+        Returns the URL of the commit; raises `HubError` with no token, or the Hub unreachable or refusing the push
+        (the message never holds the token).
 
         Example:
           >>> model.push_to_hub("me/minilm-reviews", private=True)
           'https://huggingface.co/me/minilm-reviews/commit/...'
-          >>> finetune.load("me/minilm-reviews", task="text-classification")
         """
         from finetune.hf.push import push_model
 

@@ -7,8 +7,6 @@ masked in every error, log record and staged file (`finetune.hf.scrub.guard`). T
 a failed push can simply be retried (files the Hub already holds are not sent again).
 
 Example:
-  >>> model.push_to_hub("me/minilm-reviews", private=True)
-  'https://huggingface.co/me/minilm-reviews/commit/...'
   >>> model.fit(train, epochs=3, callbacks=[PushToHub("me/minilm-reviews", strategy="every_save")])
 """
 
