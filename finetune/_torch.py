@@ -2,8 +2,8 @@
 
 When torch is installed, transformers' configuration and tokenizer modules import it at module level
 (``configuration_utils`` through ``modeling_rope_utils``, ``utils.generic``), although reading a config or
-tokenizing text never calls it. For finetune that import is pure cost: about 1.5 s of start-up and 200 MB of
-resident memory (all-MiniLM-L6-v2's config: 174 MB -> 376 MB), more than any other part of loading a small model.
+tokenizing text never calls it. For finetune that import is pure cost, more than any other part of loading a small
+model (docs/performance.md, "finetune/_torch.py").
 
 `deferred()` hands those imports a stand-in module. The stand-in imports the real torch on its first attribute use
 (``torch.Tensor``, ``torch.nn``, ...) and forwards to it, so code holding it keeps working. It sits in

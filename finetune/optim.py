@@ -244,8 +244,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     The same state (`optax.EmptyState`) and the same result: gradients under the limit are left exactly as they are,
     others are scaled to norm ``max_norm`` (within a rounding). optax picks per element between ``g`` and
     ``g / norm * max_norm``, and XLA:CPU then writes the clipped gradients out before the optimizer reads them; a
-    scalar factor fuses into the optimizer's own loops. MiniLM's AdamW update with clipping: 48-56 ms against 69-87
-    (45-50 with no clipping; measured together, CPU).
+    scalar factor fuses into the optimizer's own loops (docs/performance.md, "finetune/optim.py").
 
     Example:
       >>> updates, _ = clip_by_global_norm(1.0).update({"w": jnp.array([3.0, 4.0])}, optax.EmptyState())
@@ -297,16 +296,14 @@ def apply_step(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[Any, A
     For a `skip_nonfinite` transformation the update and its application run under one ``lax.cond`` on the gradient
     being finite, whose other branch returns the parameters and state as they are. With the state donated, XLA then
     updates every buffer in place. optax's ``apply_if_finite`` (a ``cond`` inside the update, then the parameters
-    updated outside it) or a select between the new and the old state cost copies of the moments instead: for AdamW
-    over MiniLM's 22.7M parameters, 100-117 and 150-170 ms per step against 80 ms here (65-78 ms with no skipping at
-    all; measured on CPU).
+    updated outside it) or a select between the new and the old state cost copies of the moments instead
+    (docs/performance.md, "finetune/optim.py").
     """
     if not isinstance(tx, SkipNonfinite):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
     # A NaN or an Inf anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19, a step no
-    # one wants either). One reduction, shared with clip_by_global_norm's: 65-72 ms against 91-95 for a separate
-    # isfinite pass per leaf (measured as above).
+    # one wants either). One reduction, shared with clip_by_global_norm's, instead of an isfinite pass per leaf.
     finite = jnp.isfinite(optax.tree.norm(grads))
 
     def step(_):
